@@ -1,0 +1,32 @@
+# Set-up is implicit: every target creates .venv and installs rayseg (with dev extras) on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rayseg demo --out rayseg_demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check rayseg jobs tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/subset_bench.py
+	$(BIN)/python bench/render_bench.py
+	$(BIN)/python bench/train_bench.py
+
+clean:
+	rm -rf rayseg_demo bench/_data bench/_out .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from rayseg.cli import main
+
+sys.exit(main())

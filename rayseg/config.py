@@ -1,0 +1,261 @@
+"""Typed run settings: one dataclass per command, filled from `--config FILE.yaml` then flags.
+
+load_config(cls, path, overrides) -> cls is the only YAML parsing in rayseg. Unknown keys and
+wrong types are RaysegErrors naming the key and the nearest valid one. Field metadata drives the
+CLI: `help`, `choices`, and `flag=False` for keys only a file can set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from rayseg.errors import RaysegError
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with CLI help text (and optionally `choices`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def required(help: str) -> Any:
+    return field(default=None, metadata={"help": help, "required": True})
+
+
+@dataclass
+class SubsetConfig:
+    annotations: str = required("COCO instances JSON to select from")
+    out: str = required("where to write the subset annotation file")
+    num_images: int = opt(8000, "how many images to keep")
+    seed: int = opt(0, "selection seed: same input + seed gives a byte-identical file")
+    images_dir: str | None = opt(None, "only images whose file exists here are eligible")
+    min_annotations: int = opt(0, "only images with at least this many annotations")
+    categories: list[int] | None = opt(None, "only images with one of these category ids")
+
+
+@dataclass
+class MasksConfig:
+    annotations: str = required("COCO instances JSON (e.g. the subset file)")
+    out: str = required("output directory or s3://bucket/prefix")
+    rasterizer: str = opt("opencv", "polygon fill", choices=("opencv", "coco"))
+    overlap: str = opt(
+        "max", "how overlapping objects resolve",
+        choices=("max", "smallest_on_top", "last", "ignore"),
+    )
+    values: str = opt(
+        "category_id", "pixel value scheme", choices=("category_id", "train_id", "scaled")
+    )
+    crowd: str = opt("class", "how iscrowd=1 objects are painted", choices=("class", "ignore", "skip"))
+    naming: str = opt("cats", "mask file names", choices=("cats", "stem"))
+    palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
+    images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
+    shard_size: int = opt(200, "images per Ray task / Parquet file")
+    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
+    address: str | None = opt(None, "Ray cluster address (default: local, or the job's cluster)")
+    overwrite: bool = opt(False, "redo everything instead of resuming")
+
+
+@dataclass
+class SynthConfig:
+    out: str = required("directory for images/ and annotations.json")
+    num_images: int = opt(64, "how many images")
+    seed: int = opt(0, "random seed")
+    width: int = opt(160, "image width")
+    height: int = opt(120, "image height")
+
+
+@dataclass
+class TrainConfig:
+    data: str = required("`rayseg masks` output dir (or its parquet/ folder), local or s3://")
+    out: str = required("run directory, local or s3://")
+    model: str = opt("lraspp_mobilenet_v3_large", "torchvision segmentation model")
+    epochs: int = opt(10, "total epochs (rerun with more to resume and continue)")
+    batch_size: int = opt(8, "images per worker per step")
+    crop_size: int = opt(480, "square training crop")
+    num_workers: int = opt(1, "Ray Train workers (data-parallel)")
+    use_gpu: bool = opt(False, "one GPU per worker")
+    val_data: str | None = opt(None, "separate validation Parquet (default: split by image id)")
+    val_fraction: float = opt(0.1, "fraction of image ids held out for validation")
+    lr: float = opt(0.02, "base learning rate")
+    optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adamw"))
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(1e-4, "weight decay")
+    warmup_epochs: float = opt(0.0, "linear LR warmup length in epochs")
+    classes: str = opt("all", "all | voc | comma-separated category ids")
+    aux_loss: bool = opt(True, "auxiliary loss where the model has an aux head")
+    weights: str | None = opt(None, "local file of full-model weights")
+    weights_backbone: str | None = opt(None, "local file of backbone weights")
+    amp: bool = opt(True, "bf16 autocast + channels_last on GPU")
+    compile: bool = opt(False, "torch.compile the model")
+    sync_bn: bool = opt(True, "SyncBatchNorm across workers (when more than one)")
+    max_failures: int = opt(2, "worker failures tolerated before the run fails")
+    num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU)")
+    name: str | None = opt(None, "run name (default: last part of --out)")
+    seed: int = opt(0, "random seed")
+    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
+    address: str | None = opt(None, "Ray cluster address")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = required("run directory or exported model file")
+    data: str = required("masks output dir or Parquet folder to score")
+    out: str = required("directory for metrics.json and the confusion matrix")
+    batch_size: int = opt(4, "images per inference batch")
+    use_gpu: bool = opt(False, "use a GPU")
+    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
+    address: str | None = opt(None, "Ray cluster address")
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = required("run directory or exported model file")
+    images: str = required("directory of images, or a masks Parquet folder")
+    out: str = required("directory for label PNGs and overlays")
+    batch_size: int = opt(4, "images per inference batch")
+    use_gpu: bool = opt(False, "use GPUs")
+    num_actors: int = opt(1, "inference actors")
+    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
+    address: str | None = opt(None, "Ray cluster address")
+
+
+@dataclass
+class PipelineConfig:
+    """The whole chain; each stage's paths are derived from `out` unless set in its section."""
+
+    out: str = opt("rayseg_demo", "output root")
+    synth: SynthConfig | None = opt(None, "make a synthetic dataset first", flag=False)
+    subset: SubsetConfig | None = opt(None, "subset settings", flag=False)
+    masks: MasksConfig | None = opt(None, "mask settings", flag=False)
+    train: TrainConfig | None = opt(None, "training settings", flag=False)
+    evaluate: EvaluateConfig | None = opt(None, "evaluation settings", flag=False)
+    predict: PredictConfig | None = opt(None, "prediction settings", flag=False)
+
+
+def load_config(cls: type, path: str | None = None, overrides: dict[str, Any] | None = None):
+    """File values, then non-None overrides; unknown keys and bad types are RaysegErrors."""
+    values: dict[str, Any] = {}
+    where = "config"
+    if path:
+        where = path
+        values = _read_yaml(path)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(cls, values, where=where)
+
+
+def build(cls: type, values: dict[str, Any], *, where: str, partial: bool = False):
+    """A `cls` from a plain dict, checking keys and types (nested dataclasses recurse)."""
+    if not isinstance(values, dict):
+        raise RaysegError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise RaysegError(f"{where}: unknown key '{key}'{_suggest(name, fields)}")
+        kwargs[name] = _coerce(value, hints[name], f"{where}: '{key}'")
+    for name, f in fields.items():
+        choices = f.metadata.get("choices")
+        if name in kwargs and choices and kwargs[name] not in choices:
+            raise RaysegError(
+                f"{where}: '{name}' is {kwargs[name]!r}, expected one of {', '.join(choices)}"
+            )
+        if not partial and f.metadata.get("required") and kwargs.get(name) is None:
+            raise RaysegError(f"{where}: missing required setting '{name}' (--{_flag(name)})")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RaysegError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RaysegError(f"{path}: invalid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RaysegError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where=where, partial=True)
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise RaysegError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise RaysegError(f"{where} is {value!r}, expected one of {get_args(tp)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise RaysegError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RaysegError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise RaysegError(f"{where} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise RaysegError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RaysegError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, dict | list):
+            raise RaysegError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,348 @@
+"""Models: torchvision segmentation builders, the class mapping, and the portable export.
+
+MODEL_BUILDERS maps a name to a torchvision builder. ClassMap says which mask value becomes which
+model class (0 = background, 255 = ignore) and back; it travels with every checkpoint and export.
+save_model / load_model write and read the export (weights + everything needed to rebuild the
+model) without Ray: `torch.load`-able bytes at a local path or s3:// URI.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import segmentation as tvseg
+
+from rayseg import io as rio
+from rayseg.errors import RaysegError
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "fcn_resnet50": tvseg.fcn_resnet50,
+    "fcn_resnet101": tvseg.fcn_resnet101,
+    "deeplabv3_resnet50": tvseg.deeplabv3_resnet50,
+    "deeplabv3_resnet101": tvseg.deeplabv3_resnet101,
+    "deeplabv3_mobilenet_v3_large": tvseg.deeplabv3_mobilenet_v3_large,
+    "lraspp_mobilenet_v3_large": tvseg.lraspp_mobilenet_v3_large,
+}
+# LR-ASPP has no auxiliary head; its builder rejects `aux_loss`.
+NO_AUX = frozenset({"lraspp_mobilenet_v3_large"})
+
+EXPORT_FORMAT = "rayseg-model/1"
+EXPORT_NAME = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_PREFIX = "epoch_"
+
+# ImageNet statistics for RGB in [0, 1]; every torchvision backbone was trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_IGNORE = 255
+
+# COCO category ids of the 20 PASCAL VOC classes, in VOC order (torchvision's CAT_LIST).
+VOC_CATEGORY_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Model class i+1 <-> mask value `mask_values[i]`; class 0 is background."""
+
+    mask_values: tuple[int, ...]
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+    ignore_value: int
+    value_scheme: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def mask_dtype(self) -> type:
+        return np.uint16 if self.ignore_value > 255 else np.uint8
+
+    def train_lut(self) -> np.ndarray:
+        """(65536,) uint8 lookup: mask value -> train id (unmapped -> 0, ignore -> 255)."""
+        lut = np.zeros(65536, np.uint8)
+        lut[np.asarray(self.mask_values, np.int64)] = np.arange(1, len(self.mask_values) + 1)
+        lut[self.ignore_value] = TRAIN_IGNORE
+        return lut
+
+    def to_train_ids(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) mask values -> (H, W) uint8 in 0..K-1, 255 where the mask says ignore."""
+        return self.train_lut()[mask.astype(np.int64, copy=False)]
+
+    def to_mask_values(self, pred: np.ndarray) -> np.ndarray:
+        """(H, W) class indices (255 = ignore) -> (H, W) values of the masks' scheme and dtype."""
+        lut = np.zeros(256, np.int64)
+        lut[1 : len(self.mask_values) + 1] = self.mask_values
+        lut[TRAIN_IGNORE] = self.ignore_value
+        return lut[pred.astype(np.int64, copy=False)].astype(self.mask_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mask_values": list(self.mask_values),
+            "category_ids": list(self.category_ids),
+            "names": list(self.names),
+            "ignore_value": self.ignore_value,
+            "value_scheme": self.value_scheme,
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ClassMap:
+        return ClassMap(
+            mask_values=tuple(int(v) for v in d["mask_values"]),
+            category_ids=tuple(int(v) for v in d["category_ids"]),
+            names=tuple(str(n) for n in d["names"]),
+            ignore_value=int(d["ignore_value"]),
+            value_scheme=str(d["value_scheme"]),
+        )
+
+
+def class_map_from_meta(meta: dict[str, Any], classes: str = "all") -> ClassMap:
+    """The masks' value scheme (rayseg.io.read_mask_meta) + a class choice -> ClassMap.
+
+    `classes`: "all" (every category of the mapping), "voc" (the 20 VOC categories present),
+    or comma-separated COCO category ids, kept in the order given.
+    """
+    by_cat = {int(c["category_id"]): c for c in meta["classes"]}
+    wanted = _chosen_category_ids(classes, list(by_cat))
+    missing = [c for c in wanted if c not in by_cat]
+    if missing and classes.strip().lower() != "voc":
+        raise RaysegError(
+            f"classes: category ids {missing} are not in the masks' mapping "
+            f"(known: {sorted(by_cat)})"
+        )
+    chosen = [by_cat[c] for c in wanted if c in by_cat]
+    if not chosen:
+        raise RaysegError(f"classes={classes!r}: none of these categories are in the masks' mapping")
+    if meta["values"] == "scaled" and len(chosen) != len(by_cat):
+        raise RaysegError(
+            "classes: masks with values=scaled can only train on all classes "
+            "(rerun `rayseg masks --values category_id` to choose a subset)"
+        )
+    return ClassMap(
+        mask_values=tuple(int(c["value"]) for c in chosen),
+        category_ids=tuple(int(c["category_id"]) for c in chosen),
+        names=("background", *(str(c["name"]) for c in chosen)),
+        ignore_value=int(meta["ignore_value"]),
+        value_scheme=str(meta["values"]),
+    )
+
+
+def _chosen_category_ids(classes: str, known: list[int]) -> list[int]:
+    text = classes.strip().lower()
+    if text == "all":
+        return sorted(known)
+    if text == "voc":
+        return list(VOC_CATEGORY_IDS)
+    try:
+        ids = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise RaysegError(
+            f"classes: {classes!r} is not 'all', 'voc' or comma-separated category ids"
+        ) from None
+    return list(dict.fromkeys(ids))
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    aux_loss: bool,
+    weights: str | None = None,
+    weights_backbone: str | None = None,
+) -> nn.Module:
+    """A freshly initialised torchvision model; nothing is downloaded.
+
+    `weights` / `weights_backbone` are local files (a state dict, or a dict holding one under
+    "model" / "state_dict") loaded where names and shapes match.
+    """
+    if name not in MODEL_BUILDERS:
+        raise RaysegError(f"model {name!r} unknown; choose one of {', '.join(MODEL_BUILDERS)}")
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if name not in NO_AUX:
+        kwargs["aux_loss"] = aux_loss
+    model = MODEL_BUILDERS[name](**kwargs)
+    if weights_backbone:
+        _load_backbone(model, weights_backbone)
+    if weights:
+        _load_pretrained(model, weights)
+    return model
+
+
+def has_aux(name: str, aux_loss: bool) -> bool:
+    return aux_loss and name not in NO_AUX
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(rio.read_bytes(rio.locate(path))), map_location="cpu")
+    except (OSError, RuntimeError) as e:
+        raise RaysegError(f"{path}: cannot read weights ({e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise RaysegError(f"{path}: not a state dict of weights")
+    return obj
+
+
+def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> list[str]:
+    """Copy tensors whose names and shapes match; returns the module's keys left untouched."""
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise RaysegError(f"{path}: no weights match this model (names or shapes differ)")
+    module.load_state_dict(usable, strict=False)
+    return [k for k in own if k not in usable]
+
+
+def _load_backbone(model: nn.Module, path: str) -> None:
+    state = _read_state_dict(path)
+    # A classification checkpoint names MobileNet layers "features.N..." where the
+    # segmentation backbone (IntermediateLayerGetter over .features) names them "N...".
+    state = {k.removeprefix("backbone.").removeprefix("features."): v for k, v in state.items()}
+    left = _load_matching(model.backbone, state, path)
+    if left:
+        raise RaysegError(f"{path}: backbone weights lack {len(left)} tensors, e.g. {left[0]!r}")
+
+
+def _load_pretrained(model: nn.Module, path: str) -> None:
+    state = _read_state_dict(path)
+    left = _load_matching(model, state, path)
+    # The last classifier layers depend on the number of classes and may be retrained.
+    outside_heads = [k for k in left if not k.startswith(("classifier.", "aux_classifier."))]
+    if outside_heads:
+        raise RaysegError(
+            f"{path}: weights lack {len(outside_heads)} tensors, e.g. {outside_heads[0]!r} "
+            "(weights of another model?)"
+        )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def model_record(
+    model: nn.Module, *, name: str, class_map: ClassMap, aux_loss: bool
+) -> dict[str, Any]:
+    """What rebuilds the model: builder name, classes, aux flag, weights (SyncBN-free)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "model": name,
+        "num_classes": class_map.num_classes,
+        "aux_loss": has_aux(name, aux_loss),
+        "class_map": class_map.to_dict(),
+        "state_dict": cpu_state_dict(model),
+    }
+
+
+def to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_model(
+    uri: str, model: nn.Module, *, name: str, class_map: ClassMap, aux_loss: bool
+) -> None:
+    """Export for use without Ray: one torch.save file, written atomically (local or s3://)."""
+    record = model_record(model, name=name, class_map=class_map, aux_loss=aux_loss)
+    rio.write_bytes(rio.locate(uri), to_bytes(record))
+
+
+def read_record(loc: rio.Location) -> dict[str, Any]:
+    try:
+        obj = torch.load(io.BytesIO(rio.read_bytes(loc)), map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as e:
+        raise RaysegError(f"{loc.uri}: cannot read model ({e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
+        raise RaysegError(f"{loc.uri}: not a rayseg model export or checkpoint")
+    return obj
+
+
+def find_model_file(uri: str) -> rio.Location:
+    """A file as given; a run dir -> RUN/model.pt, else its latest epoch checkpoint."""
+    loc = rio.locate(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == rio.pafs.FileType.File:
+        return loc
+    if info.type == rio.pafs.FileType.NotFound:
+        raise RaysegError(f"{uri}: no such model file or run directory")
+    export = loc.join(EXPORT_NAME)
+    if rio.exists(export):
+        return export
+    latest = latest_checkpoint_dir(loc)
+    if latest is None:
+        raise RaysegError(f"{uri}: no {EXPORT_NAME} and no checkpoints in this run directory")
+    return latest.join(CHECKPOINT_FILE)
+
+
+def latest_checkpoint_dir(run: rio.Location) -> rio.Location | None:
+    """The highest `epoch_NNNN` checkpoint folder one level below the run dir."""
+    found: list[tuple[str, rio.Location]] = []
+    selector = rio.pafs.FileSelector(run.path, recursive=False, allow_not_found=True)
+    for sub in run.fs.get_file_info(selector):
+        if sub.type != rio.pafs.FileType.Directory:
+            continue
+        inner = run.fs.get_file_info(rio.pafs.FileSelector(sub.path, allow_not_found=True))
+        for ck in inner:
+            if ck.type == rio.pafs.FileType.Directory and ck.base_name.startswith(
+                CHECKPOINT_PREFIX
+            ):
+                ck_loc = run.join(sub.base_name, ck.base_name)
+                if rio.exists(ck_loc.join(CHECKPOINT_FILE)):
+                    found.append((ck.base_name, ck_loc))
+    return max(found, key=lambda t: t[0])[1] if found else None
+
+
+def model_from_record(record: dict[str, Any], *, where: str) -> tuple[nn.Module, ClassMap]:
+    class_map = ClassMap.from_dict(record["class_map"])
+    model = build_model(record["model"], record["num_classes"], aux_loss=record["aux_loss"])
+    try:
+        model.load_state_dict(record["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise RaysegError(f"{where}: weights do not fit {record['model']} ({first})") from None
+    return model, class_map
+
+
+def load_model(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """An export file or a run directory -> (model in eval mode on `device`, info).
+
+    info: "model" (builder name), "class_map" (ClassMap), "num_classes", "aux_loss", "source"
+    (the file read), and "epoch" when it came from a training checkpoint.
+    """
+    loc = find_model_file(uri)
+    record = read_record(loc)
+    model, class_map = model_from_record(record, where=loc.uri)
+    info = {
+        "model": record["model"],
+        "class_map": class_map,
+        "num_classes": record["num_classes"],
+        "aux_loss": record["aux_loss"],
+        "source": loc.uri,
+    }
+    if "epoch" in record:
+        info["epoch"] = record["epoch"]
+    return model.to(device).eval(), info
+
+
+def forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, K, H, W) logits (torchvision's "out")."""
+    return model(images)["out"]

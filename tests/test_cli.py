@@ -1,0 +1,85 @@
+"""The command line as a user meets it: one clear line and a non-zero status for fatal input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tiny_coco import tiny_coco, write_coco
+
+
+def rayseg(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rayseg", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "file not found"),
+        (b"", "file is empty"),
+        (b'{"images": [\n  {"id": 1,,}]}', "invalid JSON at line 2"),
+        (b'{"foo": 1}', "not a COCO instances file"),
+    ],
+)
+def test_subset_fatal_errors(tmp_path, content, needle):
+    path = tmp_path / "in.json"
+    if content is not None:
+        path.write_bytes(content)
+    result = rayseg("subset", "--annotations", str(path), "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(result, str(path), needle)
+
+
+def test_unwritable_output(tmp_path):
+    src = write_coco(tmp_path / "in.json", tiny_coco())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = rayseg("masks", "--annotations", str(src), "--out", str(blocker / "out"))
+    assert_one_line_error(result, "not writable")
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("annotations: a.json\nout: b.json\nnum_image: 3\n")
+    result = rayseg("subset", "--config", str(cfg))
+    assert_one_line_error(result, "num_image", "did you mean 'num_images'")
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = rayseg("subset", "--annotations", str(tmp_path / "x.json"), "--out", "o", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_subset_command_is_byte_identical_across_runs(tmp_path):
+    src = write_coco(tmp_path / "in.json", tiny_coco())
+    outs = []
+    for name in ("a.json", "b.json"):
+        result = rayseg("subset", "--annotations", str(src), "--out", str(tmp_path / name),
+                        "--num-images", "3", "--seed", "4")
+        assert result.returncode == 0, result.stderr
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    assert len(json.loads(outs[0])["images"]) == 3
+    assert (tmp_path / "a.json.config.yaml").exists()
+
+
+def test_subset_reports_missing_image_files(tmp_path):
+    src = write_coco(tmp_path / "in.json", tiny_coco())
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "000000000002.jpg").write_bytes(b"x")
+    result = rayseg("subset", "--annotations", str(src), "--out", str(tmp_path / "s.json"),
+                    "--images-dir", str(images))
+    assert result.returncode == 0, result.stderr
+    assert "4 of 5 images have no file" in result.stdout
+    assert [im["id"] for im in json.loads((tmp_path / "s.json").read_text())["images"]] == [2]
