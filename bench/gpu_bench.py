@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,20 +32,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (compile happens here)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
-    p.add_argument("--mode-timeout", type=float, default=60.0, help="seconds for an eager mode")
-    p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds for compile mode")
-    p.add_argument("--total-timeout", type=float, default=225.0, help="seconds for the whole run")
+    p.add_argument("--mode-timeout", type=float, help="seconds for an eager mode (90; smoke 240)")
+    p.add_argument(
+        "--compile-timeout", type=float, help="seconds for compile mode (150; smoke 300)"
+    )
+    p.add_argument("--total-timeout", type=float, help="seconds for the whole run (225; smoke 780)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run: batch 2, 64x64, 2 steps")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # The GPU defaults keep the whole run under 4 minutes; a loaded 2-core CPU machine can take
+    # minutes even for the tiny smoke steps.
+    limits = (240.0, 300.0, 780.0) if args.cpu_smoke else (90.0, 150.0, 225.0)
+    for name, default in zip(
+        ("mode_timeout", "compile_timeout", "total_timeout"), limits, strict=True
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.cpu_smoke:
         args.batch_size, args.crop, args.warmup, args.steps = 2, 64, 1, 2
-        args.compile_timeout = max(args.compile_timeout, 300.0)
-        args.total_timeout = max(args.total_timeout, 480.0)
     return args
 
 
-def run_mode(mode: str, *, batch_size: int, crop: int, warmup: int, steps: int, device: str) -> dict:
+def run_mode(
+    mode: str, *, batch_size: int, crop: int, warmup: int, steps: int, device: str
+) -> dict:
     """One mode's timed training loop -> {"images_per_s", "step_ms", ...}."""
     import torch
     import torch.nn.functional as F
@@ -121,15 +132,23 @@ def run_in_child(mode: str, argv: list[str], timeout: float) -> dict:
     """Run one mode in a fresh process; a crash or timeout becomes an `error` entry."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", mode]
     t0 = time.perf_counter()
+    # Own session, so a timeout also ends the child's compile workers (its process group).
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        if proc.poll() is None:  # timed out, or this script is being stopped
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     wall_s = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return {**json.loads(line[len("RESULT ") :]), "wall_s": wall_s}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    tail = (stderr or stdout).strip().splitlines()[-3:]
     return {"mode": mode, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
@@ -161,8 +180,12 @@ def print_table(env: dict, args: argparse.Namespace, results: list[dict]) -> Non
         f"deeplabv3_resnet50 (aux), {NUM_CLASSES} classes, batch {args.batch_size}, "
         f"{args.crop}x{args.crop}, {args.steps} timed steps after {args.warmup} warm-up"
     )
-    base = next((r["images_per_s"] for r in results if r.get("mode") == "fp32" and "error" not in r), None)
-    print(f"{'mode':<18}{'images/s':>10}{'step ms':>10}{'vs fp32':>9}{'1st step s':>12}{'mem GiB':>9}")
+    base = next(
+        (r["images_per_s"] for r in results if r.get("mode") == "fp32" and "error" not in r), None
+    )
+    print(
+        f"{'mode':<18}{'images/s':>10}{'step ms':>10}{'vs fp32':>9}{'1st step s':>12}{'mem GiB':>9}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['mode']:<18}  failed: {r['error']}")
@@ -180,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_child(args)
+    # SIGTERM (e.g. an outer time limit) unwinds like Ctrl-C, so the running child is ended.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = environment(args.cpu_smoke)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -202,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_in_child(mode, child_argv, min(cap, left)))
         print(f"done {mode}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     print_table(env, args, results)
-    report = {"env": env, "settings": {k: getattr(args, k) for k in ("batch_size", "crop", "warmup", "steps")}, "results": results}
+    report = {
+        "env": env,
+        "settings": {k: getattr(args, k) for k in ("batch_size", "crop", "warmup", "steps")},
+        "results": results,
+    }
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -37,32 +37,86 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # COCO's 80 thing classes by their real ids; ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused.
 COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
-    (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"),
-    (4, "motorcycle", "vehicle"), (5, "airplane", "vehicle"), (6, "bus", "vehicle"),
-    (7, "train", "vehicle"), (8, "truck", "vehicle"), (9, "boat", "vehicle"),
-    (10, "traffic light", "outdoor"), (11, "fire hydrant", "outdoor"), (13, "stop sign", "outdoor"),
-    (14, "parking meter", "outdoor"), (15, "bench", "outdoor"), (16, "bird", "animal"),
-    (17, "cat", "animal"), (18, "dog", "animal"), (19, "horse", "animal"), (20, "sheep", "animal"),
-    (21, "cow", "animal"), (22, "elephant", "animal"), (23, "bear", "animal"),
-    (24, "zebra", "animal"), (25, "giraffe", "animal"), (27, "backpack", "accessory"),
-    (28, "umbrella", "accessory"), (31, "handbag", "accessory"), (32, "tie", "accessory"),
-    (33, "suitcase", "accessory"), (34, "frisbee", "sports"), (35, "skis", "sports"),
-    (36, "snowboard", "sports"), (37, "sports ball", "sports"), (38, "kite", "sports"),
-    (39, "baseball bat", "sports"), (40, "baseball glove", "sports"), (41, "skateboard", "sports"),
-    (42, "surfboard", "sports"), (43, "tennis racket", "sports"), (44, "bottle", "kitchen"),
-    (46, "wine glass", "kitchen"), (47, "cup", "kitchen"), (48, "fork", "kitchen"),
-    (49, "knife", "kitchen"), (50, "spoon", "kitchen"), (51, "bowl", "kitchen"),
-    (52, "banana", "food"), (53, "apple", "food"), (54, "sandwich", "food"),
-    (55, "orange", "food"), (56, "broccoli", "food"), (57, "carrot", "food"),
-    (58, "hot dog", "food"), (59, "pizza", "food"), (60, "donut", "food"), (61, "cake", "food"),
-    (62, "chair", "furniture"), (63, "couch", "furniture"), (64, "potted plant", "furniture"),
-    (65, "bed", "furniture"), (67, "dining table", "furniture"), (70, "toilet", "furniture"),
-    (72, "tv", "electronic"), (73, "laptop", "electronic"), (74, "mouse", "electronic"),
-    (75, "remote", "electronic"), (76, "keyboard", "electronic"), (77, "cell phone", "electronic"),
-    (78, "microwave", "appliance"), (79, "oven", "appliance"), (80, "toaster", "appliance"),
-    (81, "sink", "appliance"), (82, "refrigerator", "appliance"), (84, "book", "indoor"),
-    (85, "clock", "indoor"), (86, "vase", "indoor"), (87, "scissors", "indoor"),
-    (88, "teddy bear", "indoor"), (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
+    (1, "person", "person"),
+    (2, "bicycle", "vehicle"),
+    (3, "car", "vehicle"),
+    (4, "motorcycle", "vehicle"),
+    (5, "airplane", "vehicle"),
+    (6, "bus", "vehicle"),
+    (7, "train", "vehicle"),
+    (8, "truck", "vehicle"),
+    (9, "boat", "vehicle"),
+    (10, "traffic light", "outdoor"),
+    (11, "fire hydrant", "outdoor"),
+    (13, "stop sign", "outdoor"),
+    (14, "parking meter", "outdoor"),
+    (15, "bench", "outdoor"),
+    (16, "bird", "animal"),
+    (17, "cat", "animal"),
+    (18, "dog", "animal"),
+    (19, "horse", "animal"),
+    (20, "sheep", "animal"),
+    (21, "cow", "animal"),
+    (22, "elephant", "animal"),
+    (23, "bear", "animal"),
+    (24, "zebra", "animal"),
+    (25, "giraffe", "animal"),
+    (27, "backpack", "accessory"),
+    (28, "umbrella", "accessory"),
+    (31, "handbag", "accessory"),
+    (32, "tie", "accessory"),
+    (33, "suitcase", "accessory"),
+    (34, "frisbee", "sports"),
+    (35, "skis", "sports"),
+    (36, "snowboard", "sports"),
+    (37, "sports ball", "sports"),
+    (38, "kite", "sports"),
+    (39, "baseball bat", "sports"),
+    (40, "baseball glove", "sports"),
+    (41, "skateboard", "sports"),
+    (42, "surfboard", "sports"),
+    (43, "tennis racket", "sports"),
+    (44, "bottle", "kitchen"),
+    (46, "wine glass", "kitchen"),
+    (47, "cup", "kitchen"),
+    (48, "fork", "kitchen"),
+    (49, "knife", "kitchen"),
+    (50, "spoon", "kitchen"),
+    (51, "bowl", "kitchen"),
+    (52, "banana", "food"),
+    (53, "apple", "food"),
+    (54, "sandwich", "food"),
+    (55, "orange", "food"),
+    (56, "broccoli", "food"),
+    (57, "carrot", "food"),
+    (58, "hot dog", "food"),
+    (59, "pizza", "food"),
+    (60, "donut", "food"),
+    (61, "cake", "food"),
+    (62, "chair", "furniture"),
+    (63, "couch", "furniture"),
+    (64, "potted plant", "furniture"),
+    (65, "bed", "furniture"),
+    (67, "dining table", "furniture"),
+    (70, "toilet", "furniture"),
+    (72, "tv", "electronic"),
+    (73, "laptop", "electronic"),
+    (74, "mouse", "electronic"),
+    (75, "remote", "electronic"),
+    (76, "keyboard", "electronic"),
+    (77, "cell phone", "electronic"),
+    (78, "microwave", "appliance"),
+    (79, "oven", "appliance"),
+    (80, "toaster", "appliance"),
+    (81, "sink", "appliance"),
+    (82, "refrigerator", "appliance"),
+    (84, "book", "indoor"),
+    (85, "clock", "indoor"),
+    (86, "vase", "indoor"),
+    (87, "scissors", "indoor"),
+    (88, "teddy bear", "indoor"),
+    (89, "hair drier", "indoor"),
+    (90, "toothbrush", "indoor"),
 )
 
 # (width, height) and how often; COCO is mostly 640x480 landscape.
@@ -94,22 +148,31 @@ def make_images(rng: np.random.Generator, num_images: int) -> list[dict[str, Any
     farm = rng.integers(1, 10, (num_images, 3)) * np.array([1, 1000, 1_000_000_000])
     records = []
     for i, (image_id, (width, height), lic, day, sec, f) in enumerate(
-        zip(ids.tolist(), sizes.tolist(), licenses.tolist(), days.tolist(), seconds.tolist(),
-            farm.tolist(), strict=True)
+        zip(
+            ids.tolist(),
+            sizes.tolist(),
+            licenses.tolist(),
+            days.tolist(),
+            seconds.tolist(),
+            farm.tolist(),
+            strict=True,
+        )
     ):
         name = f"{image_id:012d}.jpg"
-        records.append({
-            "license": lic,
-            "file_name": name,
-            "coco_url": f"http://images.cocodataset.org/train2017/{name}",
-            "height": height,
-            "width": width,
-            "date_captured": f"2013-{1 + day // 31:02d}-{1 + day % 28:02d} "
-                             f"{sec // 3600:02d}:{sec // 60 % 60:02d}:{sec % 60:02d}",
-            "flickr_url": f"http://farm{f[0]}.staticflickr.com/{f[1] + i % 997}/"
-                          f"{f[2] + image_id}_{image_id % 65536:04x}a1b2c3_z.jpg",
-            "id": image_id,
-        })
+        records.append(
+            {
+                "license": lic,
+                "file_name": name,
+                "coco_url": f"http://images.cocodataset.org/train2017/{name}",
+                "height": height,
+                "width": width,
+                "date_captured": f"2013-{1 + day // 31:02d}-{1 + day % 28:02d} "
+                f"{sec // 3600:02d}:{sec // 60 % 60:02d}:{sec % 60:02d}",
+                "flickr_url": f"http://farm{f[0]}.staticflickr.com/{f[1] + i % 997}/"
+                f"{f[2] + image_id}_{image_id % 65536:04x}a1b2c3_z.jpg",
+                "id": image_id,
+            }
+        )
     return records
 
 
@@ -123,8 +186,12 @@ def segment_starts(lengths: np.ndarray) -> np.ndarray:
 
 
 def polygon_vertices(
-    rng: np.random.Generator, centers: np.ndarray, radii: np.ndarray, aspect: np.ndarray,
-    sizes: np.ndarray, num_vertices: np.ndarray,
+    rng: np.random.Generator,
+    centers: np.ndarray,
+    radii: np.ndarray,
+    aspect: np.ndarray,
+    sizes: np.ndarray,
+    num_vertices: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Star-shaped polygons: angles increasing around each centre, radius jittered per vertex.
 
@@ -134,8 +201,12 @@ def polygon_vertices(
     owner = np.repeat(np.arange(len(num_vertices)), num_vertices)
     steps = rng.exponential(size=owner.size)
     totals = np.add.reduceat(steps, segment_starts(num_vertices))
-    within = np.cumsum(steps) - np.repeat(np.cumsum(steps)[segment_starts(num_vertices)], num_vertices)
-    angle = 2 * np.pi * within / totals[owner] + np.repeat(rng.uniform(0, 2 * np.pi, len(radii)), num_vertices)
+    within = np.cumsum(steps) - np.repeat(
+        np.cumsum(steps)[segment_starts(num_vertices)], num_vertices
+    )
+    angle = 2 * np.pi * within / totals[owner] + np.repeat(
+        rng.uniform(0, 2 * np.pi, len(radii)), num_vertices
+    )
     radius = radii[owner] * rng.uniform(0.6, 1.15, owner.size)
     x = centers[owner, 0] + radius * np.cos(angle) * aspect[owner]
     y = centers[owner, 1] + radius * np.sin(angle) / aspect[owner]
@@ -151,15 +222,21 @@ def shoelace_areas(x: np.ndarray, y: np.ndarray, num_vertices: np.ndarray) -> np
     return np.abs(np.add.reduceat(x * y[nxt] - x[nxt] * y, starts)) / 2
 
 
-def crowd_rle(rng: np.random.Generator, width: int, height: int) -> tuple[dict[str, Any], float, list[float]]:
+def crowd_rle(
+    rng: np.random.Generator, width: int, height: int
+) -> tuple[dict[str, Any], float, list[float]]:
     """An elliptical blob as uncompressed RLE (column-major: one run of ones per column)."""
     rx = rng.uniform(0.08, 0.4) * width
     ry = rng.uniform(0.08, 0.4) * height
     cx, cy = rng.uniform(rx, width - rx), rng.uniform(ry, height - ry)
     cols = np.arange(int(np.ceil(cx - rx)), int(cx + rx))
     half = ry * np.sqrt(np.clip(1 - ((cols + 0.5 - cx) / rx) ** 2, 0, 1))
-    top = np.clip(np.round(cy - half * rng.uniform(0.8, 1.0, cols.size)), 0, height - 1).astype(np.int64)
-    bottom = np.clip(np.round(cy + half * rng.uniform(0.8, 1.0, cols.size)), top + 1, height).astype(np.int64)
+    top = np.clip(np.round(cy - half * rng.uniform(0.8, 1.0, cols.size)), 0, height - 1).astype(
+        np.int64
+    )
+    bottom = np.clip(
+        np.round(cy + half * rng.uniform(0.8, 1.0, cols.size)), top + 1, height
+    ).astype(np.int64)
     starts, ends = cols * height + top, cols * height + bottom
     zeros = starts - np.concatenate(([0], ends[:-1]))
     runs = np.stack([zeros, ends - starts], axis=1).ravel()
@@ -169,10 +246,14 @@ def crowd_rle(rng: np.random.Generator, width: int, height: int) -> tuple[dict[s
 
 
 def make_annotations(
-    rng: np.random.Generator, images: list[dict[str, Any]], counts: np.ndarray,
-    ann_ids: np.ndarray, category_ids: np.ndarray, category_p: np.ndarray,
+    rng: np.random.Generator,
+    images: list[dict[str, Any]],
+    counts: np.ndarray,
+    ann_ids: np.ndarray,
+    category_ids: np.ndarray,
+    category_p: np.ndarray,
 ) -> list[dict[str, Any]]:
-    """Annotation records for one chunk of images, shuffled (real files are not grouped by image)."""
+    """Annotation records for one chunk of images, not grouped by image (like real files)."""
     image_ids = np.array([img["id"] for img in images])
     sizes = np.array([(img["width"], img["height"]) for img in images], dtype=np.float64)
     owner = np.repeat(np.arange(len(images)), counts)  # image index per annotation
@@ -191,20 +272,30 @@ def make_annotations(
     img_size = sizes[owner[poly_owner]]
     ann_radius = np.exp(rng.uniform(np.log(4), np.log(0.3 * sizes[owner].min(axis=1))))
     ann_center = rng.uniform(0, 1, (n, 2)) * sizes[owner]
-    radius = ann_radius[poly_owner] * np.where(is_first_part, 1.0, rng.uniform(0.3, 0.7, poly_owner.size))
+    radius = ann_radius[poly_owner] * np.where(
+        is_first_part, 1.0, rng.uniform(0.3, 0.7, poly_owner.size)
+    )
     direction = rng.uniform(0, 2 * np.pi, poly_owner.size)
-    offset = np.where(is_first_part, 0.0, ann_radius[poly_owner] * rng.uniform(1.0, 1.6, poly_owner.size))
-    center = ann_center[poly_owner] + offset[:, None] * np.stack([np.cos(direction), np.sin(direction)], 1)
+    offset = np.where(
+        is_first_part, 0.0, ann_radius[poly_owner] * rng.uniform(1.0, 1.6, poly_owner.size)
+    )
+    center = ann_center[poly_owner] + offset[:, None] * np.stack(
+        [np.cos(direction), np.sin(direction)], 1
+    )
     center = np.clip(center, 0, img_size)
     aspect = np.exp(rng.uniform(-0.5, 0.5, n))[poly_owner]
     num_vertices = np.clip(
-        np.round(rng.lognormal(np.log(VERTEX_MEDIAN), 0.45, poly_owner.size)), MIN_VERTICES, MAX_VERTICES
+        np.round(rng.lognormal(np.log(VERTEX_MEDIAN), 0.45, poly_owner.size)),
+        MIN_VERTICES,
+        MAX_VERTICES,
     ).astype(np.int64)
     x, y = polygon_vertices(rng, center, radius, aspect, img_size, num_vertices)
 
     areas = np.zeros(n)
     np.add.at(areas, poly_owner, shoelace_areas(x, y, num_vertices))
-    ann_vertices = np.bincount(poly_owner, weights=num_vertices, minlength=n).astype(np.int64)[poly_ann]
+    ann_vertices = np.bincount(poly_owner, weights=num_vertices, minlength=n).astype(np.int64)[
+        poly_ann
+    ]
     vstarts = segment_starts(ann_vertices)
     x0, y0 = np.minimum.reduceat(x, vstarts), np.minimum.reduceat(y, vstarts)
     x1, y1 = np.maximum.reduceat(x, vstarts), np.maximum.reduceat(y, vstarts)
@@ -222,18 +313,28 @@ def make_annotations(
     for k, a in enumerate(poly_ann.tolist()):
         segmentation = []
         for _ in range(parts_list[k]):
-            segmentation.append(coords[poly_bounds[p]:poly_bounds[p + 1]])
+            segmentation.append(coords[poly_bounds[p] : poly_bounds[p + 1]])
             p += 1
         records[a] = {
-            "segmentation": segmentation, "area": area_list[a], "iscrowd": 0,
-            "image_id": image_id_list[a], "bbox": bboxes[k], "category_id": cat_list[a], "id": ids[a],
+            "segmentation": segmentation,
+            "area": area_list[a],
+            "iscrowd": 0,
+            "image_id": image_id_list[a],
+            "bbox": bboxes[k],
+            "category_id": cat_list[a],
+            "id": ids[a],
         }
     for a in np.flatnonzero(crowd).tolist():
         width, height = sizes[owner[a]].astype(int).tolist()
         rle, area, bbox = crowd_rle(rng, width, height)
         records[a] = {
-            "segmentation": rle, "area": area, "iscrowd": 1, "image_id": image_id_list[a],
-            "bbox": bbox, "category_id": cat_list[a], "id": CROWD_ID_BASE + image_id_list[a],
+            "segmentation": rle,
+            "area": area,
+            "iscrowd": 1,
+            "image_id": image_id_list[a],
+            "bbox": bbox,
+            "category_id": cat_list[a],
+            "id": CROWD_ID_BASE + image_id_list[a],
         }
     order = rng.permutation(n)
     return [records[i] for i in order.tolist()]
@@ -251,14 +352,20 @@ def encode_chunks(
         stop = min(start + IMAGES_PER_CHUNK, len(images))
         rng = np.random.default_rng([seed, 1, chunk])
         anns = make_annotations(
-            rng, images[start:stop], counts[start:stop], ann_ids[bounds[start]:bounds[stop]],
-            category_ids, category_p,
+            rng,
+            images[start:stop],
+            counts[start:stop],
+            ann_ids[bounds[start] : bounds[stop]],
+            category_ids,
+            category_p,
         )
         if anns:
             yield encoder.encode(anns)[1:-1]
 
 
-def write_coco(path: Path, *, num_images: int, num_annotations: int, seed: int = 0) -> dict[str, Any]:
+def write_coco(
+    path: Path, *, num_images: int, num_annotations: int, seed: int = 0
+) -> dict[str, Any]:
     """Write the file atomically; return its path, size and counts."""
     rng = np.random.default_rng([seed, 0])
     images = make_images(rng, num_images)
@@ -267,11 +374,18 @@ def write_coco(path: Path, *, num_images: int, num_annotations: int, seed: int =
     header = {
         "info": {
             "description": "COCO-shaped synthetic instances (rayseg bench)",
-            "url": "http://cocodataset.org", "version": "1.0", "year": 2017,
-            "contributor": "rayseg bench/make_coco.py", "date_created": "2017/09/01",
+            "url": "http://cocodataset.org",
+            "version": "1.0",
+            "year": 2017,
+            "contributor": "rayseg bench/make_coco.py",
+            "date_created": "2017/09/01",
         },
         "licenses": [
-            {"url": f"http://creativecommons.org/licenses/{i}/2.0/", "id": i, "name": f"License {i}"}
+            {
+                "url": f"http://creativecommons.org/licenses/{i}/2.0/",
+                "id": i,
+                "name": f"License {i}",
+            }
             for i in range(1, 9)
         ],
     }
@@ -291,7 +405,9 @@ def write_coco(path: Path, *, num_images: int, num_annotations: int, seed: int =
     finally:
         tmp.unlink(missing_ok=True)
     return {
-        "path": str(path), "bytes": path.stat().st_size, "images": num_images,
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "images": num_images,
         "annotations": num_annotations,
     }
 
@@ -305,7 +421,9 @@ def ensure_preset(preset: str, *, data_dir: Path = DATA_DIR, seed: int = 0) -> P
     path = preset_path(preset, data_dir)
     if not path.exists():
         spec = PRESETS[preset]
-        write_coco(path, num_images=spec["num_images"], num_annotations=spec["num_annotations"], seed=seed)
+        write_coco(
+            path, num_images=spec["num_images"], num_annotations=spec["num_annotations"], seed=seed
+        )
     return path
 
 

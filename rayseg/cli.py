@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayseg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rayseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"rayseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr
+        )
         return 130
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:

@@ -48,13 +48,16 @@ class MasksConfig:
     out: str = required("output directory or s3://bucket/prefix")
     rasterizer: str = opt("opencv", "polygon fill", choices=("opencv", "coco"))
     overlap: str = opt(
-        "max", "how overlapping objects resolve",
+        "max",
+        "how overlapping objects resolve",
         choices=("max", "smallest_on_top", "last", "ignore"),
     )
     values: str = opt(
         "category_id", "pixel value scheme", choices=("category_id", "train_id", "scaled")
     )
-    crowd: str = opt("class", "how iscrowd=1 objects are painted", choices=("class", "ignore", "skip"))
+    crowd: str = opt(
+        "class", "how iscrowd=1 objects are painted", choices=("class", "ignore", "skip")
+    )
     naming: str = opt("cats", "mask file names", choices=("cats", "stem"))
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
@@ -96,11 +99,13 @@ class TrainConfig:
     weights_backbone: str | None = opt(None, "local file of backbone weights")
     amp: bool = opt(True, "bf16 autocast + channels_last on GPU")
     compile: bool = opt(False, "torch.compile the model")
-    sync_bn: bool = opt(True, "SyncBatchNorm across workers (when more than one)")
+    sync_bn: bool = opt(True, "SyncBatchNorm across GPU workers (PyTorch has none on CPU)")
     max_failures: int = opt(2, "worker failures tolerated before the run fails")
-    num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU)")
-    name: str | None = opt(None, "run name (default: last part of --out)")
-    seed: int = opt(0, "random seed")
+    num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU, plus the latest)")
+    cpus_per_worker: float | None = opt(
+        None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)"
+    )
+    seed: int = opt(0, "random seed (model init; the validation split)")
     num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
     address: str | None = opt(None, "Ray cluster address")
 
@@ -111,7 +116,8 @@ class EvaluateConfig:
     data: str = required("masks output dir or Parquet folder to score")
     out: str = required("directory for metrics.json and the confusion matrix")
     batch_size: int = opt(4, "images per inference batch")
-    use_gpu: bool = opt(False, "use a GPU")
+    use_gpu: bool = opt(False, "one GPU per scoring actor")
+    num_actors: int = opt(1, "scoring actors (model replicas)")
     num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
     address: str | None = opt(None, "Ray cluster address")
 
@@ -122,8 +128,8 @@ class PredictConfig:
     images: str = required("directory of images, or a masks Parquet folder")
     out: str = required("directory for label PNGs and overlays")
     batch_size: int = opt(4, "images per inference batch")
-    use_gpu: bool = opt(False, "use GPUs")
-    num_actors: int = opt(1, "inference actors")
+    use_gpu: bool = opt(False, "one GPU per inference actor")
+    num_actors: int = opt(1, "inference actors (model replicas)")
     num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
     address: str | None = opt(None, "Ray cluster address")
 

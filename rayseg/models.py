@@ -294,21 +294,17 @@ def find_model_file(uri: str) -> rio.Location:
 
 
 def latest_checkpoint_dir(run: rio.Location) -> rio.Location | None:
-    """The highest `epoch_NNNN` checkpoint folder one level below the run dir."""
-    found: list[tuple[str, rio.Location]] = []
-    selector = rio.pafs.FileSelector(run.path, recursive=False, allow_not_found=True)
-    for sub in run.fs.get_file_info(selector):
-        if sub.type != rio.pafs.FileType.Directory:
-            continue
-        inner = run.fs.get_file_info(rio.pafs.FileSelector(sub.path, allow_not_found=True))
-        for ck in inner:
-            if ck.type == rio.pafs.FileType.Directory and ck.base_name.startswith(
-                CHECKPOINT_PREFIX
-            ):
-                ck_loc = run.join(sub.base_name, ck.base_name)
-                if rio.exists(ck_loc.join(CHECKPOINT_FILE)):
-                    found.append((ck.base_name, ck_loc))
-    return max(found, key=lambda t: t[0])[1] if found else None
+    """The highest `epoch_NNNN` folder holding a checkpoint directly inside the run dir."""
+    selector = rio.pafs.FileSelector(run.path, allow_not_found=True)
+    names = sorted(
+        i.base_name
+        for i in run.fs.get_file_info(selector)
+        if i.type == rio.pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+    )
+    for name in reversed(names):
+        if rio.exists(run.join(name, CHECKPOINT_FILE)):
+            return run.join(name)
+    return None
 
 
 def model_from_record(record: dict[str, Any], *, where: str) -> tuple[nn.Module, ClassMap]:
@@ -341,6 +337,18 @@ def load_model(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, A
     if "epoch" in record:
         info["epoch"] = record["epoch"]
     return model.to(device).eval(), info
+
+
+def normalize(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) or (H, W, 3) uint8 RGB -> (B, 3, H, W) or (3, H, W) float32, ImageNet-normalised.
+
+    Runs on the tensor's device, so uint8 batches can travel to the GPU before conversion.
+    """
+    x = torch.as_tensor(images)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    x = x.movedim(-1, -3).float().div_(255.0)
+    return (x - mean) / std
 
 
 def forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,15 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **kwarg
 class Progress:
     """A tqdm bar on a terminal; a periodic `label: done/total (rate/s, ETA)` line otherwise."""
 
-    def __init__(self, total: int, label: str, *, unit: str = "images", interval: float = 10.0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        *,
+        unit: str = "images",
+        interval: float = 10.0,
+        stream: TextIO | None = None,
+    ) -> None:
         self.total, self.label, self.unit, self.interval = total, label, unit, interval
         self.stream = stream or sys.stderr
         self.done = 0
@@ -36,8 +43,13 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=label, unit=unit[:-1] if unit.endswith("s") else unit,
-                             file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit=unit[:-1] if unit.endswith("s") else unit,
+                file=self.stream,
+                dynamic_ncols=True,
+            )
 
     def update(self, n: int) -> None:
         self.done += n
@@ -54,8 +66,7 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-        return (f"{self.label}: {self.done}/{self.total} {self.unit} "
-                f"({rate:.1f}/s, ETA {eta_text})")
+        return f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta_text})"
 
     def close(self) -> None:
         if self._bar is not None:

@@ -28,8 +28,16 @@ from rayseg.render import Shape, ValueScheme, render_mask, value_scheme
 from rayseg.runtime import Progress, connect_ray
 
 # Settings that change what is written; a resumed run must match them all.
-_OUTPUT_KEYS = ("rasterizer", "overlap", "values", "crowd", "naming", "palette", "images_dir",
-                "shard_size")
+_OUTPUT_KEYS = (
+    "rasterizer",
+    "overlap",
+    "values",
+    "crowd",
+    "naming",
+    "palette",
+    "images_dir",
+    "shard_size",
+)
 
 
 @dataclass(frozen=True)
@@ -88,11 +96,18 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[dict
         except Exception as e:  # noqa: BLE001 - one malformed record must not stop the image
             problems.append({"image_id": rec.id, "reason": f"malformed annotation ({e})"})
             continue
-        shapes.append(Shape(ann.id, job.scheme.values[ann.category_id], ann.segmentation,
-                            bool(ann.iscrowd)))
+        shapes.append(
+            Shape(ann.id, job.scheme.values[ann.category_id], ann.segmentation, bool(ann.iscrowd))
+        )
     mask, render_problems = render_mask(
-        rec.height, rec.width, shapes, rasterizer=job.rasterizer, overlap=job.overlap,
-        crowd=job.crowd, ignore_value=job.scheme.ignore_value, dtype=job.scheme.dtype,
+        rec.height,
+        rec.width,
+        shapes,
+        rasterizer=job.rasterizer,
+        overlap=job.overlap,
+        crowd=job.crowd,
+        ignore_value=job.scheme.ignore_value,
+        dtype=job.scheme.dtype,
     )
     for p in render_problems:
         entry: dict[str, Any] = {"image_id": rec.id}
@@ -126,8 +141,10 @@ def read_image(rec: ImageRecord, images_dir: str) -> tuple[bytes | None, str | N
     if img is None:
         return None, f"image file {loc.uri} does not decode"
     if img.shape[:2] != (rec.height, rec.width):
-        return None, (f"image file {loc.uri} is {img.shape[1]}x{img.shape[0]}, "
-                      f"annotations say {rec.width}x{rec.height}")
+        return None, (
+            f"image file {loc.uri} is {img.shape[1]}x{img.shape[0]}, "
+            f"annotations say {rec.width}x{rec.height}"
+        )
     return data, None
 
 
@@ -155,19 +172,31 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         name = mask_file_name(rec.file_name, categories, job.naming)
         png = io.encode_png(mask, palette=palette)
         io.write_bytes(out.join("masks", name), png)
-        rows.append({
-            "image_id": rec.id, "file_name": rec.file_name, "height": rec.height,
-            "width": rec.width, "categories": categories,
-            "class_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
-            "mask_path": f"masks/{name}", "mask": png, "image": image_bytes,
-        })
+        rows.append(
+            {
+                "image_id": rec.id,
+                "file_name": rec.file_name,
+                "height": rec.height,
+                "width": rec.width,
+                "categories": categories,
+                "class_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
+                "mask_path": f"masks/{name}",
+                "mask": png,
+                "image": image_bytes,
+            }
+        )
     meta = scheme_meta(job.scheme, job.category_names)
     io.write_parquet(out.join("parquet", part_name(job.shard)), io.mask_table(rows, meta))
     record = {
-        "shard": job.shard, "images": len(job.images), "written": [r["image_id"] for r in rows],
-        "failed": failed, "problems": problems,
+        "shard": job.shard,
+        "images": len(job.images),
+        "written": [r["image_id"] for r in rows],
+        "failed": failed,
+        "problems": problems,
         "class_pixels": {str(v): n for v, n in sorted(pixels.items())},
-        "node": socket.gethostname(), "node_id": _node_id(), "pid": os.getpid(),
+        "node": socket.gethostname(),
+        "node_id": _node_id(),
+        "pid": os.getpid(),
         "seconds": round(time.monotonic() - start, 3),
     }
     io.write_json(out.join("_shards", shard_record_name(job.shard)), record)
@@ -199,16 +228,30 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
         raise RaysegError(f"--shard-size must be positive, got {cfg.shard_size}")
     groups = annotations_by_image(index)
     records = [
-        ImageRecord(im.id, im.file_name, im.height, im.width,
-                    tuple(bytes(index.ann_raw[i]) for i in groups.get(im.id, ())))
+        ImageRecord(
+            im.id,
+            im.file_name,
+            im.height,
+            im.width,
+            tuple(bytes(index.ann_raw[i]) for i in groups.get(im.id, ())),
+        )
         for im in index.images
     ]
     names = {c.id: c.name for c in index.categories}
     return [
-        ShardJob(shard=k, out=cfg.out, images=tuple(records[s : s + cfg.shard_size]),
-                 scheme=scheme, category_names=names, rasterizer=cfg.rasterizer,
-                 overlap=cfg.overlap, crowd=cfg.crowd, naming=cfg.naming, palette=cfg.palette,
-                 images_dir=cfg.images_dir)
+        ShardJob(
+            shard=k,
+            out=cfg.out,
+            images=tuple(records[s : s + cfg.shard_size]),
+            scheme=scheme,
+            category_names=names,
+            rasterizer=cfg.rasterizer,
+            overlap=cfg.overlap,
+            crowd=cfg.crowd,
+            naming=cfg.naming,
+            palette=cfg.palette,
+            images_dir=cfg.images_dir,
+        )
         for k, s in enumerate(range(0, len(records), cfg.shard_size))
     ]
 
@@ -280,8 +323,9 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     return manifest
 
 
-def run_jobs(jobs: list[ShardJob], cfg: MasksConfig, *, total_images: int
-             ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+def run_jobs(
+    jobs: list[ShardJob], cfg: MasksConfig, *, total_images: int
+) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """Render shards as Ray tasks; a worker that dies is retried by Ray (max_retries)."""
     if not jobs:
         return [], []
@@ -321,9 +365,15 @@ def _short(e: Exception) -> str:
     return text[-1] if text else type(e).__name__
 
 
-def build_manifest(cfg: MasksConfig, index: CocoIndex, scheme: ValueScheme,
-                   jobs: list[ShardJob], records: dict[int, dict], *, new_shards: set[int]
-                   ) -> dict[str, Any]:
+def build_manifest(
+    cfg: MasksConfig,
+    index: CocoIndex,
+    scheme: ValueScheme,
+    jobs: list[ShardJob],
+    records: dict[int, dict],
+    *,
+    new_shards: set[int],
+) -> dict[str, Any]:
     pixels: Counter[int] = Counter()
     problems = list(index.problems)
     written = resumed = failed = 0
@@ -338,8 +388,10 @@ def build_manifest(cfg: MasksConfig, index: CocoIndex, scheme: ValueScheme,
         failed += len(r["failed"])
     names = {c.id: c.name for c in index.categories}
     meta = scheme_meta(scheme, names)
-    class_pixels = {"background": pixels.get(scheme.background_value, 0),
-                    "ignore": pixels.get(scheme.ignore_value, 0)}
+    class_pixels = {
+        "background": pixels.get(scheme.background_value, 0),
+        "ignore": pixels.get(scheme.ignore_value, 0),
+    }
     for c in meta["classes"]:
         class_pixels[c["name"]] = pixels.get(c["value"], 0)
     rendered_images = {i for r in records.values() for i in r["written"]}
@@ -365,7 +417,9 @@ def build_manifest(cfg: MasksConfig, index: CocoIndex, scheme: ValueScheme,
 
 def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
     c = manifest["counts"]
-    return (f"masks: {c['images_valid']} images -> {c['masks_written']} written, "
-            f"{c['resumed']} resumed, {c['failed']} failed, {c['problems']} problems "
-            f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
-            f"(masks/, parquet/, manifest.json)")
+    return (
+        f"masks: {c['images_valid']} images -> {c['masks_written']} written, "
+        f"{c['resumed']} resumed, {c['failed']} failed, {c['problems']} problems "
+        f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
+        f"(masks/, parquet/, manifest.json)"
+    )

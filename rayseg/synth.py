@@ -78,7 +78,13 @@ def make_dataset(
             "version": "1.0",
             "year": 2017,
         },
-        "licenses": [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+        "licenses": [
+            {
+                "id": 1,
+                "name": "CC0 1.0",
+                "url": "https://creativecommons.org/publicdomain/zero/1.0/",
+            }
+        ],
         "images": image_records,
         "annotations": annotations,
         "categories": [dict(c) for c in CATEGORIES],
@@ -96,7 +102,9 @@ def make_image(
     objects = []
     for category_id in category_ids:
         segmentation = SHAPES[category_id](rng, width=width, height=height, scale=scale)
-        objects.append(object_record(category_id, segmentation, iscrowd=0, height=height, width=width))
+        objects.append(
+            object_record(category_id, segmentation, iscrowd=0, height=height, width=width)
+        )
     if index % CROWD_EVERY == 0 and index % EMPTY_EVERY != 1:
         crowd = crowd_mask(rng, width=width, height=height, scale=scale)
         segmentation = encode_uncompressed_rle(crowd)
@@ -109,7 +117,7 @@ def make_image(
 
 
 def choose_categories(index: int, rng: np.random.Generator) -> list[int]:
-    """Image 0 holds every class (so tiny datasets still cover every form); some images are empty."""
+    """Image 0 holds every class, so tiny datasets cover every form; some images are empty."""
     ids = [c["id"] for c in CATEGORIES]
     if index == 0:
         return ids
@@ -144,10 +152,14 @@ def striped_square(
 ) -> list[list[float]]:
     half_diagonal = rng.uniform(11, 24) * scale
     angle = rng.uniform(0, np.pi / 2)
-    return [flat(regular_polygon(center(rng, half_diagonal, width, height), half_diagonal, 4, angle))]
+    return [
+        flat(regular_polygon(center(rng, half_diagonal, width, height), half_diagonal, 4, angle))
+    ]
 
 
-def triangle(rng: np.random.Generator, *, width: int, height: int, scale: float) -> list[list[float]]:
+def triangle(
+    rng: np.random.Generator, *, width: int, height: int, scale: float
+) -> list[list[float]]:
     radius = rng.uniform(11, 24) * scale
     angle = rng.uniform(0, 2 * np.pi)
     return [flat(regular_polygon(center(rng, radius, width, height), radius, 3, angle))]
@@ -169,14 +181,18 @@ def bars(rng: np.random.Generator, *, width: int, height: int, scale: float) -> 
     along = np.array([np.cos(angle), np.sin(angle)])
     across = np.array([-along[1], along[0]])
     span = count * thickness + (count - 1) * gap
-    middle = center(rng, max(length, span) / 2 + 1, width, height)
+    middle = center(rng, float(np.hypot(length, span)) / 2, width, height)
     parts = []
     for k in range(count):
         offset = -span / 2 + k * (thickness + gap)
         near = middle + across * offset
         far = near + across * thickness
-        corners = [near - along * length / 2, near + along * length / 2,
-                   far + along * length / 2, far - along * length / 2]
+        corners = [
+            near - along * length / 2,
+            near + along * length / 2,
+            far + along * length / 2,
+            far - along * length / 2,
+        ]
         parts.append(flat(np.array(corners)))
     return parts
 
@@ -196,7 +212,9 @@ def crowd_mask(rng: np.random.Generator, *, width: int, height: int, scale: floa
     polygons = []
     for _ in range(int(rng.integers(4, 8))):
         radius = rng.uniform(3, 6) * scale
-        polygons.append(flat(regular_polygon(middle + rng.uniform(-14, 14, 2) * scale, radius, 16, 0.0)))
+        polygons.append(
+            flat(regular_polygon(middle + rng.uniform(-14, 14, 2) * scale, radius, 16, 0.0))
+        )
     return polygon_mask(polygons, height, width)
 
 
@@ -267,7 +285,7 @@ def noisy_background(rng: np.random.Generator, *, height: int, width: int) -> np
 
 
 def texture(category_id: int, rng: np.random.Generator, *, height: int, width: int) -> np.ndarray:
-    """A full-image (height, width, 3) BGR texture of one class: fixed hue, class-specific pattern."""
+    """A (height, width, 3) BGR texture of one class: its fixed hue and its own pattern."""
     yy, xx = np.mgrid[0:height, 0:width]
     if category_id == 3:  # horizontal stripes
         value = np.where((yy // 3) % 2 == 0, 235, 120)
@@ -299,14 +317,14 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
     """Write the dataset under cfg.out; return where it went and what it holds."""
     for name in ("num_images", "width", "height"):
         if getattr(cfg, name) < 1:
-            raise RaysegError(f"synth: '{name}' is {getattr(cfg, name)}, expected a positive integer")
+            raise RaysegError(f"'{name}' is {getattr(cfg, name)}, expected a positive integer")
     coco, images = make_dataset(cfg.num_images, seed=cfg.seed, width=cfg.width, height=cfg.height)
     out = Path(cfg.out)
     images_dir = out / "images"
     try:
         images_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RaysegError(f"synth: cannot create {images_dir} ({e.strerror or e})") from None
+        raise RaysegError(f"cannot create {images_dir} ({e.strerror or e})") from None
     for record, pixels in zip(coco["images"], images, strict=True):
         write_atomic(images_dir / record["file_name"], encode_jpeg(pixels))
     annotations_path = out / "annotations.json"
@@ -317,7 +335,7 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
 def encode_jpeg(image: np.ndarray) -> bytes:
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
-        raise RaysegError(f"synth: OpenCV could not encode a {image.shape} image as JPEG")
+        raise RaysegError(f"OpenCV could not encode a {image.shape} image as JPEG")
     return data.tobytes()
 
 
@@ -329,7 +347,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RaysegError(f"synth: cannot write {path} ({e.strerror or e})") from None
+        raise RaysegError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def summarize(

@@ -1,4 +1,4 @@
-"""rayseg.synth: deterministic, covers every COCO segmentation form, masks match the drawn pixels."""
+"""rayseg.synth: deterministic, covers every COCO segmentation form, masks match drawn pixels."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def ann_mask(coco: COCO, ann: dict) -> np.ndarray:
 
 def hue_matches(bgr_pixels: np.ndarray, hue: int, *, tolerance: int = 10) -> np.ndarray:
     """(N, 3) BGR -> (N,) bool: saturated and within `tolerance` of an OpenCV hue (0..179)."""
+    if len(bgr_pixels) == 0:
+        return np.zeros(0, bool)
     hsv = cv2.cvtColor(bgr_pixels.reshape(-1, 1, 3), cv2.COLOR_BGR2HSV).reshape(-1, 3).astype(int)
     distance = np.abs(hsv[:, 0] - hue)
     distance = np.minimum(distance, 180 - distance)
@@ -88,7 +90,9 @@ def test_written_files_are_deterministic(written, tmp_path):
     assert (out / "annotations.json").read_bytes() == (again / "annotations.json").read_bytes()
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == sorted(p.name for p in (again / "images").iterdir())
-    assert all((out / "images" / n).read_bytes() == (again / "images" / n).read_bytes() for n in names)
+    assert all(
+        (out / "images" / n).read_bytes() == (again / "images" / n).read_bytes() for n in names
+    )
     assert not [p for p in out.rglob(".*") if p.is_file()], "temporary files left behind"
 
 
@@ -124,6 +128,15 @@ def test_every_feature_present(dataset):
     annotated = {a["image_id"] for a in anns}
     assert any(img["id"] not in annotated for img in coco["images"]), "no image without objects"
     assert len({a["id"] for a in anns}) == len(anns)
+
+
+def test_polygons_lie_inside_the_image(dataset):
+    coco, _ = dataset
+    for ann in coco["annotations"]:
+        if isinstance(ann["segmentation"], list):
+            for polygon in ann["segmentation"]:
+                xy = np.array(polygon).reshape(-1, 2)
+                assert xy.min() >= 0 and (xy <= [WIDTH, HEIGHT]).all(), ann["id"]
 
 
 def test_objects_overlap(dataset):

@@ -1,0 +1,303 @@
+"""Evaluation: a model export or run dir + a masks Parquet folder -> mIoU, pixel accuracy.
+
+Every image is scored at its full resolution with the same labels `rayseg predict` would write
+(rayseg.predict.predict_labels), against its mask mapped to model classes (ClassMap.to_train_ids);
+pixels with the ignore value are left out. One confusion matrix is summed over all images.
+Output under OUT: `metrics.json` (miou, pixel_accuracy, per_class_iou by class name, the
+confusion matrix, skipped rows with reasons, the resolved config) and `confusion_matrix.png`;
+a table on stdout.
+
+The pure core (score, metrics_from_confusion, score_images; the arithmetic is rayseg.metrics)
+needs no Ray; run_evaluate runs a Ray Data pass: Parquet rows -> Scorer actors, one partial
+confusion matrix per batch, summed by the driver.
+"""
+
+from __future__ import annotations
+
+import io as pyio
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayseg import io
+from rayseg import metrics as M
+from rayseg.config import EvaluateConfig, to_dict
+from rayseg.errors import RaysegError
+from rayseg.models import ClassMap
+from rayseg.predict import (
+    check_gpus,
+    check_parquet_images,
+    decode_image,
+    forwarded_env,
+    load_checkpoint,
+    predict_labels,
+    worker_uri,
+)
+from rayseg.runtime import connect_ray
+
+METRICS_NAME = "metrics.json"
+CONFUSION_IMAGE_NAME = "confusion_matrix.png"
+
+
+# ---- pure core -----------------------------------------------------------------------------------
+
+
+def score(masks: list[np.ndarray], labels: list[np.ndarray], class_map: ClassMap) -> np.ndarray:
+    """(H, W) true masks in the data's values + (H, W) predicted class indices -> (K, K) int64.
+
+    Rows are true classes, columns predicted ones. Mask values the model has no class for count
+    as background (ClassMap.to_train_ids); pixels with the ignore value are left out.
+    """
+    k = class_map.num_classes
+    cm = np.zeros((k, k), np.int64)
+    for mask, pred in zip(masks, labels, strict=True):
+        if mask.shape != pred.shape:
+            raise ValueError(f"shapes differ: mask {mask.shape}, prediction {pred.shape}")
+        target = torch.from_numpy(class_map.to_train_ids(mask))
+        cm += M.confusion_matrix(torch.from_numpy(pred), target, k).numpy()
+    return cm
+
+
+def metrics_from_confusion(cm: np.ndarray, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """-> {"miou", "pixel_accuracy", "per_class_iou": {name: IoU or None}}.
+
+    mIoU averages the classes that occur in the truth or the predictions (absent ones are None).
+    """
+    if int(cm.sum()) == 0:
+        raise RaysegError("no scored pixels: every pixel was ignored or no image could be scored")
+    summary = M.summarize(cm, names)
+    miou = summary["miou"]
+    return {
+        "miou": None if math.isnan(miou) else miou,
+        "pixel_accuracy": summary["pixel_accuracy"],
+        "per_class_iou": summary["iou"],
+    }
+
+
+def check_class_map(
+    class_map: ClassMap, meta: dict[str, Any], *, checkpoint: str, data: str
+) -> None:
+    """The model's class mapping must mean the same classes as the data's mask values."""
+    trained, found = class_map.value_scheme, meta.get("values")
+    if found != trained:
+        raise RaysegError(
+            f"{checkpoint}: the model was trained on masks with values={trained}, but {data} has "
+            f"values={found}; score it on masks rendered with `rayseg masks --values {trained}`"
+        )
+    if int(meta.get("ignore_value", -1)) != class_map.ignore_value:
+        raise RaysegError(
+            f"{checkpoint}: the model's ignore value is {class_map.ignore_value}, but {data} "
+            f"uses {meta.get('ignore_value')}"
+        )
+    by_value = {int(c["value"]): c for c in meta.get("classes", [])}
+    for value, cat, name in zip(
+        class_map.mask_values, class_map.category_ids, class_map.names[1:], strict=True
+    ):
+        c = by_value.get(value)
+        if c is None or int(c["category_id"]) != cat:
+            there = f"category {c['category_id']} ({c['name']!r})" if c else "no class"
+            raise RaysegError(
+                f"{checkpoint}: model class {name!r} (category {cat}) is mask value {value}, but "
+                f"in {data} value {value} is {there}: the model was trained on another "
+                "class mapping"
+            )
+
+
+def score_images(
+    model, rows: list[dict[str, Any]], class_map: ClassMap, *, device: str = "cpu"
+) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    """Masks Parquet rows {"image_id", "image", "mask"} -> (confusion, images scored, problems)."""
+    problems: list[dict[str, Any]] = []
+    images, masks = [], []
+    for row in rows:
+        image, mask, reason = decode_pair(row.get("image"), row.get("mask"))
+        if reason:
+            problems.append({"image_id": int(row["image_id"]), "reason": reason})
+            continue
+        images.append(image)
+        masks.append(mask)
+    labels = predict_labels(model, images, device=device)
+    return score(masks, labels, class_map), len(images), problems
+
+
+def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None):
+    """-> (RGB image, (H, W) mask, "") or (None, None, reason)."""
+    if not image_bytes:
+        return None, None, "row has no image bytes (masks ran without --images-dir)"
+    image = decode_image(image_bytes)
+    if image is None:
+        return None, None, "image does not decode"
+    try:
+        mask = io.decode_png(mask_bytes) if mask_bytes else None
+    except (ValueError, OSError):
+        mask = None
+    if mask is None or mask.ndim != 2:
+        return None, None, "mask does not decode to a single-channel label PNG"
+    if mask.shape != image.shape[:2]:
+        h, w = image.shape[:2]
+        return None, None, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}"
+    return image, mask, ""
+
+
+# ---- Ray Data stage ------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Ray Data actor: loads the model once; a batch of rows -> one row, its confusion matrix."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool):
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model, info = load_checkpoint(checkpoint, device=self.device)
+        self.class_map: ClassMap = info["class_map"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            {"image_id": i, "image": img, "mask": m}
+            for i, img, m in zip(batch["image_id"], batch["image"], batch["mask"], strict=True)
+        ]
+        cm, scored, problems = score_images(self.model, rows, self.class_map, device=self.device)
+        return {
+            "confusion": cm.reshape(1, -1),  # (1, K*K)
+            "scored": np.array([scored]),
+            "problems": np.array([json.dumps(problems)]),
+        }
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+
+def format_table(metrics: dict[str, Any], counts: dict[str, int]) -> str:
+    width = max(12, *(len(n) for n in metrics["per_class_iou"]))
+    lines = [f"{'class':<{width}}  {'IoU':>6}"]
+    for name, iou in metrics["per_class_iou"].items():
+        lines.append(f"{name:<{width}}  {'-' if iou is None else f'{iou:.4f}':>6}")
+    miou = metrics["miou"]
+    lines.append(f"{'mIoU':<{width}}  {'-' if miou is None else f'{miou:.4f}':>6}")
+    lines.append(f"{'pixel acc.':<{width}}  {metrics['pixel_accuracy']:.4f}")
+    lines.append(
+        f"{counts['scored']} of {counts['rows']} images scored, {counts['pixels']} pixels"
+        + (f", {counts['skipped']} skipped (listed in {METRICS_NAME})" if counts["skipped"] else "")
+    )
+    return "\n".join(lines)
+
+
+def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: str = "") -> bytes:
+    """A row-normalised confusion matrix (each true class's share of predictions) as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = len(names)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
+    side = min(max(5.0, 0.22 * k + 2.5), 30.0)
+    fig = Figure(figsize=(side, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = np.arange(k)
+    size = 8 if k <= 30 else 5
+    ax.set_xticks(ticks, labels=names, rotation=90, fontsize=size)
+    ax.set_yticks(ticks, labels=names, fontsize=size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title)
+    if k <= 20:
+        for t in range(k):
+            for p in range(k):
+                if cm[t, p]:
+                    colour = "white" if share[t, p] > 0.5 else "black"
+                    ax.text(
+                        p,
+                        t,
+                        f"{share[t, p]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color=colour,
+                    )
+    fig.tight_layout()
+    buf = pyio.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_title(metrics: dict[str, Any], model: str) -> str:
+    miou = "-" if metrics["miou"] is None else f"{metrics['miou']:.3f}"
+    return f"{model}: mIoU {miou}, pixel accuracy {metrics['pixel_accuracy']:.3f}"
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    import ray
+
+    start = time.monotonic()
+    _, info = load_checkpoint(cfg.checkpoint)
+    class_map: ClassMap = info["class_map"]
+    parquet = io.parquet_location(cfg.data)
+    meta = io.read_mask_meta(cfg.data)
+    check_class_map(class_map, meta, checkpoint=cfg.checkpoint, data=cfg.data)
+    parts = io.parquet_files(parquet)
+    check_parquet_images(parts, cfg.data)
+    out = io.locate(cfg.out)
+    io.check_writable(out)
+
+    connect_ray(cfg.address, cfg.num_cpus)
+    check_gpus(cfg.use_gpu)
+    remote_args = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
+    ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
+    ds = ds.select_columns(["image_id", "image", "mask"])
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
+        batch_size=cfg.batch_size,
+        concurrency=cfg.num_actors,
+        num_gpus=1 if cfg.use_gpu else 0,
+        **remote_args,
+    )
+    k = class_map.num_classes
+    cm = np.zeros((k, k), np.int64)
+    scored, problems = 0, []
+    for row in ds.iter_rows():
+        cm += np.asarray(row["confusion"], np.int64).reshape(k, k)
+        scored += int(row["scored"])
+        problems += json.loads(row["problems"])
+    problems.sort(key=lambda p: p["image_id"])
+    counts = {
+        "rows": scored + len(problems),
+        "scored": scored,
+        "skipped": len(problems),
+        "pixels": int(cm.sum()),
+    }
+    if scored == 0:
+        first = problems[0] if problems else {"image_id": "-", "reason": "no rows"}
+        raise RaysegError(
+            f"{cfg.data}: no image could be scored "
+            f"(first: image {first['image_id']}: {first['reason']})"
+        )
+
+    metrics = metrics_from_confusion(cm, class_map.names)
+    report = {
+        **metrics,
+        "counts": counts,
+        "class_names": list(class_map.names),
+        "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted class
+        "skipped": problems,
+        "checkpoint": info["source"],
+        "model": info["model"],
+        "data": parquet.uri,
+        "seconds": round(time.monotonic() - start, 2),
+        "config": to_dict(cfg),
+    }
+    io.write_json(out.join(METRICS_NAME), report)
+    io.write_bytes(
+        out.join(CONFUSION_IMAGE_NAME),
+        confusion_png(cm, class_map.names, title=plot_title(metrics, info["model"])),
+    )
+    print(format_table(metrics, counts))
+    print(f"evaluate: wrote {out.join(METRICS_NAME).uri} and {out.join(CONFUSION_IMAGE_NAME).uri}")
+    return report

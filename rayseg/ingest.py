@@ -1,0 +1,300 @@
+"""Ingest: masks Parquet (docs/CONTRACTS.md) -> Ray Data datasets of decoded, augmented batches.
+
+scan_data(data) reads only the small columns (image ids, sizes) on the driver, to split, size and
+check the data before any worker starts. The per-image work is pure numpy/cv2 (decode_pair,
+augment, pad_to); train_batch / val_batch apply it to a Ray Data batch; train_dataset /
+val_dataset wire `read_parquet -> filter by image id -> map_batches`.
+
+Batches carry uint8 pixels: image (B, S, S, 3) RGB, mask (B, S, S) train ids (255 = ignore),
+image_id (B,), problem (B,) (0 = fine, else a PROBLEMS code). The model's float input is made on
+the training device by rayseg.models.normalize (ImageNet mean/std): 4x less data to move.
+A row whose image or mask does not decode keeps its place as an all-ignore sample, so it adds
+nothing to loss or metrics, and is counted by the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from rayseg import io as rio
+from rayseg.errors import RaysegError
+from rayseg.models import TRAIN_IGNORE, ClassMap, normalize
+
+__all__ = ["normalize"]  # re-exported: the model input convention lives in rayseg.models
+
+# torchvision's segmentation recipe: random resize 0.5-2.0x, flip, random crop padded with ignore.
+SCALE_RANGE = (0.5, 2.0)
+FLIP_PROBABILITY = 0.5
+
+# Codes in a batch's "problem" column.
+PROBLEMS = {
+    1: "no image bytes in the row",
+    2: "image does not decode",
+    3: "mask does not decode",
+    4: "mask size differs from image size",
+}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the driver knows about a masks Parquet folder without decoding pixels."""
+
+    location: rio.Location
+    paths: tuple[str, ...]
+    meta: dict[str, Any]
+    image_ids: np.ndarray  # (N,) int64
+    heights: np.ndarray  # (N,) int32
+    widths: np.ndarray  # (N,) int32
+    rows_without_image: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.image_ids)
+
+
+def scan_data(data: str) -> DataSummary:
+    """A masks output dir or its parquet/ folder -> DataSummary; RaysegError if unusable."""
+    loc = rio.parquet_location(data)
+    parts = rio.parquet_files(loc)
+    meta = rio.read_mask_meta(data)
+    tables = [
+        pq.read_table(p.path, columns=["image_id", "height", "width"], filesystem=p.fs)
+        for p in parts
+    ]
+    ids = np.concatenate([t["image_id"].to_numpy() for t in tables]).astype(np.int64)
+    heights = np.concatenate([t["height"].to_numpy() for t in tables]).astype(np.int32)
+    widths = np.concatenate([t["width"].to_numpy() for t in tables]).astype(np.int32)
+    if len(ids) == 0:
+        raise RaysegError(f"{loc.uri}: the dataset is empty (0 rows in {len(parts)} Parquet parts)")
+    dupes = np.unique(ids)[np.unique(ids, return_counts=True)[1] > 1]
+    if len(dupes):
+        raise RaysegError(f"{loc.uri}: image id {int(dupes[0])} appears in more than one row")
+    missing = sum(_null_images(p) for p in parts)
+    if missing == len(ids):
+        raise RaysegError(
+            f"{loc.uri}: rows carry no images; rerun `rayseg masks` with --images-dir"
+        )
+    return DataSummary(loc, tuple(p.path for p in parts), meta, ids, heights, widths, missing)
+
+
+def _null_images(part: rio.Location) -> int:
+    """Rows of one part whose `image` is null, from the Parquet statistics when present."""
+    md = pq.ParquetFile(part.path, filesystem=part.fs).metadata
+    # Parquet column indices count leaves of nested columns, so find "image" by its path.
+    col = [md.schema.column(i).path for i in range(md.num_columns)].index("image")
+    counts = []
+    for g in range(md.num_row_groups):
+        stats = md.row_group(g).column(col).statistics
+        if stats is None or not stats.has_null_count:
+            table = pq.read_table(part.path, columns=["image"], filesystem=part.fs)
+            return table["image"].null_count
+        counts.append(stats.null_count)
+    return int(sum(counts))
+
+
+def split_ids(ids: np.ndarray, val_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train ids, val ids): the ceil(N * fraction) ids with the smallest hash.
+
+    Depends only on the set of ids and the seed, not on row order or the number of Parquet parts.
+    """
+    ids = np.unique(np.asarray(ids, np.int64))
+    if not 0.0 <= val_fraction < 1.0:
+        raise RaysegError(f"val_fraction is {val_fraction}, expected 0 <= val_fraction < 1")
+    n_val = int(np.ceil(len(ids) * val_fraction))
+    if val_fraction > 0 and n_val >= len(ids):
+        raise RaysegError(
+            f"val_fraction {val_fraction} leaves no training images out of {len(ids)}; "
+            "add images, lower --val-fraction or pass --val-data"
+        )
+    order = np.argsort([_id_hash(int(i), seed) for i in ids], kind="stable")
+    val = np.sort(ids[order[:n_val]])
+    train = np.setdiff1d(ids, val)
+    return train, val
+
+
+def _id_hash(image_id: int, seed: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def shard_ids(ids: np.ndarray, num_shards: int) -> list[np.ndarray]:
+    """Round-robin: shard k gets ids[k::num_shards] (every id in exactly one shard)."""
+    return [np.asarray(ids[k::num_shards], np.int64) for k in range(num_shards)]
+
+
+def check_crop(summary: DataSummary, ids: np.ndarray, crop_size: int) -> None:
+    """A crop larger than every image (both sides) would train on padding: refuse it."""
+    keep = np.isin(summary.image_ids, ids)
+    largest = int(np.maximum(summary.heights[keep], summary.widths[keep]).max())
+    if crop_size > largest:
+        raise RaysegError(
+            f"crop_size {crop_size} is larger than every image (largest side {largest} px in "
+            f"{summary.location.uri}); choose --crop-size <= {largest}"
+        )
+
+
+def val_canvas(summary: DataSummary, ids: np.ndarray) -> tuple[int, int]:
+    """(H, W) that holds every validation image unscaled: they are padded to it, not resized."""
+    keep = np.isin(summary.image_ids, ids)
+    return int(summary.heights[keep].max()), int(summary.widths[keep].max())
+
+
+# ---- per image (pure) ---------------------------------------------------------------------
+
+
+def decode_pair(
+    image_bytes: bytes | None, mask_bytes: bytes, lut: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) uint8 train ids.
+
+    Raises ValueError whose first argument is a PROBLEMS code.
+    """
+    if image_bytes is None:
+        raise ValueError(1)
+    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(2)
+    try:
+        mask = rio.decode_png(mask_bytes)
+    except (ValueError, cv2.error, OSError):
+        raise ValueError(3) from None
+    if mask.ndim != 2:
+        raise ValueError(3)
+    if mask.shape != bgr.shape[:2]:
+        raise ValueError(4)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), lut[mask]
+
+
+def augment(
+    image: np.ndarray, mask: np.ndarray, *, crop_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random resize (SCALE_RANGE), pad to the crop (image 0, mask ignore), random crop, flip."""
+    s = rng.uniform(*SCALE_RANGE)
+    h, w = mask.shape
+    size = (max(1, round(w * s)), max(1, round(h * s)))  # cv2 wants (width, height)
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    image, mask = pad_to(image, mask, max(crop_size, size[1]), max(crop_size, size[0]))
+    y = int(rng.integers(0, mask.shape[0] - crop_size + 1))
+    x = int(rng.integers(0, mask.shape[1] - crop_size + 1))
+    image = image[y : y + crop_size, x : x + crop_size]
+    mask = mask[y : y + crop_size, x : x + crop_size]
+    if rng.random() < FLIP_PROBABILITY:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def pad_to(
+    image: np.ndarray, mask: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad bottom/right to (height, width): image with 0, mask with the ignore value."""
+    h, w = mask.shape
+    if (h, w) == (height, width):
+        return image, mask
+    out_image = np.zeros((height, width, 3), np.uint8)
+    out_mask = np.full((height, width), TRAIN_IGNORE, np.uint8)
+    out_image[:h, :w] = image
+    out_mask[:h, :w] = mask
+    return out_image, out_mask
+
+
+# ---- per Ray Data batch -------------------------------------------------------------------
+
+
+def train_batch(
+    batch: dict[str, np.ndarray], *, class_map: ClassMap, crop_size: int
+) -> dict[str, np.ndarray]:
+    """Rows (image_id, image, mask bytes) -> augmented (B, S, S, 3) images and (B, S, S) masks."""
+    rng = np.random.default_rng()
+
+    def one(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return augment(image, mask, crop_size=crop_size, rng=rng)
+
+    return _map_rows(batch, class_map, crop_size, crop_size, one)
+
+
+def val_batch(
+    batch: dict[str, np.ndarray], *, class_map: ClassMap, height: int, width: int
+) -> dict[str, np.ndarray]:
+    """Rows -> unscaled images padded to the (height, width) canvas, masks padded with ignore."""
+
+    def one(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return pad_to(image, mask, height, width)
+
+    return _map_rows(batch, class_map, height, width, one)
+
+
+def _map_rows(batch, class_map: ClassMap, height: int, width: int, transform):
+    cv2.setNumThreads(1)  # Ray Data runs one task per CPU already
+    lut = class_map.train_lut()
+    n = len(batch["image_id"])
+    images = np.zeros((n, height, width, 3), np.uint8)
+    masks = np.full((n, height, width), TRAIN_IGNORE, np.uint8)
+    problem = np.zeros(n, np.uint8)
+    for i in range(n):
+        try:
+            image, mask = decode_pair(batch["image"][i], batch["mask"][i], lut)
+        except ValueError as e:
+            problem[i] = e.args[0]
+            continue
+        images[i], masks[i] = transform(image, mask)
+    return {
+        "image": images,
+        "mask": masks,
+        "image_id": np.asarray(batch["image_id"], np.int64),
+        "problem": problem,
+    }
+
+
+# ---- Ray Data -----------------------------------------------------------------------------
+
+
+def read_rows(summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False):
+    """ray.data.Dataset of the rows whose image_id is in `ids` (columns image_id, image, mask).
+
+    shuffle: Parquet parts in a new random order each epoch; unlike a block shuffle it keeps
+    reading streamed (the training loop mixes rows further in a local shuffle buffer).
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(
+        list(summary.paths), filesystem=summary.location.fs, shuffle="files" if shuffle else None
+    )
+    ds = ds.select_columns(["image_id", "image", "mask"])
+    return ds.filter(expr=col("image_id").is_in([int(i) for i in ids]))
+
+
+def train_dataset(
+    summary: DataSummary, ids: np.ndarray, *, class_map: ClassMap, crop_size: int, batch_size: int
+):
+    """Shuffled-order, augmented training rows (decode + augment in map_batches tasks)."""
+    return read_rows(summary, ids, shuffle=True).map_batches(
+        train_batch,
+        fn_kwargs={"class_map": class_map, "crop_size": crop_size},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
+
+
+def val_dataset(
+    summary: DataSummary,
+    ids: np.ndarray,
+    *,
+    class_map: ClassMap,
+    canvas: tuple[int, int],
+    batch_size: int,
+):
+    """Validation rows at full resolution, padded to `canvas`."""
+    return read_rows(summary, ids).map_batches(
+        val_batch,
+        fn_kwargs={"class_map": class_map, "height": canvas[0], "width": canvas[1]},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )

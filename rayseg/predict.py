@@ -1,0 +1,371 @@
+"""Inference: a model export or run dir + images -> label PNGs and colour overlays.
+
+Input: `--images`, a folder of .jpg/.jpeg/.png files or a masks Parquet folder (rows with `image`
+bytes); `--checkpoint`, anything rayseg.models.load_model reads. Output under OUT (local or s3://):
+`masks/<image stem>.png` (same height and width as the image, values in the scheme of the masks the
+model was trained on), `overlays/<image stem>.jpg`, and `predict_summary.json` (counts, every
+skipped input with its reason, the resolved config).
+
+The pure core (decode_image, predict_labels, overlay, render_outputs) runs without Ray and is shared
+with rayseg.evaluate, so evaluate scores exactly the labels predict writes. run_predict wraps it
+in a Ray Data pipeline: read bytes (tasks) -> Predictor (actor pool, one GPU each with --use-gpu)
+-> write files (tasks).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from rayseg import io
+from rayseg.config import PredictConfig, to_dict
+from rayseg.errors import RaysegError
+from rayseg.models import IMAGENET_MEAN, IMAGENET_STD, ClassMap, forward_logits, load_model
+from rayseg.runtime import connect_ray
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+OVERLAY_ALPHA = 0.5
+SUMMARY_NAME = "predict_summary.json"
+
+
+# ---- pure core -----------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes | None) -> np.ndarray | None:
+    """Encoded JPEG/PNG bytes -> (H, W, 3) uint8 RGB, or None when they do not decode."""
+    if not data:
+        return None
+    # COCO coordinates refer to the stored pixel grid, so EXIF rotation is not applied
+    # (it would swap height and width against the masks of rotated photos).
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def to_tensor(images: list[np.ndarray], device: str | torch.device) -> torch.Tensor:
+    """Equal-sized (H, W, 3) uint8 RGB images -> (B, 3, H, W) float32, ImageNet-normalised."""
+    x = torch.from_numpy(np.stack(images)).to(device)  # (B, H, W, 3) uint8
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module, images: list[np.ndarray], *, device: str | torch.device = "cpu"
+) -> list[np.ndarray]:
+    """RGB images of any sizes -> one (H, W) uint8 class-index map each, at full resolution.
+
+    No crop or resize: the torchvision heads upsample their logits to the input size. Images
+    of equal size share a forward pass and no image is padded for another, so an image's labels
+    do not depend on the batch it came in (evaluate and predict agree).
+    """
+    labels: list[np.ndarray | None] = [None] * len(images)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(image.shape[:2], []).append(i)
+    for indices in by_size.values():
+        x = to_tensor([images[i] for i in indices], device)
+        logits = forward_logits(model, x)  # (B, K, H, W)
+        pred = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # (B, H, W)
+        for j, i in enumerate(indices):
+            labels[i] = pred[j]
+    return labels
+
+
+def overlay_palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 RGB colours for class indices; background black (left unblended)."""
+    return io.label_palette(256)[:num_classes]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB image + (H, W) class indices -> RGB with non-background pixels tinted."""
+    colours = palette[labels]  # (H, W, 3)
+    blended = image * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA
+    out = np.where((labels > 0)[..., None], blended, image)
+    return out.round().astype(np.uint8)
+
+
+def render_outputs(
+    image: np.ndarray, labels: np.ndarray, class_map: ClassMap, palette: np.ndarray
+) -> tuple[bytes, bytes]:
+    """-> (label PNG in the masks' value scheme, JPEG overlay)."""
+    mask_png = io.encode_png(class_map.to_mask_values(labels))
+    bgr = cv2.cvtColor(overlay(image, labels, palette), cv2.COLOR_RGB2BGR)
+    ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return mask_png, jpg.tobytes()
+
+
+def load_checkpoint(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """load_model, with anything unexpected (a foreign pickle, a truncated file) one clear line."""
+    try:
+        return load_model(uri, device=device)
+    except (RaysegError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user-fixable input
+        # torch.load's own messages (e.g. advice to set weights_only=False) mislead users.
+        raise RaysegError(
+            f"{uri}: not a rayseg model export or checkpoint ({type(e).__name__} reading it)"
+        ) from None
+
+
+def image_stem(file_name: str) -> str:
+    return PurePosixPath(file_name).stem
+
+
+# ---- Ray Data stages -----------------------------------------------------------------------------
+
+
+def read_image_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"name", "uri"} -> {"name", "image" (bytes), "reason" ("" when read)}."""
+    images, reasons = [], []
+    for uri in batch["uri"]:
+        try:
+            images.append(io.read_bytes(io.locate(str(uri))))
+            reasons.append("")
+        except OSError as e:
+            images.append(b"")
+            reasons.append(f"cannot read ({e})")
+    return {"name": batch["name"], "image": _objects(images), "reason": np.array(reasons)}
+
+
+def parquet_rows_to_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Masks Parquet rows {"file_name", "image"} -> {"name", "image", "reason"}."""
+    names = [image_stem(str(f)) for f in batch["file_name"]]
+    images = [b if b is not None else b"" for b in batch["image"]]
+    reasons = [
+        "" if b else "row has no image bytes (masks ran without --images-dir)" for b in images
+    ]
+    return {"name": np.array(names), "image": _objects(images), "reason": np.array(reasons)}
+
+
+class Predictor:
+    """Ray Data actor: loads the model once; encoded images -> encoded label PNGs + overlays."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool):
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model, info = load_checkpoint(checkpoint, device=self.device)
+        self.class_map: ClassMap = info["class_map"]
+        self.palette = overlay_palette(self.class_map.num_classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        reasons = [str(r) for r in batch["reason"]]
+        images = [
+            decode_image(b) if not r else None for b, r in zip(batch["image"], reasons, strict=True)
+        ]
+        for i, image in enumerate(images):
+            if image is None and not reasons[i]:
+                reasons[i] = "image does not decode"
+        ok = [i for i, image in enumerate(images) if image is not None]
+        labels = predict_labels(self.model, [images[i] for i in ok], device=self.device)
+        masks, overlays = [b""] * len(images), [b""] * len(images)
+        heights, widths = np.zeros(len(images), np.int32), np.zeros(len(images), np.int32)
+        for i, lab in zip(ok, labels, strict=True):
+            masks[i], overlays[i] = render_outputs(images[i], lab, self.class_map, self.palette)
+            heights[i], widths[i] = lab.shape
+        return {
+            "name": batch["name"],
+            "mask_png": _objects(masks),
+            "overlay_jpg": _objects(overlays),
+            "height": heights,
+            "width": widths,
+            "reason": np.array(reasons),
+        }
+
+
+def write_outputs(batch: dict[str, np.ndarray], *, out: str) -> dict[str, np.ndarray]:
+    """Write each predicted image's two files; -> the small per-image status rows."""
+    root = io.locate(out)
+    for name, mask_png, overlay_jpg, reason in zip(
+        batch["name"], batch["mask_png"], batch["overlay_jpg"], batch["reason"], strict=True
+    ):
+        if not reason:
+            io.write_bytes(root.join("masks", f"{name}.png"), mask_png)
+            io.write_bytes(root.join("overlays", f"{name}.jpg"), overlay_jpg)
+    return {k: batch[k] for k in ("name", "height", "width", "reason")}
+
+
+def _objects(items: list[bytes]) -> np.ndarray:
+    """A 1-D object array of bytes (np.array would make a fixed-width bytes array)."""
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+
+def list_image_files(images: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped."""
+    loc = io.locate(images)
+    files = [n for n in io.list_files(loc) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    rows, problems, seen = [], [], set()
+    for file_name in files:
+        stem = image_stem(file_name)
+        if stem in seen:
+            problems.append({"name": file_name, "reason": f"another image has the stem {stem!r}"})
+            continue
+        seen.add(stem)
+        rows.append({"name": stem, "uri": worker_uri(loc.join(file_name).uri)})
+    return rows, problems
+
+
+def check_parquet_images(parts: list[io.Location], data: str) -> int:
+    """Fail fast, from the footers alone, when no row carries image bytes; -> the row count."""
+    rows = with_image = 0
+    for part in parts:
+        with part.fs.open_input_file(part.path) as f:
+            meta = pq.ParquetFile(f).metadata
+        names = meta.schema.names  # leaf columns, in the order of group.column(i)
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            rows += group.num_rows
+            if "image" in names:
+                stats = group.column(names.index("image")).statistics
+                nulls = stats.null_count if stats is not None and stats.has_null_count else 0
+                with_image += group.num_rows - nulls
+    if rows == 0:
+        raise RaysegError(f"{data}: the Parquet parts hold no rows")
+    if with_image == 0:
+        raise RaysegError(
+            f"{data}: no row carries image bytes; rerun `rayseg masks` with --images-dir "
+            "to embed the images"
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What --images holds: Parquet parts, or image files ({"name", "uri"} rows)."""
+
+    parquet: io.Location | None
+    parts: tuple[io.Location, ...]
+    files: tuple[dict[str, str], ...]
+    count: int
+    problems: tuple[dict[str, str], ...]
+
+
+def find_inputs(images: str) -> Inputs:
+    """--images -> Inputs; an empty or missing source fails here, before Ray starts."""
+    try:
+        parquet = io.parquet_location(images)
+    except RaysegError:
+        parquet = None
+    if parquet is not None:
+        parts = io.parquet_files(parquet)
+        count = check_parquet_images(parts, images)
+        return Inputs(parquet, tuple(parts), (), count, ())
+    loc = io.locate(images)
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
+        raise RaysegError(f"{images}: no such image folder or Parquet folder")
+    files, problems = list_image_files(images)
+    if not files:
+        raise RaysegError(
+            f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no Parquet parts"
+        )
+    return Inputs(None, (), tuple(files), len(files) + len(problems), tuple(problems))
+
+
+def image_dataset(inputs: Inputs, *, batch_size: int):
+    """-> ray.data.Dataset of {"name", "image" (encoded bytes), "reason" ("" unless unreadable)}."""
+    import ray
+
+    if inputs.parquet is not None:
+        paths = [p.path for p in inputs.parts]
+        ds = ray.data.read_parquet(paths, filesystem=inputs.parquet.fs)
+        ds = ds.select_columns(["file_name", "image"])
+        return ds.map_batches(parquet_rows_to_images, batch_size=batch_size)
+    ds = ray.data.from_items(list(inputs.files))
+    return ds.map_batches(read_image_files, batch_size=batch_size)
+
+
+def worker_uri(uri: str) -> str:
+    """Local paths made absolute: Ray workers need not share the driver's working directory."""
+    loc = io.locate(uri)
+    return loc.path if loc.is_local else uri
+
+
+def check_gpus(use_gpu: bool) -> None:
+    import ray
+
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise RaysegError("--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)")
+
+
+def forwarded_env(*uris: str) -> dict[str, Any]:
+    """Ray remote args giving workers the driver's object-store credentials and endpoint."""
+    if not any(u.startswith("s3://") for u in uris):
+        return {}
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def run_predict(cfg: PredictConfig) -> dict[str, Any]:
+    start = time.monotonic()
+    # Read the checkpoint on the driver first: a bad one fails here with one line, not in actors.
+    _, info = load_checkpoint(cfg.checkpoint)
+    class_map: ClassMap = info["class_map"]
+    inputs = find_inputs(cfg.images)
+    out = io.locate(cfg.out)
+    io.check_writable(out)
+    io.make_dirs(out.join("masks"))
+    io.make_dirs(out.join("overlays"))
+
+    connect_ray(cfg.address, cfg.num_cpus)
+    check_gpus(cfg.use_gpu)
+    remote_args = forwarded_env(cfg.checkpoint, cfg.images, cfg.out)
+    ds = image_dataset(inputs, batch_size=cfg.batch_size)
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
+        batch_size=cfg.batch_size,
+        concurrency=cfg.num_actors,
+        num_gpus=1 if cfg.use_gpu else 0,
+        **remote_args,
+    )
+    ds = ds.map_batches(write_outputs, fn_kwargs={"out": worker_uri(cfg.out)}, **remote_args)
+    rows = ds.take_all()
+
+    num_inputs = inputs.count
+    written = [r for r in rows if not r["reason"]]
+    problems = list(inputs.problems) + [
+        {"name": r["name"], "reason": r["reason"]} for r in rows if r["reason"]
+    ]
+    problems.sort(key=lambda p: p["name"])
+    summary = {
+        "checkpoint": info["source"],
+        "model": info["model"],
+        "value_scheme": class_map.value_scheme,
+        "classes": list(class_map.names),
+        "counts": {"inputs": num_inputs, "written": len(written), "skipped": len(problems)},
+        "skipped": problems,
+        "seconds": round(time.monotonic() - start, 2),
+        "config": to_dict(cfg),
+    }
+    io.write_json(out.join(SUMMARY_NAME), summary)
+    print(
+        f"predict: {len(written)} of {num_inputs} images -> {out.join('masks').uri}/ "
+        f"and {out.join('overlays').uri}/"
+        + (f"; {len(problems)} skipped (listed in {SUMMARY_NAME})" if problems else "")
+    )
+    if not written:
+        first = problems[0] if problems else {"name": "-", "reason": "no output"}
+        raise RaysegError(
+            f"{cfg.images}: no image could be predicted (first: {first['name']}: {first['reason']})"
+        )
+    return summary

@@ -1,0 +1,277 @@
+"""rayseg.evaluate: confusion matrix and IoU by hand, then run_evaluate on one local Ray."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from rayseg import io
+from rayseg.config import EvaluateConfig
+from rayseg.errors import RaysegError
+from rayseg.evaluate import (
+    check_class_map,
+    decode_pair,
+    metrics_from_confusion,
+    run_evaluate,
+    score,
+)
+from rayseg.models import ClassMap, build_model, load_model, save_model
+
+# The data has three categories; the model knows two of them (train, value 7, is background).
+META = {
+    "values": "category_id",
+    "dtype": "uint8",
+    "ignore_value": 255,
+    "background_value": 0,
+    "classes": [
+        {"value": 1, "category_id": 1, "name": "person"},
+        {"value": 3, "category_id": 3, "name": "car"},
+        {"value": 7, "category_id": 7, "name": "train"},
+    ],
+}
+CLASS_MAP = ClassMap(
+    mask_values=(1, 3),
+    category_ids=(1, 3),
+    names=("background", "person", "car"),
+    ignore_value=255,
+    value_scheme="category_id",
+)
+
+
+# ---- pure core, counted by hand ------------------------------------------------------------------
+
+
+def test_score_by_hand():
+    # Mask values: 1 person (class 1), 3 car (class 2), 7 train (no model class: background).
+    masks = [
+        np.array([[0, 0, 1], [1, 3, 255], [3, 3, 7]], np.uint8),
+        np.array([[3, 255]], np.uint8),
+    ]
+    preds = [
+        np.array([[0, 1, 1], [1, 2, 0], [0, 2, 0]], np.uint8),
+        np.array([[2, 1]], np.uint8),
+    ]
+    # (true, pred) pairs, image 1: (0,0) x2, (0,1), (1,1) x2, (2,2) x2, (2,0); image 2: (2,2).
+    # The two 255 pixels are left out whatever was predicted there.
+    expected = np.array([[2, 1, 0], [0, 2, 0], [1, 0, 3]])
+    np.testing.assert_array_equal(score(masks, preds, CLASS_MAP), expected)
+    with pytest.raises(ValueError, match="shapes differ"):
+        score(masks[:1], [preds[0][:2]], CLASS_MAP)
+
+
+def test_metrics_by_hand():
+    cm = np.array([[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]])
+    m = metrics_from_confusion(cm, ["bg", "a", "b", "absent"])
+    # IoU = TP / (row + column - TP): bg 2/(3+3-2), a 2/(2+3-2), b 2/(3+2-2); "absent" 0/0.
+    assert m["per_class_iou"] == pytest.approx({"bg": 0.5, "a": 2 / 3, "b": 2 / 3, "absent": None})
+    assert m["miou"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert m["pixel_accuracy"] == pytest.approx(6 / 8)
+    # A class predicted but never true scores 0 and counts in the mean.
+    cm = np.array([[3, 1], [0, 0]])
+    m = metrics_from_confusion(cm, ["bg", "ghost"])
+    assert m["per_class_iou"] == {"bg": 0.75, "ghost": 0.0}
+    assert m["miou"] == pytest.approx(0.375)
+    with pytest.raises(RaysegError, match="no scored pixels"):
+        metrics_from_confusion(np.zeros((2, 2), np.int64), ["bg", "a"])
+
+
+def test_class_map_must_match_the_data():
+    check_class_map(CLASS_MAP, META, checkpoint="ck", data="d")
+    train_ids = ClassMap((1, 2), (1, 3), CLASS_MAP.names, 255, "train_id")
+    with pytest.raises(RaysegError, match="values=train_id, but d has values=category_id"):
+        check_class_map(train_ids, META, checkpoint="ck", data="d")
+    other = ClassMap((1, 3), (1, 7), ("background", "person", "train"), 255, "category_id")
+    with pytest.raises(RaysegError, match="'train' \\(category 7\\) is mask value 3.*'car'"):
+        check_class_map(other, META, checkpoint="ck", data="d")
+    wide = ClassMap((1, 3), (1, 3), CLASS_MAP.names, 65535, "category_id")
+    with pytest.raises(RaysegError, match="ignore value is 65535"):
+        check_class_map(wide, META, checkpoint="ck", data="d")
+
+
+def test_decode_pair_reasons():
+    image = encode_png_rgb(np.zeros((4, 6, 3), np.uint8))
+    mask = io.encode_png(np.zeros((4, 6), np.uint8))
+    assert decode_pair(image, mask)[2] == ""
+    assert decode_pair(None, mask)[2].startswith("row has no image bytes")
+    assert decode_pair(b"junk", mask)[2] == "image does not decode"
+    assert decode_pair(image, b"junk")[2].startswith("mask does not decode")
+    small = io.encode_png(np.zeros((4, 5), np.uint8))
+    assert decode_pair(image, small)[2] == "mask is 5x4 but the image is 6x4"
+
+
+# ---- run_evaluate on Ray -------------------------------------------------------------------------
+
+
+def encode_png_rgb(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+def tiny_model() -> torch.nn.Module:
+    """LR-ASPP with its class layers re-drawn large, so a random model predicts every class."""
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", CLASS_MAP.num_classes, aux_loss=False)
+    with torch.no_grad():
+        for conv in (model.classifier.low_classifier, model.classifier.high_classifier):
+            conv.weight.normal_(0.0, 1.0)
+            conv.bias.zero_()
+    return model.eval()
+
+
+def row(image_id: int, image: bytes | None, mask: bytes, h: int, w: int) -> dict:
+    return {
+        "image_id": image_id,
+        "file_name": f"{image_id:06d}.jpg",
+        "height": h,
+        "width": w,
+        "categories": [],
+        "class_pixels": [],
+        "mask_path": "",
+        "mask": mask,
+        "image": image,
+    }
+
+
+def tiny_masks(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) random RGB and an (H, W) mask: person, car, train, ignore and background bands."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[: h // 4] = 1
+    mask[h // 4 : h // 2, : w // 2] = 3
+    mask[h // 2 :, w // 2 :] = 7
+    mask[-3:, :4] = 255
+    return rgb, mask
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_tmpdir):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    yield
+    context.enable_progress_bars = bars
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A model export and a masks folder of two Parquet parts: 3 good rows, 3 bad ones."""
+    root = tmp_path_factory.mktemp("evaluate")
+    model_file = str(root / "model.pt")
+    save_model(
+        model_file,
+        tiny_model(),
+        name="lraspp_mobilenet_v3_large",
+        class_map=CLASS_MAP,
+        aux_loss=False,
+    )
+    good = {1: tiny_masks(40, 48, 1), 2: tiny_masks(36, 52, 2), 3: tiny_masks(44, 30, 3)}
+    rows = {
+        i: row(i, encode_png_rgb(rgb), io.encode_png(m), *m.shape) for i, (rgb, m) in good.items()
+    }
+    rgb, mask = good[1]
+    rows[4] = row(4, b"not an image", io.encode_png(mask), *mask.shape)
+    rows[5] = row(5, encode_png_rgb(rgb), b"not a png", *mask.shape)
+    rows[6] = row(6, encode_png_rgb(rgb), io.encode_png(mask[:10]), *mask.shape)
+    parquet = root / "masks" / "parquet"
+    parquet.mkdir(parents=True)
+    for part, ids in enumerate([(1, 2, 4), (3, 5, 6)]):
+        table = io.mask_table([rows[i] for i in ids], META)
+        io.write_parquet(io.locate(str(parquet / f"part-{part:05d}.parquet")), table)
+    return {"model": model_file, "data": str(root / "masks"), "good": good, "root": root}
+
+
+def hand_confusion(model_file: str, good: dict) -> np.ndarray:
+    """The expected matrix: each image alone through the model, counted one class pair at a time."""
+    model, _ = load_model(model_file)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    true_of_value = {0: 0, 1: 1, 3: 2, 7: 0}  # train (7) is not a model class: background
+    cm = np.zeros((3, 3), np.int64)
+    for rgb, mask in good.values():
+        x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
+        with torch.no_grad():
+            pred = model((x - mean) / std)["out"].argmax(1)[0].numpy()
+        for value, t in true_of_value.items():
+            for p in range(3):
+                cm[t, p] += int(((mask == value) & (pred == p)).sum())
+    return cm
+
+
+def test_evaluate_matches_a_hand_computed_confusion_matrix(ray_cluster, dataset, capsys):
+    out = dataset["root"] / "eval"
+    cfg = EvaluateConfig(
+        checkpoint=dataset["model"], data=dataset["data"], out=str(out), batch_size=2
+    )
+
+    report = run_evaluate(cfg)
+
+    expected = hand_confusion(dataset["model"], dataset["good"])
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["confusion_matrix"] == expected.tolist() == report["confusion_matrix"]
+    # Full resolution: every non-ignored pixel of every good mask is counted once.
+    assert expected.sum() == sum(int((m != 255).sum()) for _, m in dataset["good"].values())
+    assert (expected.sum(axis=0) > 0).sum() >= 2  # the model predicts more than one class
+    tp = np.diag(expected)
+    iou = tp / (expected.sum(0) + expected.sum(1) - tp)
+    assert written["per_class_iou"] == pytest.approx(dict(zip(CLASS_MAP.names, iou, strict=True)))
+    assert written["miou"] == pytest.approx(iou.mean())
+    assert written["pixel_accuracy"] == pytest.approx(tp.sum() / expected.sum())
+    assert written["counts"] == {
+        "rows": 6,
+        "scored": 3,
+        "skipped": 3,
+        "pixels": int(expected.sum()),
+    }
+    assert [(p["image_id"], p["reason"].split(" ")[0]) for p in written["skipped"]] == [
+        (4, "image"),
+        (5, "mask"),
+        (6, "mask"),
+    ]
+    assert cv2.imread(str(out / "confusion_matrix.png")) is not None
+    table = capsys.readouterr().out
+    assert "person" in table and f"{written['miou']:.4f}" in table
+
+
+def test_evaluate_rejects_a_checkpoint_of_another_class_mapping(dataset):
+    other = dataset["root"] / "other.pt"
+    class_map = ClassMap((1, 2), (1, 3), CLASS_MAP.names, 255, "train_id")
+    save_model(
+        str(other),
+        tiny_model(),
+        name="lraspp_mobilenet_v3_large",
+        class_map=class_map,
+        aux_loss=False,
+    )
+    cfg = EvaluateConfig(
+        checkpoint=str(other), data=dataset["data"], out=str(dataset["root"] / "x")
+    )
+    with pytest.raises(RaysegError, match="trained on masks with values=train_id"):
+        run_evaluate(cfg)
+    cfg = EvaluateConfig(
+        checkpoint=str(dataset["root"] / "nope"),
+        data=dataset["data"],
+        out=str(dataset["root"] / "x"),
+    )
+    with pytest.raises(RaysegError, match="no such model file"):
+        run_evaluate(cfg)
+
+
+def test_evaluate_without_images_fails_before_any_work(dataset, tmp_path):
+    rgb, mask = dataset["good"][1]
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    io.write_parquet(
+        io.locate(str(parquet / "part-00000.parquet")),
+        io.mask_table([row(1, None, io.encode_png(mask), *mask.shape)], META),
+    )
+    cfg = EvaluateConfig(checkpoint=dataset["model"], data=str(tmp_path), out=str(tmp_path / "o"))
+    with pytest.raises(RaysegError, match="no row carries image bytes.*--images-dir"):
+        run_evaluate(cfg)

@@ -1,0 +1,277 @@
+"""Faults cost time, never data: a killed render worker, a killed driver, a killed train worker.
+
+Each run is `python -m rayseg ...` in its own process group with its own local Ray (private
+RAY_TMPDIR), so the processes to kill are found among that run's descendants in /proc and
+nothing outside the test is ever signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import stop_process_group
+
+from rayseg import io
+
+# Big masks keep a 20-image shard busy for a few tenths of a second, so a test can catch one
+# mid-flight.
+WIDTH, HEIGHT = 1600, 1200
+NUM_IMAGES = 120
+
+
+def write_big_coco(path: Path, num_images: int) -> Path:
+    """Large images with three triangles each (categories 1-3): cheap to make, slow to render."""
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        images.append(
+            {"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": WIDTH, "height": HEIGHT}
+        )
+        for category_id in (1, 2, 3):
+            x0, y0 = rng.uniform(0, WIDTH / 2), rng.uniform(0, HEIGHT / 2)
+            x1 = x0 + rng.uniform(WIDTH / 8, WIDTH / 2)
+            y1 = y0 + rng.uniform(HEIGHT / 8, HEIGHT / 2)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "iscrowd": 0,
+                    "segmentation": [[x0, y0, x1, y0, (x0 + x1) / 2, y1]],
+                    "area": (x1 - x0) * (y1 - y0) / 2,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                }
+            )
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "shape"} for c in (1, 2, 3)]
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path
+
+
+def start_rayseg(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rayseg", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def finish(proc: subprocess.Popen, log: Path, *, timeout: float = 180) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        stop_process_group(proc, grace=3)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def title(pid: int) -> str:
+    """A Ray worker's process title: `ray::<task name>` while it runs a task, else `ray::IDLE`."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def workers_running(root: int, task: str) -> list[int]:
+    return [pid for pid in descendants(root) if title(pid).startswith(f"ray::{task}")]
+
+
+def shard_records(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "_shards").glob("shard-*.json"))
+
+
+def check_every_image_once(out: Path, num_images: int) -> dict:
+    """Manifest, Parquet parts and PNGs all account for each image exactly once, none cut short."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["rendered_total"] == counts["images_valid"] == num_images
+    assert counts["masks_written"] + counts["resumed"] == num_images
+    assert counts["failed"] == 0 and counts["shards_done"] == counts["shards"]
+    ids = []
+    for part in sorted((out / "parquet").iterdir()):
+        ids += pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == list(range(1, num_images + 1))
+    masks = sorted((out / "masks").iterdir())
+    assert len(masks) == num_images
+    for png in masks:
+        assert io.decode_png(png.read_bytes()).shape == (HEIGHT, WIDTH), png.name
+    leftovers = [p for p in out.rglob("*") if io.TMP_MARK in p.name]
+    assert not leftovers, leftovers
+    return counts
+
+
+@pytest.fixture(scope="module")
+def big_coco(tmp_path_factory, ray_tmpdir) -> Path:
+    return write_big_coco(tmp_path_factory.mktemp("big") / "instances.json", NUM_IMAGES)
+
+
+@pytest.mark.slow
+def test_killed_render_worker_is_retried(big_coco, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "masks.log"
+    proc = start_rayseg(
+        [
+            "masks",
+            "--annotations",
+            str(big_coco),
+            "--out",
+            str(out),
+            "--shard-size",
+            "20",
+            "--num-cpus",
+            "2",
+        ],
+        log,
+    )
+    killed = None
+    deadline = time.monotonic() + 90
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        for pid in workers_running(proc.pid, "render_shard"):
+            time.sleep(0.05)  # well into the task
+            if title(pid).startswith("ray::render_shard"):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+        time.sleep(0.01)
+    done_at_kill = len(shard_records(out))
+    finish(proc, log)
+
+    assert killed is not None, "no render worker was seen running"
+    assert done_at_kill < 6, "the kill came after every shard had finished"
+    assert title(killed) == ""
+    counts = check_every_image_once(out, NUM_IMAGES)
+    assert counts["masks_written"] == NUM_IMAGES and counts["shards_run"] == 6
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_redoing_finished_shards(big_coco, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "masks.log"
+    args = ["masks", "--annotations", str(big_coco), "--out", str(out), "--shard-size", "8"]
+    proc = start_rayseg([*args, "--num-cpus", "1"], log)
+    deadline = time.monotonic() + 90
+    while len(shard_records(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its raylet and workers die with it
+    proc.wait(timeout=30)
+    # Ray's dashboard and runtime-env agents can outlive it for a while; they write nothing.
+    stop_process_group(proc, grace=3)
+    done = len(shard_records(out))
+    assert 3 <= done < 15, f"{done} of 15 shards were done when the driver died"
+    assert not (out / "manifest.json").exists()
+
+    rerun = start_rayseg([*args, "--num-cpus", "2"], log)
+    finish(rerun, log)
+    counts = check_every_image_once(out, NUM_IMAGES)
+    assert counts["resumed"] == 8 * done
+    assert counts["shards_run"] == 15 - done
+    assert counts["masks_written"] == NUM_IMAGES - 8 * done
+
+
+@pytest.fixture(scope="module")
+def train_data(make_synth, tmp_path_factory, ray_tmpdir) -> Path:
+    """24 synthetic images rendered to masks with the images embedded (training input)."""
+    annotations = make_synth(24)
+    out = tmp_path_factory.mktemp("train_data") / "masks"
+    log = out.parent / "masks.log"
+    finish(
+        start_rayseg(
+            [
+                "masks",
+                "--annotations",
+                str(annotations),
+                "--out",
+                str(out),
+                "--images-dir",
+                str(annotations.parent / "images"),
+                "--num-cpus",
+                "2",
+            ],
+            log,
+        ),
+        log,
+    )
+    return out
+
+
+def latest_checkpoint(run: Path) -> str | None:
+    """The newest checkpoint Ray Train has registered (its snapshot), not merely uploaded."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
+
+
+@pytest.mark.slow
+def test_killed_train_worker_resumes_from_last_checkpoint(train_data, tmp_path):
+    run, log = tmp_path / "runs" / "r1", tmp_path / "train.log"
+    proc = start_rayseg(
+        [
+            "train",
+            "--data",
+            str(train_data),
+            "--out",
+            str(run),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--crop-size",
+            "64",
+            "--num-workers",
+            "1",
+            "--max-failures",
+            "1",
+            "--num-cpus",
+            "2",
+        ],
+        log,
+    )
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        if latest_checkpoint(run) == "epoch_0001":
+            for pid in workers_running(proc.pid, "RayTrainWorker"):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.05)
+    finish(proc, log, timeout=300)
+
+    assert killed is not None, "no training worker was seen after the first checkpoint"
+    text = log.read_text()
+    assert "resumed from epoch 1" in text, text[-4000:]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines if line.strip()]
+    assert epochs == [1, 2]
+    assert latest_checkpoint(run) == "epoch_0002"
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    assert (run / "model.pt").stat().st_size > 0

@@ -1,0 +1,265 @@
+"""rayseg.ingest: split, crop checks, decode + augment (pure), and the Ray Data datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from rayseg import ingest
+from rayseg import io as rio
+from rayseg.errors import RaysegError
+from rayseg.models import ClassMap, class_map_from_meta
+
+# Two classes with a gap in category ids, as COCO has: value = category id.
+META = {
+    "values": "category_id",
+    "dtype": "uint8",
+    "ignore_value": 255,
+    "background_value": 0,
+    "classes": [
+        {"value": 1, "category_id": 1, "name": "square"},
+        {"value": 3, "category_id": 3, "name": "disc"},
+    ],
+}
+
+
+def make_sample(index: int, *, height: int = 48, width: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) BGR image and (H, W) mask: a red square (1) and a green disc (3) on grey noise.
+
+    The colours alone tell the classes apart, so a small network learns them in a few steps.
+    """
+    rng = np.random.default_rng(index)
+    image = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    s = height // 3
+    y, x = int(rng.integers(0, height - s)), int(rng.integers(0, width // 2 - s))
+    image[y : y + s, x : x + s] = (30, 30, 220)
+    mask[y : y + s, x : x + s] = 1
+    r = s // 2 + 2
+    cy, cx = int(rng.integers(r, height - r)), int(rng.integers(width // 2 + r, width - r))
+    cv2.circle(image, (cx, cy), r, (40, 200, 40), -1)
+    cv2.circle(mask, (cx, cy), r, 3, -1)
+    mask[0, :4] = 255  # a few ignore pixels
+    return image, mask
+
+
+def sample_row(
+    image_id: int, image: np.ndarray | None, mask: np.ndarray, *, image_bytes: bytes | None = None
+) -> dict:
+    if image_bytes is None and image is not None:
+        image_bytes = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    values, counts = np.unique(mask, return_counts=True)
+    return {
+        "image_id": image_id,
+        "file_name": f"{image_id:012d}.jpg",
+        "height": mask.shape[0],
+        "width": mask.shape[1],
+        "categories": [int(v) for v in values if v not in (0, 255)],
+        "class_pixels": [{"value": int(v), "pixels": int(n)} for v, n in zip(values, counts)],
+        "mask_path": f"masks/{image_id:012d}.png",
+        "mask": rio.encode_png(mask),
+        "image": image_bytes,
+    }
+
+
+def write_masks(
+    out: Path,
+    num_images: int,
+    *,
+    height: int = 48,
+    width: int = 64,
+    parts: int = 2,
+    bad: dict[int, str] | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """A `rayseg masks`-shaped output dir (OUT/parquet/part-*.parquet) with embedded images.
+
+    bad: image id -> "image" (undecodable image bytes) or "mask" (undecodable mask bytes).
+    """
+    rows = []
+    for i in range(num_images):
+        image_id = 100 + i
+        image, mask = make_sample(i, height=height, width=width)
+        row = sample_row(image_id, image, mask)
+        kind = (bad or {}).get(image_id)
+        if kind == "image":
+            row["image"] = b"not a jpeg"
+        elif kind == "mask":
+            row["mask"] = b"\x89PNG broken"
+        rows.append(row)
+    folder = out / "parquet"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(parts):
+        chunk = rows[k::parts]
+        if chunk:
+            table = rio.mask_table(chunk, meta or META)
+            rio.write_parquet(rio.locate(str(folder / f"part-{k:05d}.parquet")), table)
+    return out
+
+
+CLASS_MAP = class_map_from_meta(META)
+
+
+# ---- pure ---------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_and_disjoint():
+    ids = np.arange(1000, 1100)
+    train, val = ingest.split_ids(ids, 0.2, seed=0)
+    assert len(val) == 20 and len(train) == 80
+    assert not set(train) & set(val) and set(train) | set(val) == set(ids)
+    shuffled = np.random.default_rng(1).permutation(ids)
+    assert np.array_equal(ingest.split_ids(shuffled, 0.2, seed=0)[1], val)
+    assert not np.array_equal(ingest.split_ids(ids, 0.2, seed=1)[1], val)
+
+
+def test_split_rejects_fraction_leaving_nothing_to_train():
+    with pytest.raises(RaysegError, match="no training images"):
+        ingest.split_ids(np.arange(2), 0.9, seed=0)
+
+
+def test_shard_ids_round_robin():
+    shards = ingest.shard_ids(np.arange(7), 3)
+    assert [s.tolist() for s in shards] == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_decode_maps_values_to_train_ids():
+    image, mask = make_sample(0)
+    row = sample_row(1, image, mask)
+    rgb, ids = ingest.decode_pair(row["image"], row["mask"], CLASS_MAP.train_lut())
+    assert rgb.shape == (48, 64, 3) and ids.dtype == np.uint8
+    assert set(np.unique(ids)) == {0, 1, 2, 255}
+    assert (ids == 2).sum() == (mask == 3).sum()  # category 3 is model class 2
+    # RGB order: the square is red.
+    assert rgb[mask == 1].mean(0).argmax() == 0
+
+
+@pytest.mark.parametrize(
+    ("image_bytes", "mask_bytes", "code"),
+    [
+        (None, rio.encode_png(np.zeros((4, 4), np.uint8)), 1),
+        (b"junk", rio.encode_png(np.zeros((4, 4), np.uint8)), 2),
+        ("jpeg", b"junk", 3),
+        ("jpeg", rio.encode_png(np.zeros((5, 4), np.uint8)), 4),
+    ],
+)
+def test_decode_problems_have_codes(image_bytes, mask_bytes, code):
+    if image_bytes == "jpeg":
+        image_bytes = cv2.imencode(".jpg", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+    with pytest.raises(ValueError) as e:
+        ingest.decode_pair(image_bytes, mask_bytes, CLASS_MAP.train_lut())
+    assert e.value.args[0] == code and code in ingest.PROBLEMS
+
+
+def test_augment_shapes_and_padding_with_ignore():
+    image = np.full((10, 12, 3), 200, np.uint8)
+    mask = np.ones((10, 12), np.uint8)
+    rng = np.random.default_rng(0)
+    seen_pad = False
+    for _ in range(20):
+        out_image, out_mask = ingest.augment(image, mask, crop_size=16, rng=rng)
+        assert out_image.shape == (16, 16, 3) and out_mask.shape == (16, 16)
+        assert set(np.unique(out_mask)) <= {1, 255}
+        # Image padding is black exactly where the mask is padded with ignore.
+        assert np.array_equal(out_image[..., 0] == 0, out_mask == 255)
+        seen_pad |= bool((out_mask == 255).any())
+    assert seen_pad
+
+
+def test_augment_keeps_labels_aligned_with_pixels():
+    image, mask = make_sample(3)
+    lut = CLASS_MAP.train_lut()
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        out_image, out_mask = ingest.augment(rgb, lut[mask], crop_size=32, rng=rng)
+        red = out_image[out_mask == 1]
+        if len(red) > 10:
+            assert np.median(red[:, 0]) > 150 and np.median(red[:, 2]) < 100
+
+
+def test_val_batch_pads_to_canvas_and_flags_bad_rows():
+    image, mask = make_sample(0)
+    good = sample_row(1, image, mask)
+    broken = sample_row(2, image, mask, image_bytes=b"junk")
+    batch = {k: np.array([good[k], broken[k]], dtype=object) for k in ("image", "mask")}
+    batch["image_id"] = np.array([1, 2])
+    out = ingest.val_batch(batch, class_map=CLASS_MAP, height=50, width=70)
+    assert out["image"].shape == (2, 50, 70, 3) and out["mask"].shape == (2, 50, 70)
+    assert out["problem"].tolist() == [0, 2]
+    assert (out["mask"][1] == 255).all()  # a bad row adds nothing to loss or metrics
+    assert (out["mask"][0, 48:] == 255).all() and (out["mask"][0, :, 64:] == 255).all()
+
+
+# ---- driver-side scan -----------------------------------------------------------------------
+
+
+def test_scan_reads_ids_sizes_and_meta(tmp_path):
+    out = write_masks(tmp_path / "m", 5)
+    for where in (out, out / "parquet"):
+        summary = ingest.scan_data(str(where))
+        assert sorted(summary.image_ids.tolist()) == [100, 101, 102, 103, 104]
+        assert set(summary.heights) == {48} and set(summary.widths) == {64}
+        assert summary.meta["values"] == "category_id" and summary.rows_without_image == 0
+
+
+def test_scan_rejects_empty_dataset(tmp_path):
+    folder = tmp_path / "m" / "parquet"
+    folder.mkdir(parents=True)
+    rio.write_parquet(rio.locate(str(folder / "part-00000.parquet")), rio.mask_table([], META))
+    with pytest.raises(RaysegError, match="empty"):
+        ingest.scan_data(str(tmp_path / "m"))
+
+
+def test_scan_rejects_rows_without_images(tmp_path):
+    folder = tmp_path / "m" / "parquet"
+    folder.mkdir(parents=True)
+    _, mask = make_sample(0)
+    table = rio.mask_table([sample_row(1, None, mask)], META)
+    rio.write_parquet(rio.locate(str(folder / "part-00000.parquet")), table)
+    with pytest.raises(RaysegError, match="--images-dir"):
+        ingest.scan_data(str(tmp_path / "m"))
+
+
+def test_crop_larger_than_every_image_is_refused(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 3)))
+    ingest.check_crop(summary, summary.image_ids, 64)
+    with pytest.raises(RaysegError, match="larger than every image"):
+        ingest.check_crop(summary, summary.image_ids, 65)
+
+
+# ---- Ray Data -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_tmpdir):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6, bad={101: "mask"})))
+    ids = np.array([100, 101, 103, 104])
+    ds = ingest.train_dataset(summary, ids, class_map=CLASS_MAP, crop_size=32, batch_size=2)
+    rows = ds.take_all()
+    assert sorted(r["image_id"] for r in rows) == [100, 101, 103, 104]
+    for r in rows:
+        assert r["image"].shape == (32, 32, 3) and r["mask"].shape == (32, 32)
+        assert r["problem"] == (3 if r["image_id"] == 101 else 0)
+
+
+def test_val_dataset_keeps_full_resolution(ray_local, tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 4)))
+    ds = ingest.val_dataset(
+        summary, np.array([102]), class_map=CLASS_MAP, canvas=(48, 64), batch_size=4
+    )
+    (row,) = ds.take_all()
+    _, mask = make_sample(2)
+    assert np.array_equal(row["mask"], CLASS_MAP.to_train_ids(mask))
