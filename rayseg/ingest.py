@@ -6,8 +6,9 @@ augment, pad_to); train_batch / val_batch apply it to a Ray Data batch; train_da
 val_dataset wire `read_parquet -> filter by image id -> map_batches`.
 
 Batches carry uint8 pixels: image (B, S, S, 3) RGB, mask (B, S, S) train ids (255 = ignore),
-image_id (B,), problem (B,) (0 = fine, else a PROBLEMS code). The model's float input is made on
-the training device by rayseg.models.normalize (ImageNet mean/std): 4x less data to move.
+image_id (B,), problem (B,) (0 = fine, else a PROBLEMS code). Mask values become train ids through
+a lookup table (rayseg.models.ClassMap.train_lut). The model's float input is made on the training
+device by rayseg.models.normalize (ImageNet mean/std): 4x less data to move.
 A row whose image or mask does not decode keeps its place as an all-ignore sample, so it adds
 nothing to loss or metrics, and is counted by the training loop.
 """
@@ -24,9 +25,10 @@ import pyarrow.parquet as pq
 
 from rayseg import io as rio
 from rayseg.errors import RaysegError
-from rayseg.models import TRAIN_IGNORE, ClassMap, normalize
 
-__all__ = ["normalize"]  # re-exported: the model input convention lives in rayseg.models
+# The train-id ignore value, as rayseg.models.TRAIN_IGNORE. This module does not import torch:
+# every Ray Data worker imports it, and a fresh worker should start in a fraction of a second.
+TRAIN_IGNORE = 255
 
 # torchvision's segmentation recipe: random resize 0.5-2.0x, flip, random crop padded with ignore.
 SCALE_RANGE = (0.5, 2.0)
@@ -157,7 +159,9 @@ def decode_pair(
     """
     if image_bytes is None:
         raise ValueError(1)
-    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
+    # COCO polygons refer to the stored pixel grid: EXIF rotation would misalign the mask.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), flags)
     if bgr is None:
         raise ValueError(2)
     try:
@@ -208,7 +212,7 @@ def pad_to(
 
 
 def train_batch(
-    batch: dict[str, np.ndarray], *, class_map: ClassMap, crop_size: int
+    batch: dict[str, np.ndarray], *, lut: np.ndarray, crop_size: int
 ) -> dict[str, np.ndarray]:
     """Rows (image_id, image, mask bytes) -> augmented (B, S, S, 3) images and (B, S, S) masks."""
     rng = np.random.default_rng()
@@ -216,23 +220,22 @@ def train_batch(
     def one(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return augment(image, mask, crop_size=crop_size, rng=rng)
 
-    return _map_rows(batch, class_map, crop_size, crop_size, one)
+    return _map_rows(batch, lut, crop_size, crop_size, one)
 
 
 def val_batch(
-    batch: dict[str, np.ndarray], *, class_map: ClassMap, height: int, width: int
+    batch: dict[str, np.ndarray], *, lut: np.ndarray, height: int, width: int
 ) -> dict[str, np.ndarray]:
     """Rows -> unscaled images padded to the (height, width) canvas, masks padded with ignore."""
 
     def one(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return pad_to(image, mask, height, width)
 
-    return _map_rows(batch, class_map, height, width, one)
+    return _map_rows(batch, lut, height, width, one)
 
 
-def _map_rows(batch, class_map: ClassMap, height: int, width: int, transform):
+def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
     cv2.setNumThreads(1)  # Ray Data runs one task per CPU already
-    lut = class_map.train_lut()
     n = len(batch["image_id"])
     images = np.zeros((n, height, width, 3), np.uint8)
     masks = np.full((n, height, width), TRAIN_IGNORE, np.uint8)
@@ -272,12 +275,12 @@ def read_rows(summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False):
 
 
 def train_dataset(
-    summary: DataSummary, ids: np.ndarray, *, class_map: ClassMap, crop_size: int, batch_size: int
+    summary: DataSummary, ids: np.ndarray, *, lut: np.ndarray, crop_size: int, batch_size: int
 ):
     """Shuffled-order, augmented training rows (decode + augment in map_batches tasks)."""
     return read_rows(summary, ids, shuffle=True).map_batches(
         train_batch,
-        fn_kwargs={"class_map": class_map, "crop_size": crop_size},
+        fn_kwargs={"lut": lut, "crop_size": crop_size},
         batch_size=batch_size,
         batch_format="numpy",
     )
@@ -287,14 +290,14 @@ def val_dataset(
     summary: DataSummary,
     ids: np.ndarray,
     *,
-    class_map: ClassMap,
+    lut: np.ndarray,
     canvas: tuple[int, int],
     batch_size: int,
 ):
     """Validation rows at full resolution, padded to `canvas`."""
     return read_rows(summary, ids).map_batches(
         val_batch,
-        fn_kwargs={"class_map": class_map, "height": canvas[0], "width": canvas[1]},
+        fn_kwargs={"lut": lut, "height": canvas[0], "width": canvas[1]},
         batch_size=batch_size,
         batch_format="numpy",
     )

@@ -26,14 +26,9 @@ from rayseg.errors import RaysegError
 TMP_MARK = ".tmp-"
 META_KEY = b"rayseg"
 
-# Label PNGs compress best unfiltered with zlib's RLE strategy: ~0.6 ms for 640x480 vs ~2 ms
-# for the level-1 defaults, and the files are about as small.
-_PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION,
-    1,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-]
+# Label PNGs encode fastest unfiltered with zlib's RLE strategy: ~0.6 ms for 640x480 against
+# ~1.2 ms for OpenCV's defaults and ~7 ms for level 1 with filters, at similar sizes.
+_PNG_PARAMS = [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 if hasattr(cv2, "IMWRITE_PNG_FILTER"):
     _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
 

@@ -8,7 +8,6 @@ and pycocotools.mask: no Ray, no files.
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -26,8 +25,8 @@ OVERLAPS = ("max", "smallest_on_top", "last", "ignore")
 CROWD_MODES = ("class", "ignore", "skip")
 SCHEMES = ("category_id", "train_id", "scaled")
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+# The top value of each dtype; value schemes use it as the ignore value.
 DTYPE_MAX = {"uint8": 255, "uint16": 65535}
-IGNORE_VALUES = DTYPE_MAX  # the top value of each dtype marks "ignore"
 
 # Beyond this a coordinate is a data error, not geometry; it is clamped so that the
 # rasterizers' integer arithmetic cannot overflow.
@@ -85,31 +84,32 @@ class _Layer:
 
 def value_scheme(category_ids: Iterable[int], name: str) -> ValueScheme:
     """The pixel value of each category id under scheme `name`; background is 0."""
-    ids = sorted(set(category_ids))
-    for category_id in ids:
-        if not isinstance(category_id, numbers.Integral) or isinstance(category_id, bool):
-            raise RaysegError(f"category id {category_id!r} is not an integer")
-        if category_id <= 0:
-            raise RaysegError(
-                f"category id {category_id} is not positive; pixel value 0 is the background"
-            )
+    ids = sorted({_category_id(c) for c in category_ids})
     if name == "category_id":
-        values = {c: int(c) for c in ids}
+        values = {c: c for c in ids}
     elif name == "train_id":
         values = {c: k for k, c in enumerate(ids, start=1)}
     elif name == "scaled":
-        values = {c: int(c) * 100 for c in ids}
+        values = {c: c * 100 for c in ids}
     else:
         raise RaysegError(f"unknown value scheme {name!r}; expected one of {', '.join(SCHEMES)}")
     top = max(values.values(), default=0)
-    dtype = "uint8" if top < IGNORE_VALUES["uint8"] and name != "scaled" else "uint16"
-    if top >= IGNORE_VALUES["uint16"]:
+    dtype = "uint8" if top < DTYPE_MAX["uint8"] and name != "scaled" else "uint16"
+    if top >= DTYPE_MAX["uint16"]:
         worst = max(values, key=values.__getitem__)
         raise RaysegError(
             f"value scheme {name!r} maps category id {worst} to pixel value {top}, which does not "
-            f"fit uint16 below the ignore value {IGNORE_VALUES['uint16']}; use 'train_id'"
+            f"fit uint16 below its ignore value {DTYPE_MAX['uint16']}; use 'train_id'"
         )
-    return ValueScheme(name, values, dtype, IGNORE_VALUES[dtype])
+    return ValueScheme(name, values, dtype, DTYPE_MAX[dtype])
+
+
+def _category_id(value: Any) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise RaysegError(f"category id {value!r} is not an integer")
+    if value <= 0:
+        raise RaysegError(f"category id {value} is not positive; pixel value 0 is the background")
+    return int(value)
 
 
 def render_mask(
@@ -131,23 +131,40 @@ def render_mask(
       ignore_value.
     crowd: "class" paints crowds like any object, "ignore" paints them ignore_value (above every
       class pixel), "skip" leaves them out.
+    Bad records are skipped or repaired and reported as Problems; a non-positive image size or an
+    unknown option is the caller's error (ValueError).
     """
     _check_options(height, width, rasterizer, overlap, crowd, ignore_value, dtype)
     layers, problems = _layers(
-        height, width, shapes, rasterizer=rasterizer, crowd=crowd,
-        ignore_value=ignore_value, dtype=dtype,
+        height,
+        width,
+        shapes,
+        rasterizer=rasterizer,
+        crowd=crowd,
+        ignore_value=ignore_value,
+        dtype=dtype,
     )
-    return _compose(height, width, layers, overlap=overlap, ignore_value=ignore_value,
-                    dtype=dtype), problems
+    mask = _compose(height, width, layers, overlap=overlap, ignore_value=ignore_value, dtype=dtype)
+    return mask, problems
 
 
-def _check_options(height: int, width: int, rasterizer: str, overlap: str, crowd: str,
-                   ignore_value: int, dtype: str) -> None:
+def _check_options(
+    height: int,
+    width: int,
+    rasterizer: str,
+    overlap: str,
+    crowd: str,
+    ignore_value: int,
+    dtype: str,
+) -> None:
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got height={height} width={width}")
-    for label, value, choices in (("rasterizer", rasterizer, RASTERIZERS),
-                                  ("overlap", overlap, OVERLAPS), ("crowd", crowd, CROWD_MODES),
-                                  ("dtype", dtype, tuple(DTYPES))):
+    for label, value, choices in (
+        ("rasterizer", rasterizer, RASTERIZERS),
+        ("overlap", overlap, OVERLAPS),
+        ("crowd", crowd, CROWD_MODES),
+        ("dtype", dtype, tuple(DTYPES)),
+    ):
         if value not in choices:
             raise ValueError(f"{label}={value!r}; expected one of {', '.join(choices)}")
     top = DTYPE_MAX[dtype]
@@ -155,10 +172,18 @@ def _check_options(height: int, width: int, rasterizer: str, overlap: str, crowd
         raise ValueError(f"ignore_value={ignore_value} does not fit {dtype} (1..{top})")
 
 
-def _layers(height: int, width: int, shapes: Sequence[Shape], *, rasterizer: str, crowd: str,
-            ignore_value: int, dtype: str) -> tuple[list[_Layer], list[Problem]]:
+def _layers(
+    height: int,
+    width: int,
+    shapes: Sequence[Shape],
+    *,
+    rasterizer: str,
+    crowd: str,
+    ignore_value: int,
+    dtype: str,
+) -> tuple[list[_Layer], list[Problem]]:
     """Every paintable shape rasterized into its own window; bad ones become Problems."""
-    layers: list[_Layer] = []
+    kept: list[tuple[int, bool, _Polygons | np.ndarray]] = []  # value, overrides, geometry
     problems: list[Problem] = []
     for shape in shapes:
         as_ignore = shape.iscrowd and crowd == "ignore"
@@ -169,12 +194,20 @@ def _layers(height: int, width: int, shapes: Sequence[Shape], *, rasterizer: str
             if reason:
                 problems.append(Problem(shape.annotation_id, reason))
                 continue
-        placed, reasons = _rasterize(height, width, shape.segmentation, rasterizer)
+        geometry, reasons = _geometry(height, width, shape.segmentation)
         problems += [Problem(shape.annotation_id, r) for r in reasons]
+        if geometry is not None:
+            kept.append((ignore_value if as_ignore else int(shape.value), as_ignore, geometry))
+    polygons = [g for _, _, g in kept if isinstance(g, _Polygons)]
+    if rasterizer == "coco":
+        rasterized = iter(_coco_polygon_masks(height, width, polygons))
+    else:
+        rasterized = iter([_opencv_polygon_mask(height, width, p) for p in polygons])
+    layers: list[_Layer] = []
+    for value, overrides, geometry in kept:
+        placed = next(rasterized) if isinstance(geometry, _Polygons) else (0, 0, geometry)
         if placed is not None:
-            top, left, mask = placed
-            value = ignore_value if as_ignore else int(shape.value)
-            layers.append(_Layer(value, top, left, mask, overrides=as_ignore))
+            layers.append(_Layer(value, *placed, overrides=overrides))
     return layers, problems
 
 
@@ -183,29 +216,28 @@ def _value_problem(value: Any, dtype: str, ignore_value: int) -> str | None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         return f"pixel value {value!r} is not an integer; annotation skipped"
     if not 0 < value <= top or value == ignore_value:
-        return (f"pixel value {value} does not fit {dtype} (1..{top} except ignore value "
-                f"{ignore_value}); annotation skipped")
+        return (
+            f"pixel value {value} does not fit {dtype} (1..{top} except ignore value "
+            f"{ignore_value}); annotation skipped"
+        )
     return None
 
 
-def _rasterize(height: int, width: int, segmentation: Any,
-               rasterizer: str) -> tuple[tuple[int, int, np.ndarray] | None, list[str]]:
-    """(top, left, uint8 0/1 mask) of one segmentation and the reasons it was repaired or skipped.
+def _geometry(
+    height: int, width: int, segmentation: Any
+) -> tuple[_Polygons | np.ndarray | None, list[str]]:
+    """Checked polygons, or an RLE's full-image uint8 0/1 mask, and what was wrong with them.
 
     The one place that tells polygons, uncompressed RLE and compressed RLE apart.
     """
     if isinstance(segmentation, dict):
-        mask, reasons = _rle_mask(height, width, segmentation)
-        return (None if mask is None else (0, 0, mask)), reasons
+        return _rle_mask(height, width, segmentation)
     if not isinstance(segmentation, list):
-        return None, [f"segmentation is a {type(segmentation).__name__}, expected a list of "
-                      "polygons or an RLE dict; annotation skipped"]
-    polygons, reasons = _polygons(height, width, segmentation)
-    if polygons is None:
-        return None, reasons
-    if rasterizer == "coco":
-        return _coco_polygon_mask(height, width, polygons), reasons
-    return _opencv_polygon_mask(height, width, polygons), reasons
+        return None, [
+            f"segmentation has type {type(segmentation).__name__}, expected a list "
+            "of polygons or an RLE dict; annotation skipped"
+        ]
+    return _polygons(height, width, segmentation)
 
 
 # ---- polygons ---------------------------------------------------------------------------------
@@ -222,8 +254,10 @@ class _Polygons:
 def _polygons(height: int, width: int, polygons: list[Any]) -> tuple[_Polygons | None, list[str]]:
     """The usable parts of a COCO polygon list, and what was wrong with the rest."""
     if polygons and all(isinstance(v, numbers.Real) for v in polygons):
-        return None, ["segmentation is a flat list of numbers, expected a list of polygons "
-                      "[[x1, y1, ...], ...]; annotation skipped"]
+        return None, [
+            "segmentation is a flat list of numbers, expected a list of polygons "
+            "[[x1, y1, ...], ...]; annotation skipped"
+        ]
     parts: list[np.ndarray] = []
     reasons: list[str] = []
     for index, polygon in enumerate(polygons):
@@ -233,8 +267,10 @@ def _polygons(height: int, width: int, polygons: list[Any]) -> tuple[_Polygons |
         if points is not None:
             parts.append(points)
     if not parts:
-        return None, [*reasons, "empty segmentation: no polygon with 3 or more points; "
-                                "annotation skipped"]
+        return None, [
+            *reasons,
+            "empty segmentation: no polygon with 3 or more points; annotation skipped",
+        ]
     extent = _extent(parts)
     worst = max(-extent[0], -extent[1], extent[2], extent[3])
     if worst > MAX_COORDINATE:
@@ -248,8 +284,10 @@ def _polygons(height: int, width: int, polygons: list[Any]) -> tuple[_Polygons |
 
 def _polygon_points(index: int, polygon: Any) -> tuple[np.ndarray | None, str | None]:
     if not isinstance(polygon, list | tuple | np.ndarray):
-        return None, (f"polygon {index} is a {type(polygon).__name__}, not a list of "
-                      "coordinates; part dropped")
+        return None, (
+            f"polygon {index} has type {type(polygon).__name__}, expected a list of "
+            "coordinates; part dropped"
+        )
     try:
         raw = np.asarray(polygon)
     except ValueError:  # ragged nesting
@@ -262,8 +300,10 @@ def _polygon_points(index: int, polygon: Any) -> tuple[np.ndarray | None, str | 
     if coords.size % 2:
         return None, f"polygon {index} has {coords.size} coordinates (odd length); part dropped"
     if coords.size < 6:
-        return None, (f"polygon {index} has {coords.size // 2} points, a polygon needs at "
-                      "least 3; part dropped")
+        return None, (
+            f"polygon {index} has {coords.size // 2} points, a polygon needs at "
+            "least 3; part dropped"
+        )
     if not np.isfinite(coords).all():
         bad = coords[~np.isfinite(coords)][0]
         return None, f"polygon {index} has a non-finite coordinate ({bad}); part dropped"
@@ -279,8 +319,11 @@ def _extent(parts: list[np.ndarray]) -> tuple[float, float, float, float]:
 def _beyond_image(height: int, width: int, extent: tuple[float, float, float, float]) -> bool:
     low_x, low_y, high_x, high_y = extent
     # COCO coordinates are continuous: the image spans [0, width] x [0, height].
-    return (min(low_x, low_y) < -EDGE_TOLERANCE or high_x > width + EDGE_TOLERANCE
-            or high_y > height + EDGE_TOLERANCE)
+    return (
+        min(low_x, low_y) < -EDGE_TOLERANCE
+        or high_x > width + EDGE_TOLERANCE
+        or high_y > height + EDGE_TOLERANCE
+    )
 
 
 def _outside_reason(height: int, width: int, points: np.ndarray) -> str:
@@ -288,49 +331,68 @@ def _outside_reason(height: int, width: int, points: np.ndarray) -> str:
     excess = np.maximum(np.maximum(-points, points - (width, height)), 0).max(axis=1)
     far = int(np.argmax(excess))
     x, y = points[far]
-    return (f"polygon point ({x:g}, {y:g}) lies {excess[far]:g} px outside the {width}x{height} "
-            "image; the polygon is clipped to the image")
+    return (
+        f"polygon point ({x:g}, {y:g}) lies {excess[far]:g} px outside the {width}x{height} "
+        "image; the polygon is clipped to the image"
+    )
 
 
-def _coco_polygon_mask(height: int, width: int,
-                       polygons: _Polygons) -> tuple[int, int, np.ndarray] | None:
-    """pycocotools' polygon rasterization, run on the object's window instead of the full image.
+def _coco_polygon_masks(
+    height: int, width: int, objects: list[_Polygons]
+) -> list[tuple[int, int, np.ndarray] | None]:
+    """pycocotools' polygon rasterization of each object, run on its window of the image.
 
     Equal bit for bit to `decode(merge(frPyObjects(parts, height, width)))` cropped to the window.
     The window keeps the image edge on every side the polygon crosses it, because rleFrPoly
-    clips there in its own way; on the other sides the shift is exact (see _window).
+    clips there in its own way; elsewhere the shift is exact (see _window, _exact_offsets). The
+    points of all objects go through numpy together: per-object calls would cost more than the
+    rasterization.
     """
-    # rleFrPoly: x = (int)(scale * x + .5), a C cast that truncates toward zero. It is
-    # monotonic, so the extent maps onto the grid's extent (Python floats are the same doubles).
-    low_x, low_y, high_x, high_y = (math.trunc(_COCO_SCALE * v + 0.5) for v in polygons.extent)
+    windows = [_coco_window(height, width, o.extent) for o in objects]
+    inside = {k: w for k, w in enumerate(windows) if w is not None}
+    parts = [p for k in inside for p in objects[k].parts]
+    if not parts:
+        return [None] * len(objects)
+    sizes = [len(p) for p in parts]
+    vertex_owner = np.repeat([k for k in inside for _ in objects[k].parts], sizes)  # (N,)
+    # rleFrPoly: x = (int)(scale * x + .5), a C cast that truncates toward zero.
+    grid = np.trunc(_COCO_SCALE * np.concatenate(parts) + 0.5)  # (N, 2) integers as float64
+    corners = np.array([(0, 0) if w is None else w[:2] for w in windows])  # (K, 2) [left, top]
+    offsets = _exact_offsets(grid.astype(np.int64), sizes, vertex_owner, corners)
+    # Coordinates that rleFrPoly maps back onto exactly these grid points: 5x + .5 lands a
+    # quarter step inside the cell that C's truncation toward zero selects.
+    local = grid - _COCO_SCALE * offsets[vertex_owner] + 0.25
+    local -= local < 0
+    coordinates = local / _COCO_SCALE
+    polygons: dict[int, list[np.ndarray]] = {k: [] for k in inside}
+    stop = 0
+    for k, size in zip(vertex_owner[np.cumsum(sizes) - 1].tolist(), sizes, strict=True):
+        polygons[k].append(coordinates[stop : stop + size].ravel())
+        stop += size
+    masks: list[tuple[int, int, np.ndarray] | None] = [None] * len(objects)
+    for (k, (left, top, right, bottom)), (shift_left, shift_top) in zip(
+        inside.items(), offsets[list(inside)].tolist(), strict=True
+    ):
+        rles = mask_utils.frPyObjects(polygons[k], bottom - shift_top, right - shift_left)
+        rle = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+        # The rows and columns between a lowered offset and the window are empty.
+        mask = mask_utils.decode(rle)[top - shift_top :, left - shift_left :]
+        masks[k] = (top, left, np.ascontiguousarray(mask))
+    return masks
+
+
+def _coco_window(
+    height: int, width: int, extent: tuple[float, float, float, float]
+) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the pixels rleFrPoly can set, None if there are none."""
+    # (int)(5 * v + .5) is monotonic, so the extent maps onto the grid's extent (Python floats
+    # are the same doubles as C's).
+    low_x, low_y, high_x, high_y = (math.trunc(_COCO_SCALE * v + 0.5) for v in extent)
     left, right = _window(low_x, high_x, width)
     top, bottom = _window(low_y, high_y, height)
     if bottom <= top or right <= left:
         return None  # entirely outside: rleFrPoly's toggles cancel out there too
-    parts = polygons.parts
-    points = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    grid = np.trunc(_COCO_SCALE * points + 0.5)  # (k, 2) integers, kept as float64
-    stops = list(itertools.accumulate(len(p) for p in parts))
-    starts = [0, *stops[:-1]]
-    shift_top, shift_left = top, left
-    if top or left:
-        begin = grid.astype(np.int64)
-        end = np.concatenate([np.concatenate((begin[a + 1:b], begin[a:a + 1]))
-                              for a, b in zip(starts, stops, strict=True)])
-        shift_top, shift_left = _exact_shifts(begin, end, top, left)
-    # Coordinates that rleFrPoly maps back onto exactly these grid points: 5x + .5 lands a
-    # quarter step inside the cell that C's truncation toward zero selects.
-    local = grid - (_COCO_SCALE * shift_left - 0.25, _COCO_SCALE * shift_top - 0.25)
-    if min(low_x - _COCO_SCALE * shift_left, low_y - _COCO_SCALE * shift_top) < 0:
-        local -= local < 0
-    coordinates = (local / _COCO_SCALE).ravel()
-    rles = mask_utils.frPyObjects([coordinates[2 * a:2 * b] for a, b in zip(starts, stops,
-                                                                          strict=True)],
-                                  bottom - shift_top, right - shift_left)
-    rle = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
-    # Rows and columns between the shift and the window are empty.
-    mask = mask_utils.decode(rle)[top - shift_top:, left - shift_left:]
-    return top, left, np.ascontiguousarray(mask)
+    return left, top, right, bottom
 
 
 def _window(low: int, high: int, size: int) -> tuple[int, int]:
@@ -347,35 +409,41 @@ def _window(low: int, high: int, size: int) -> tuple[int, int]:
     return start, stop
 
 
-def _exact_shifts(begin: np.ndarray, end: np.ndarray, top: int, left: int) -> tuple[int, int]:
-    """The largest shifts <= (top, left) pixels that leave every traced edge point in place.
+def _exact_offsets(
+    begin: np.ndarray, sizes: list[int], vertex_owner: np.ndarray, corners: np.ndarray
+) -> np.ndarray:
+    """Each object's (left, top) window corner, lowered until the shift cannot move a point.
 
-    begin, end: (E, 2) [x, y] grid endpoints of all edges. rleFrPoly walks the major axis of each
-    edge and rounds the minor one as (int)(first + s * t + .5) with s = delta / major in doubles.
-    Where the exact value first + delta * t / major is a half step, s * t may miss it by
-    |e| <= 2**-52 * |delta|, and whether first + s * t rounds back onto the half step depends on
-    the magnitude of first: a shift could move the traced point by one step. It cannot once
-    every minor coordinate of the edge is >= 4 * |delta| + 1 in the shifted frame: from there
-    on half an ulp exceeds |e| and both frames round onto the half step. Only edges whose reduced
-    slope has an even denominator that is not a power of two reach half steps with inexact s.
+    begin: (N, 2) [x, y] grid vertices of all parts, `sizes` per part, `vertex_owner` (N,) the
+    object of each; corners: (K, 2). rleFrPoly walks the major axis of each edge and rounds the
+    minor one as (int)(first + s * t + .5) with s = delta / major in doubles. Where the exact
+    value is a half step H, s * t may miss it by up to |H| * 2**-52 <= |delta| * 2**-52, and
+    whether first + s * t rounds back onto H depends on the magnitude of first: a shift can move
+    the traced point by one step. Once the whole edge lies above 4 * |delta| in the shifted
+    frame, half an ulp of first + H exceeds that miss, so both frames round onto H. Only edges
+    whose reduced slope has an even denominator that is not a power of two reach such H with an
+    inexact s. Returns (K, 2) int64.
     """
+    stops = np.cumsum(sizes)
+    following = np.arange(1, len(begin) + 1)
+    following[stops - 1] = stops - sizes  # each part closes on its first vertex
+    end = begin[following]
     dx, dy = np.abs(end[:, 0] - begin[:, 0]), np.abs(end[:, 1] - begin[:, 1])
     denominator = np.maximum(dx, dy) // np.maximum(np.gcd(dx, dy), 1)
-    risky = (denominator % 2 == 0) & (denominator & (denominator - 1) != 0)
-    if not risky.any():
-        return top, left
-    # rleFrPoly traces y as the minor axis when dx >= dy, x otherwise.
-    minor_is_y = (dx >= dy)[risky]
-    lowest = np.minimum(begin[risky], end[risky])
-    limit = (np.where(minor_is_y, lowest[:, 1], lowest[:, 0])
-             - 4 * np.minimum(dx, dy)[risky] - 1) // _COCO_SCALE
-    top = min(top, int(limit[minor_is_y].min(initial=top)))
-    left = min(left, int(limit[~minor_is_y].min(initial=left)))
-    return max(top, 0), max(left, 0)
+    risky = np.flatnonzero((denominator % 2 == 0) & (denominator & (denominator - 1) != 0))
+    offsets = corners.astype(np.int64)
+    if risky.size:
+        # rleFrPoly traces y as the minor axis when dx >= dy, x otherwise.
+        minor = (dx >= dy)[risky].astype(np.intp)
+        lowest = np.minimum(begin[risky], end[risky])[np.arange(risky.size), minor]
+        limit = (lowest - 4 * np.minimum(dx, dy)[risky] - 1) // _COCO_SCALE  # in pixels
+        np.minimum.at(offsets, (vertex_owner[risky], minor), limit)
+    return np.maximum(offsets, 0)
 
 
-def _opencv_polygon_mask(height: int, width: int,
-                         polygons: _Polygons) -> tuple[int, int, np.ndarray] | None:
+def _opencv_polygon_mask(
+    height: int, width: int, polygons: _Polygons
+) -> tuple[int, int, np.ndarray] | None:
     """cv2.fillPoly of every part (their union) into the object's window."""
     parts, extent = polygons.parts, polygons.extent
     if _beyond_image(height, width, extent):
@@ -404,16 +472,21 @@ def _clip_to_image(height: int, width: int, points: np.ndarray) -> np.ndarray:
     cv2's fixed-point edges overflow beyond ~32k pixels; the cut edges run outside the image.
     """
     margin = EDGE_TOLERANCE
-    for axis, bound, keep_below in ((0, -margin, False), (0, width + margin, True),
-                                    (1, -margin, False), (1, height + margin, True)):
+    for axis, bound, keep_below in (
+        (0, -margin, False),
+        (0, width + margin, True),
+        (1, -margin, False),
+        (1, height + margin, True),
+    ):
         points = _clip_half_plane(points, axis, bound, keep_below=keep_below)
         if len(points) == 0:
             break
     return points
 
 
-def _clip_half_plane(points: np.ndarray, axis: int, bound: float, *,
-                     keep_below: bool) -> np.ndarray:
+def _clip_half_plane(
+    points: np.ndarray, axis: int, bound: float, *, keep_below: bool
+) -> np.ndarray:
     inside = points[:, axis] <= bound if keep_below else points[:, axis] >= bound
     kept: list[np.ndarray] = []
     for i in range(len(points)):
@@ -436,12 +509,17 @@ def _rle_mask(height: int, width: int, rle: dict[str, Any]) -> tuple[np.ndarray 
     height * width would read or write out of bounds.
     """
     size, counts = rle.get("size"), rle.get("counts")
-    if not (isinstance(size, list | tuple) and len(size) == 2
-            and all(isinstance(v, numbers.Integral) for v in size)):
+    if not (
+        isinstance(size, list | tuple)
+        and len(size) == 2
+        and all(isinstance(v, numbers.Integral) for v in size)
+    ):
         return None, [f"RLE size {size!r} is not [height, width]; annotation skipped"]
     if [int(v) for v in size] != [height, width]:
-        return None, [f"RLE size {list(size)} differs from the image size [{height}, {width}]; "
-                      "annotation skipped"]
+        return None, [
+            f"RLE size {list(size)} differs from the image size [{height}, {width}]; "
+            "annotation skipped"
+        ]
     if isinstance(counts, str | bytes):
         text = counts.encode("utf-8", "surrogatepass") if isinstance(counts, str) else counts
         runs = _compressed_counts(text)
@@ -454,13 +532,17 @@ def _rle_mask(height: int, width: int, rle: dict[str, Any]) -> tuple[np.ndarray 
         runs = [int(v) for v in counts]
         coded = None
     else:
-        return None, [f"RLE counts is a {type(counts).__name__}, expected a list of ints or a "
-                      "compressed string; annotation skipped"]
+        return None, [
+            f"RLE counts have type {type(counts).__name__}, expected a list of ints "
+            "or a compressed string; annotation skipped"
+        ]
     if not runs:
         return None, ["empty segmentation: RLE has no counts; annotation skipped"]
     if min(runs) < 0 or sum(runs) != height * width:
-        return None, [f"RLE counts sum to {sum(runs)} (min {min(runs)}), expected "
-                      f"{height} * {width} = {height * width}; annotation skipped"]
+        return None, [
+            f"RLE counts sum to {sum(runs)} (min {min(runs)}), expected "
+            f"{height} * {width} = {height * width}; annotation skipped"
+        ]
     if coded is None:
         coded = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
     return np.ascontiguousarray(mask_utils.decode(coded)), []
@@ -495,8 +577,9 @@ def _compressed_counts(text: bytes) -> list[int] | None:
 # ---- composition ------------------------------------------------------------------------------
 
 
-def _compose(height: int, width: int, layers: list[_Layer], *, overlap: str, ignore_value: int,
-             dtype: str) -> np.ndarray:
+def _compose(
+    height: int, width: int, layers: list[_Layer], *, overlap: str, ignore_value: int, dtype: str
+) -> np.ndarray:
     canvas = np.zeros((height, width), DTYPES[dtype])
     objects = [layer for layer in layers if not layer.overrides]
     if overlap == "smallest_on_top":
@@ -514,11 +597,12 @@ def _compose(height: int, width: int, layers: list[_Layer], *, overlap: str, ign
 
 def _region(canvas: np.ndarray, layer: _Layer) -> np.ndarray:
     rows, cols = layer.mask.shape
-    return canvas[layer.top:layer.top + rows, layer.left:layer.left + cols]
+    return canvas[layer.top : layer.top + rows, layer.left : layer.left + cols]
 
 
-def _paint(region: np.ndarray, mask: np.ndarray, value: int, overlap: str,
-           ignore_value: int) -> None:
+def _paint(
+    region: np.ndarray, mask: np.ndarray, value: int, overlap: str, ignore_value: int
+) -> None:
     """Paint one object's 0/1 mask into its region of the canvas, in place."""
     if overlap == "max":
         # Arithmetic instead of where=: masked ufuncs are several times slower on blobs.

@@ -119,6 +119,12 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[dict
 
 
 def value_counts(mask: np.ndarray) -> dict[int, int]:
+    """Pixels per mask value."""
+    if mask.dtype == np.uint8 and mask.size < 2**24:
+        # calcHist counts in float32, exact below 2**24 pixels, and beats np.bincount here.
+        counts = cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+        values = np.flatnonzero(counts)
+        return {int(v): int(counts[v]) for v in values}
     if mask.dtype == np.uint8:
         counts = np.bincount(mask.ravel(), minlength=256)
         values = np.flatnonzero(counts)

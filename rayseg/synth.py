@@ -329,7 +329,10 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         write_atomic(images_dir / record["file_name"], encode_jpeg(pixels))
     annotations_path = out / "annotations.json"
     write_atomic(annotations_path, msgspec.json.encode(coco))
-    return summarize(coco, out=out, images_dir=images_dir, annotations_path=annotations_path)
+    summary = summarize(coco, out=out, images_dir=images_dir, annotations_path=annotations_path)
+    print(f"synth: wrote {len(coco['images'])} images to {images_dir} and "
+          f"{len(coco['annotations'])} annotations to {annotations_path}")
+    return summary
 
 
 def encode_jpeg(image: np.ndarray) -> bytes:

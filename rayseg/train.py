@@ -703,7 +703,7 @@ def build_trainer(plan: Plan, split: Split, run: rio.Location, cpus_per_worker: 
         "train": ingest.train_dataset(
             split.train,
             split.train_ids,
-            class_map=plan.class_map,
+            lut=plan.class_map.train_lut(),
             crop_size=cfg.crop_size,
             batch_size=cfg.batch_size,
         )
@@ -711,7 +711,7 @@ def build_trainer(plan: Plan, split: Split, run: rio.Location, cpus_per_worker: 
     canvas = ingest.val_canvas(split.val, split.val_ids)
     for rank, ids in enumerate(ingest.shard_ids(split.val_ids, cfg.num_workers)):
         datasets[f"val_{rank}"] = ingest.val_dataset(
-            split.val, ids, class_map=plan.class_map, canvas=canvas, batch_size=cfg.batch_size
+            split.val, ids, lut=plan.class_map.train_lut(), canvas=canvas, batch_size=cfg.batch_size
         )
     storage_path, name = storage_for(run)
     return TorchTrainer(

@@ -121,6 +121,17 @@ def test_split_rejects_fraction_leaving_nothing_to_train():
         ingest.split_ids(np.arange(2), 0.9, seed=0)
 
 
+def test_ingest_stays_torch_free_and_agrees_on_ignore():
+    import subprocess
+    import sys
+
+    from rayseg.models import TRAIN_IGNORE
+
+    assert ingest.TRAIN_IGNORE == TRAIN_IGNORE
+    code = "import sys, rayseg.ingest; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_shard_ids_round_robin():
     shards = ingest.shard_ids(np.arange(7), 3)
     assert [s.tolist() for s in shards] == [[0, 3, 6], [1, 4], [2, 5]]
@@ -187,7 +198,7 @@ def test_val_batch_pads_to_canvas_and_flags_bad_rows():
     broken = sample_row(2, image, mask, image_bytes=b"junk")
     batch = {k: np.array([good[k], broken[k]], dtype=object) for k in ("image", "mask")}
     batch["image_id"] = np.array([1, 2])
-    out = ingest.val_batch(batch, class_map=CLASS_MAP, height=50, width=70)
+    out = ingest.val_batch(batch, lut=CLASS_MAP.train_lut(), height=50, width=70)
     assert out["image"].shape == (2, 50, 70, 3) and out["mask"].shape == (2, 50, 70)
     assert out["problem"].tolist() == [0, 2]
     assert (out["mask"][1] == 255).all()  # a bad row adds nothing to loss or metrics
@@ -247,7 +258,8 @@ def ray_local(ray_tmpdir):
 def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6, bad={101: "mask"})))
     ids = np.array([100, 101, 103, 104])
-    ds = ingest.train_dataset(summary, ids, class_map=CLASS_MAP, crop_size=32, batch_size=2)
+    ds = ingest.train_dataset(summary, ids, lut=CLASS_MAP.train_lut(), crop_size=32,
+                              batch_size=2)
     rows = ds.take_all()
     assert sorted(r["image_id"] for r in rows) == [100, 101, 103, 104]
     for r in rows:

@@ -1,7 +1,9 @@
-"""Shared object storage: masks, Parquet, manifest (and training checkpoints) on s3:// URIs.
+"""Shared object storage: masks, Parquet and manifest on s3:// URIs, written and resumed.
 
 The store is moto's S3 server on 127.0.0.1; rayseg finds it through the standard AWS_*
 variables (AWS_ENDPOINT_URL, keys, region), as it would find a real bucket or MinIO.
+Training data and checkpoints on S3, resumed after a killed worker: tests/test_faults.py
+(one training run serves both, to keep the suite short on 2 cores).
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from rayseg.config import MasksConfig, TrainConfig
+from rayseg.config import MasksConfig
 from rayseg.shard import run_masks
-from rayseg.train import run_train
 
 BUCKET = "rayseg-test"
 
@@ -88,43 +89,3 @@ def test_masks_written_to_and_resumed_from_s3(s3, make_synth):
 
     third = run_masks(cfg)
     assert third["counts"]["shards_run"] == 0 and third["counts"]["resumed"] == 30
-
-
-@pytest.mark.slow
-def test_training_checkpoints_written_to_and_resumed_from_s3(s3, make_synth):
-    annotations = make_synth(24)
-    data = f"s3://{BUCKET}/train-data"
-    run_masks(
-        MasksConfig(
-            annotations=str(annotations), out=data, images_dir=str(annotations.parent / "images")
-        )
-    )
-    prefix = f"{BUCKET}/runs/r1"
-
-    def train(epochs: int) -> dict:
-        return run_train(
-            TrainConfig(
-                data=data,
-                out=f"s3://{prefix}",
-                epochs=epochs,
-                batch_size=4,
-                crop_size=64,
-                num_workers=1,
-                max_failures=1,
-            )
-        )
-
-    assert train(1)["epochs"] == 1
-    assert "checkpoint.pt" in listing(s3, f"{prefix}/epoch_0001")
-    first = s3.get_file_info(f"{prefix}/epoch_0001/checkpoint.pt").mtime
-
-    summary = train(2)  # a new driver: finds epoch 1 in the bucket and continues from it
-    assert summary["epochs"] == 2
-    assert "checkpoint.pt" in listing(s3, f"{prefix}/epoch_0002")
-    assert s3.get_file_info(f"{prefix}/epoch_0001/checkpoint.pt").mtime == first, "not redone"
-    with s3.open_input_stream(f"{prefix}/metrics.jsonl") as f:
-        epochs = [json.loads(line)["epoch"] for line in f.read().decode().splitlines()]
-    assert epochs == [1, 2]
-    assert {"model.pt", "summary.json", "checkpoint_manager_snapshot.json"} <= set(
-        listing(s3, prefix)
-    )

@@ -1,0 +1,146 @@
+"""rayseg.models: builders, class mapping, export round trip, weight files (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rayseg import models
+from rayseg.errors import RaysegError
+
+META = {
+    "values": "category_id",
+    "dtype": "uint8",
+    "ignore_value": 255,
+    "background_value": 0,
+    "classes": [
+        {"value": 1, "category_id": 1, "name": "person"},
+        {"value": 3, "category_id": 3, "name": "car"},
+        {"value": 18, "category_id": 18, "name": "dog"},
+    ],
+}
+
+
+def test_builders_are_torchvisions_six():
+    assert set(models.MODEL_BUILDERS) == {
+        "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+        "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+    }
+
+
+def test_class_map_all_voc_and_ids():
+    all_ = models.class_map_from_meta(META)
+    assert all_.names == ("background", "person", "car", "dog") and all_.num_classes == 4
+    voc = models.class_map_from_meta(META, "voc")
+    # VOC order (torchvision's CAT_LIST): car (3), dog (18), person (1); absent VOC classes dropped
+    assert voc.category_ids == (3, 18, 1)
+    chosen = models.class_map_from_meta(META, "18, 1")
+    assert chosen.category_ids == (18, 1) and chosen.names == ("background", "dog", "person")
+
+
+@pytest.mark.parametrize(("classes", "match"), [("2", "not in the masks' mapping"),
+                                                ("cats", "not 'all', 'voc'")])
+def test_class_map_rejects_bad_choice(classes, match):
+    with pytest.raises(RaysegError, match=match):
+        models.class_map_from_meta(META, classes)
+
+
+def test_to_train_ids_and_back():
+    cm = models.class_map_from_meta(META, "18,3")
+    mask = np.array([[0, 1, 3, 18, 255, 7]], np.uint8)
+    ids = cm.to_train_ids(mask)
+    # person (1) and unknown 7 are not chosen: background; ignore stays 255
+    assert ids.tolist() == [[0, 0, 2, 1, 255, 0]] and ids.dtype == np.uint8
+    assert cm.to_mask_values(ids).tolist() == [[0, 0, 3, 18, 255, 0]]
+
+
+def test_sixteen_bit_masks():
+    meta = {**META, "dtype": "uint16", "ignore_value": 65535,
+            "classes": [{"value": 300, "category_id": 300, "name": "x"}]}
+    cm = models.class_map_from_meta(meta)
+    mask = np.array([[0, 300, 65535]], np.uint16)
+    assert cm.to_train_ids(mask).tolist() == [[0, 1, 255]]
+    back = cm.to_mask_values(cm.to_train_ids(mask))
+    assert back.dtype == np.uint16 and back.tolist() == [[0, 300, 65535]]
+
+
+def test_class_map_dict_round_trip():
+    cm = models.class_map_from_meta(META, "voc")
+    assert models.ClassMap.from_dict(cm.to_dict()) == cm
+
+
+def test_normalize_matches_imagenet_stats():
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[..., 0] = 255
+    x = models.normalize(image)
+    assert x.shape == (3, 2, 3)
+    assert x[0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229)
+    assert x[1, 0, 0].item() == pytest.approx(-0.456 / 0.224)
+    assert models.normalize(np.stack([image, image])).shape == (2, 3, 2, 3)
+
+
+def test_export_round_trip(tmp_path):
+    cm = models.class_map_from_meta(META)
+    model = models.build_model("lraspp_mobilenet_v3_large", cm.num_classes, aux_loss=True).eval()
+    path = tmp_path / "run" / "model.pt"
+    path.parent.mkdir()
+    models.save_model(str(path), model, name="lraspp_mobilenet_v3_large", class_map=cm,
+                      aux_loss=True)
+    x = torch.randn(1, 3, 48, 64)
+    for uri in (str(path), str(path.parent)):
+        loaded, info = models.load_model(uri)
+        assert info["model"] == "lraspp_mobilenet_v3_large" and info["class_map"] == cm
+        assert not loaded.training
+        with torch.no_grad():
+            out = models.forward_logits(loaded, x)
+            assert out.shape == (1, 4, 48, 64)
+            assert torch.allclose(out, models.forward_logits(model, x))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(RaysegError, match="no such model"):
+        models.load_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RaysegError, match="no checkpoints"):
+        models.load_model(str(tmp_path / "empty"))
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": 1}, junk)
+    with pytest.raises(RaysegError, match="not a rayseg model"):
+        models.load_model(str(junk))
+
+
+def test_aux_head_where_the_model_has_one():
+    with_aux = models.build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=True)
+    assert with_aux.aux_classifier is not None
+    lraspp = models.build_model("lraspp_mobilenet_v3_large", 3, aux_loss=True)
+    assert not hasattr(lraspp, "aux_classifier")
+
+
+def test_pretrained_file_loads_except_class_heads(tmp_path):
+    source = models.build_model("lraspp_mobilenet_v3_large", 21, aux_loss=False)
+    path = tmp_path / "pretrained.pth"
+    torch.save({"model": source.state_dict()}, path)  # torchvision reference checkpoint shape
+    model = models.build_model("lraspp_mobilenet_v3_large", 4, aux_loss=False, weights=str(path))
+    key = "backbone.0.0.weight"
+    assert torch.equal(model.state_dict()[key], source.state_dict()[key])
+    assert model.classifier.low_classifier.out_channels == 4
+
+
+def test_backbone_file_from_a_classification_checkpoint(tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    classifier = mobilenet_v3_large(weights=None, dilated=True)
+    path = tmp_path / "backbone.pth"
+    torch.save(classifier.state_dict(), path)  # keys "features.N...", plus "classifier..."
+    model = models.build_model("lraspp_mobilenet_v3_large", 4, aux_loss=False,
+                               weights_backbone=str(path))
+    assert torch.equal(model.backbone["0"][0].weight, classifier.features[0][0].weight)
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(models.build_model("lraspp_mobilenet_v3_large", 4, aux_loss=False).state_dict(),
+               path)
+    with pytest.raises(RaysegError, match="no weights match|lack"):
+        models.build_model("fcn_resnet50", 4, aux_loss=False, weights=str(path))

@@ -1,0 +1,233 @@
+"""rayseg.train: pure pieces, bad input refused before training, and real runs on local Ray.
+
+The Ray runs use tiny 64x48 images: 2 workers (gloo) train LR-ASPP for 2 epochs, then the same
+command with 3 epochs resumes. Where ../shared/data/coco_sample exists, real COCO images go
+through subset -> masks -> train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_ingest import META, write_masks
+
+from rayseg import train
+from rayseg.config import TrainConfig, load_config
+from rayseg.errors import RaysegError
+from rayseg.models import class_map_from_meta, load_model
+
+COCO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_sample"
+BAD_ROWS = {104: "image", 109: "mask"}
+
+
+def config(data: Path, out: Path, **changes) -> TrainConfig:
+    settings = dict(data=str(data), out=str(out), model="lraspp_mobilenet_v3_large", epochs=2,
+                    batch_size=4, crop_size=48, num_workers=2, val_fraction=0.2, lr=0.05,
+                    max_failures=0)
+    return TrainConfig(**{**settings, **changes})
+
+
+# ---- pure pieces ----------------------------------------------------------------------------
+
+
+def test_lr_poly_with_warmup():
+    assert train.lr_factor(0, 100, 0) == 1.0
+    assert train.lr_factor(50, 100, 0) == pytest.approx(0.5**0.9)
+    assert train.lr_factor(100, 100, 0) == 0.0
+    assert train.lr_factor(0, 100, 10) == pytest.approx(train.WARMUP_START)
+    assert train.lr_factor(5, 100, 10) < train.lr_factor(10, 100, 10)
+
+
+def test_loss_ignores_255_and_survives_an_all_ignored_batch():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1] = 10.0
+    target = torch.tensor([[[1, 1], [255, 255]]])
+    assert train.pixel_loss(logits, target).item() == pytest.approx(0.0, abs=1e-3)
+    ignored = torch.full((1, 2, 2), 255)
+    assert train.pixel_loss(logits, ignored).item() == 0.0
+    with_aux = train.segmentation_loss({"out": logits, "aux": torch.zeros(1, 3, 2, 2)}, target)
+    assert with_aux.item() == pytest.approx(0.5 * math.log(3), rel=1e-3)
+
+
+def test_aux_head_gets_ten_times_the_lr():
+    from rayseg.models import build_model
+
+    model = build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=True)
+    groups = train.param_groups(model, 0.01)
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.1)
+    counted = sum(len(g["params"]) for g in groups)
+    assert counted == len(list(model.parameters()))
+
+
+def test_steps_per_epoch_and_too_few_images():
+    cfg = TrainConfig(data="d", out="o", batch_size=4, num_workers=2)
+    assert train.steps_per_epoch(17, cfg) == 2
+    with pytest.raises(RaysegError, match="too few"):
+        train.steps_per_epoch(7, cfg)
+
+
+def test_unknown_config_key_names_the_nearest():
+    with pytest.raises(RaysegError, match="did you mean 'epochs'"):
+        load_config(TrainConfig, None, {"data": "d", "out": "o", "epoch": 3})
+    with pytest.raises(RaysegError, match="'batch_size' must be an integer"):
+        load_config(TrainConfig, None, {"data": "d", "out": "o", "batch_size": "eight"})
+
+
+def test_storage_probe_reports_an_invisible_marker(tmp_path):
+    assert train._probe_storage(str(tmp_path), "missing-marker") is not None
+    (tmp_path / "marker").write_text("ok")
+    assert train._probe_storage(str(tmp_path), "marker") is None
+
+
+# ---- bad input, refused before any worker starts ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory) -> Path:
+    return write_masks(tmp_path_factory.mktemp("masks"), 30, bad=BAD_ROWS)
+
+
+def test_refuses_crop_larger_than_every_image(masks, tmp_path):
+    with pytest.raises(RaysegError, match="larger than every image"):
+        train.run_train(config(masks, tmp_path / "run", crop_size=100))
+
+
+def test_refuses_empty_dataset(tmp_path):
+    from rayseg import io as rio
+
+    folder = tmp_path / "empty" / "parquet"
+    folder.mkdir(parents=True)
+    rio.write_parquet(rio.locate(str(folder / "part-00000.parquet")), rio.mask_table([], META))
+    with pytest.raises(RaysegError, match="empty"):
+        train.run_train(config(tmp_path / "empty", tmp_path / "run"))
+
+
+def test_refuses_unwritable_storage(masks, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RaysegError, match="cannot create output folder|not writable"):
+        train.run_train(config(masks, blocker / "run"))
+
+
+def test_refuses_unknown_model_and_classes(masks, tmp_path):
+    with pytest.raises(RaysegError, match="unknown; choose one of"):
+        train.run_train(config(masks, tmp_path / "run", model="unet"))
+    with pytest.raises(RaysegError, match="not in the masks' mapping"):
+        train.run_train(config(masks, tmp_path / "run", classes="1,2"))
+
+
+def test_refuses_val_data_with_another_mapping(masks, tmp_path):
+    other = {**META, "classes": [{"value": 5, "category_id": 5, "name": "plane"}]}
+    val = write_masks(tmp_path / "val", 4, meta=other)
+    with pytest.raises(RaysegError, match="map classes differently"):
+        train.run_train(config(masks, tmp_path / "run", val_data=str(val)))
+
+
+# ---- on local Ray -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_tmpdir):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, masks, tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "run"
+    summary = train.run_train(config(masks, run))
+    return run, summary
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_and_loss_goes_down(trained):
+    run, summary = trained
+    rows = history(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["loss"] < rows[0]["loss"]
+    assert all(r["world_size"] == 2 and 0 <= r["val_miou"] <= 1 for r in rows)
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in rows)
+    assert set(rows[0]["val_iou"]) == {"background", "square", "disc"}
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["epochs"] == 2
+
+
+def test_checkpoints_and_export(trained):
+    run, _ = trained
+    assert (run / "epoch_0002" / "checkpoint.pt").exists()
+    header = json.loads((run / "epoch_0002" / "checkpoint.json").read_text())
+    assert header["model"] == "lraspp_mobilenet_v3_large" and header["epoch"] == 2
+    model, info = load_model(str(run / "model.pt"))
+    assert info["class_map"] == class_map_from_meta(META)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 48, 64))["out"].shape == (1, 3, 48, 64)
+
+
+def test_undecodable_rows_are_counted_and_listed(trained):
+    run, summary = trained
+    listed = {s["image_id"] for s in summary["skipped"]}
+    # Every bad row sits in training or validation; each is reported with its reason.
+    assert listed == set(BAD_ROWS) and summary["skipped_rows"] == 2
+    saved = json.loads((run / "summary.json").read_text())
+    reasons = {s["image_id"]: s["reason"] for s in saved["skipped"]}
+    assert reasons == {104: "image does not decode", 109: "mask does not decode"}
+
+
+def test_checkpoint_of_another_model_or_classes_is_refused(trained, masks):
+    run, _ = trained
+    with pytest.raises(RaysegError, match="lraspp_mobilenet_v3_large checkpoint, not"):
+        train.run_train(config(masks, run, model="deeplabv3_mobilenet_v3_large", epochs=3))
+    with pytest.raises(RaysegError, match="was trained on classes"):
+        train.run_train(config(masks, run, classes="3", epochs=3))
+
+
+def test_gpu_request_without_gpus_is_refused(trained, masks, tmp_path):
+    with pytest.raises(RaysegError, match="GPUs; the cluster has 0"):
+        train.run_train(config(masks, tmp_path / "run", use_gpu=True))
+
+
+def test_rerun_with_more_epochs_resumes(trained, masks, capsys):
+    run, _ = trained
+    first = history(run)
+    summary = train.run_train(config(masks, run, epochs=3))
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "2 of 3 epochs done" in out
+    rows = history(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[:2] == first
+    assert (run / "epoch_0003" / "checkpoint.pt").exists() and summary["epochs"] == 3
+    _, info = load_model(str(run))
+    assert info["source"].endswith("model.pt")
+    again = train.run_train(config(masks, run, epochs=3))
+    assert "nothing to train" in capsys.readouterr().out and again["epochs"] == 3
+
+
+@pytest.mark.skipif(not COCO_SAMPLE.exists(), reason="../shared/data/coco_sample not present")
+def test_real_coco_images_end_to_end(ray_local, tmp_path):
+    from rayseg.coco import run_subset
+    from rayseg.config import MasksConfig, SubsetConfig
+    from rayseg.shard import run_masks
+
+    images = str(COCO_SAMPLE / "images")
+    subset = tmp_path / "subset.json"
+    run_subset(SubsetConfig(annotations=str(COCO_SAMPLE / "annotations.json"), out=str(subset),
+                            num_images=24, images_dir=images))
+    run_masks(MasksConfig(annotations=str(subset), out=str(tmp_path / "masks"),
+                          images_dir=images, crowd="ignore", shard_size=12))
+    summary = train.run_train(TrainConfig(
+        data=str(tmp_path / "masks"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+        crop_size=96, num_workers=1, classes="voc", val_fraction=0.2, max_failures=0))
+    assert summary["epochs"] == 1 and summary["skipped_rows"] == 0
+    model, info = load_model(str(tmp_path / "run"))
+    assert info["class_map"].names[0] == "background"
+    assert info["class_map"].num_classes <= 21
