@@ -31,7 +31,8 @@ DTYPE_MAX = {"uint8": 255, "uint16": 65535}
 # Beyond this a coordinate is a data error, not geometry; it is clamped so that the
 # rasterizers' integer arithmetic cannot overflow.
 MAX_COORDINATE = 1e5
-# Real COCO polygons stray a fraction of a pixel outside the image through float rounding.
+# COCO polygons may end a fraction of a pixel past the image edge (float rounding); only
+# coordinates further out are reported.
 EDGE_TOLERANCE = 1.0
 # pycocotools' rleFrPoly traces polygon edges on a 5x upsampled integer grid.
 _COCO_SCALE = 5
@@ -354,7 +355,8 @@ def _coco_polygon_masks(
     if not parts:
         return [None] * len(objects)
     sizes = [len(p) for p in parts]
-    vertex_owner = np.repeat([k for k in inside for _ in objects[k].parts], sizes)  # (N,)
+    part_owner = [k for k in inside for _ in objects[k].parts]
+    vertex_owner = np.repeat(part_owner, sizes)  # (N,)
     # rleFrPoly: x = (int)(scale * x + .5), a C cast that truncates toward zero.
     grid = np.trunc(_COCO_SCALE * np.concatenate(parts) + 0.5)  # (N, 2) integers as float64
     corners = np.array([(0, 0) if w is None else w[:2] for w in windows])  # (K, 2) [left, top]
@@ -366,7 +368,7 @@ def _coco_polygon_masks(
     coordinates = local / _COCO_SCALE
     polygons: dict[int, list[np.ndarray]] = {k: [] for k in inside}
     stop = 0
-    for k, size in zip(vertex_owner[np.cumsum(sizes) - 1].tolist(), sizes, strict=True):
+    for k, size in zip(part_owner, sizes, strict=True):
         polygons[k].append(coordinates[stop : stop + size].ravel())
         stop += size
     masks: list[tuple[int, int, np.ndarray] | None] = [None] * len(objects)
@@ -417,7 +419,7 @@ def _exact_offsets(
     begin: (N, 2) [x, y] grid vertices of all parts, `sizes` per part, `vertex_owner` (N,) the
     object of each; corners: (K, 2). rleFrPoly walks the major axis of each edge and rounds the
     minor one as (int)(first + s * t + .5) with s = delta / major in doubles. Where the exact
-    value is a half step H, s * t may miss it by up to |H| * 2**-52 <= |delta| * 2**-52, and
+    value is a half step H, s * t may miss it by about |H| * 2**-52 <= |delta| * 2**-52, and
     whether first + s * t rounds back onto H depends on the magnitude of first: a shift can move
     the traced point by one step. Once the whole edge lies above 4 * |delta| in the shifted
     frame, half an ulp of first + H exceeds that miss, so both frames round onto H. Only edges

@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,6 +247,27 @@ def timed(batches: Iterable[dict[str, torch.Tensor]], stats: EpochStats) -> Iter
         if batch is None:
             return
         yield batch
+
+
+class Prefetched:
+    """Iterates `batches`, with the first batch already being fetched in a background thread.
+
+    Ray Data starts a new execution for every epoch (seconds of task start-up); starting the
+    next epoch's first batch before validation hides that start-up behind validation.
+    """
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        self._it = iter(batches)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._first = self._pool.submit(next, self._it, None)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        first = self._first.result()
+        self._pool.shutdown()
+        if first is None:
+            return
+        yield first
+        yield from self._it
 
 
 def note_problems(batch: dict[str, torch.Tensor], problems: dict[int, int]) -> None:
@@ -484,17 +506,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")  # Ray
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")  # Ray: this worker's val images
 
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-            prefetch_batches=PREFETCH_BATCHES,
-            device=device,
+    def train_batches() -> Prefetched:
+        return Prefetched(
+            train_shard.iter_torch_batches(
+                batch_size=cfg.batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=4 * cfg.batch_size,
+                prefetch_batches=PREFETCH_BATCHES,
+                device=device,
+            )
         )
+
+    batches = train_batches()
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
         stats = train_one_epoch(
             train_model, batches, optimizer, scheduler, device=device, amp=amp
         )
+        if epoch < cfg.epochs:
+            batches = train_batches()  # the next epoch starts up during validation
         val_start = time.perf_counter()
         val_batches = val_shard.iter_torch_batches(
             batch_size=cfg.batch_size, prefetch_batches=PREFETCH_BATCHES, device=device

@@ -113,6 +113,8 @@ def shard_records(out: Path) -> list[str]:
 
 def check_every_image_once(out: Path, num_images: int) -> dict:
     """Manifest, Parquet parts and PNGs all account for each image exactly once, none cut short."""
+    leftovers = [p for p in out.rglob("*") if io.TMP_MARK in p.name]
+    assert not leftovers, leftovers
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["rendered_total"] == counts["images_valid"] == num_images
@@ -126,8 +128,6 @@ def check_every_image_once(out: Path, num_images: int) -> dict:
     assert len(masks) == num_images
     for png in masks:
         assert io.decode_png(png.read_bytes()).shape == (HEIGHT, WIDTH), png.name
-    leftovers = [p for p in out.rglob("*") if io.TMP_MARK in p.name]
-    assert not leftovers, leftovers
     return counts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -207,6 +208,21 @@ def test_job_script_fails_with_the_clis_one_line_error(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("rayseg masks: error: ") and "missing.json" in lines[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_job_script_runs_the_uploaded_rayseg(tmp_path):
+    # An unpacked upload whose rayseg differs from the installed one: the upload's must run,
+    # with the script's arguments, and its status must be the job's.
+    upload = tmp_path / "upload"
+    shutil.copytree(ROOT / "jobs", upload / "jobs")
+    (upload / "rayseg").mkdir()
+    (upload / "rayseg" / "__init__.py").write_text("")
+    (upload / "rayseg" / "cli.py").write_text(
+        "def main(argv):\n    print(__file__, argv)\n    return 3\n")
+    result = subprocess.run([sys.executable, "jobs/train.py", "--epochs", "2"], cwd=upload,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.strip() == f"{upload / 'rayseg' / 'cli.py'} ['train', '--epochs', '2']"
 
 
 def test_rayignore_keeps_the_upload_small(tmp_path):

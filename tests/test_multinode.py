@@ -22,6 +22,7 @@ NODES = ("node_a", "node_b")
 
 @pytest.fixture(scope="module")
 def cluster(ray_tmpdir):
+    ray.shutdown()  # in case an earlier module left a Ray of its own connected
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -80,12 +80,12 @@ def test_polygon_past_the_border_is_clipped_and_reported_once(rasterizer):
     mask, problems = render_mask(10, 10, [shape], rasterizer=rasterizer)
     assert len(problems) == 1 and problems[0].annotation_id == 9
     assert "(-40, 4)" in problems[0].reason and "outside the 10x10 image" in problems[0].reason
-    # coco: columns 0..4 of rows 2..5
+    # coco: columns 0..4 of rows 2..5; opencv adds boundary row 6 and column 5
     assert counts(mask)[4] == {"coco": 20, "opencv": 30}[rasterizer]
 
 
 def test_coordinates_a_fraction_outside_the_image_are_not_problems():
-    # Real COCO polygons end at 640.3 on a 640-wide image through float rounding.
+    # COCO polygons may end a fraction of a pixel past the image edge (float rounding).
     shape = Shape(1, 3, [[-0.6, -0.2, 20.9, -0.4, 20.7, 10.8, -0.3, 10.5]])
     for rasterizer in RASTERIZERS:
         _, problems = render_mask(10, 20, [shape], rasterizer=rasterizer)
@@ -93,9 +93,10 @@ def test_coordinates_a_fraction_outside_the_image_are_not_problems():
 
 
 def test_coco_rasterizer_survives_a_shift_sensitive_edge():
-    # On the window that starts at row 5, one edge of this polygon reaches a half step where
-    # (int)(first + s * t + .5) rounds differently than on the full image: a plain shift of the
-    # coordinates moves pixel (17, 16). render_mask detects it and keeps the full-image frame.
+    # On the object's window, which starts at row 5, one edge of this polygon reaches a half step
+    # where (int)(first + s * t + .5) rounds differently than on the full image: a plain shift of
+    # the coordinates moves pixel (17, 16). render_mask lowers the window's top until the
+    # rounding provably agrees.
     height, width = 24, 33
     polygon = [32.2, 7.0, 0.9, 28.0, 12.75, 6.0, 32.35, 20.0, 2.85, 26.0]
     reference = mask_utils.decode(mask_utils.frPyObjects([polygon], height, width)[0])
@@ -135,8 +136,8 @@ def test_compressed_rle_round_trips_a_known_array(as_text):
     assert np.array_equal(mask, known * 9)
 
 
-def test_real_crowd_counts_start_with_zeros_run():
-    # Counts always start with a run of zeros, possibly empty.
+def test_uncompressed_rle_may_start_with_an_empty_zero_run():
+    # COCO counts always begin with the zeros run; a mask starting with a one has 0 there.
     mask, _ = render_mask(2, 2, [Shape(1, 5, {"size": [2, 2], "counts": [0, 1, 3]})])
     assert mask.tolist() == [[5, 0], [0, 0]]
 

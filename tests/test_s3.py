@@ -28,6 +28,7 @@ def s3(moto_server, ray_tmpdir) -> pafs.S3FileSystem:
     """The bucket, seen through pyarrow's own S3 client (not rayseg's), with Ray started after
     the AWS_* variables are set."""
     boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=BUCKET)
+    ray.shutdown()  # in case an earlier module left a Ray of its own connected
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         yield pafs.S3FileSystem(

@@ -1,0 +1,217 @@
+"""Training throughput: a plain PyTorch loop vs `rayseg train` with 1 and N Ray Train workers.
+
+    python bench/train_bench.py                              # LR-ASPP, 96 px crops, synthetic data
+    python bench/train_bench.py --data OUT/masks --model deeplabv3_resnet50 --crop-size 480 \
+        --batch-size 8 --workers 4 --use-gpu                  # on a GPU cluster
+
+(a) plain: one process, the same decode + augment (rayseg.ingest) in a torch DataLoader with
+    one loader process, the same model, optimizer, schedule and step (rayseg.train.train_one_epoch).
+(b) `rayseg train` (run_train) with 1 worker, (c) with --workers workers, on the same rows.
+Equal compute: (a) uses as many torch threads as one Ray worker gets.
+
+Per run, epochs after the first (warm-up) are summed: images/s over the training loop, and the
+time blocked in the batch iterator as a share of it, in total and without each epoch's first
+batch (Ray Data starts a new execution per epoch: its start-up is a fixed cost per epoch, the
+rest is the steady state). Targets: (b) within 10% of (a); data wait under 5% of step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rayseg import ingest  # noqa: E402
+from rayseg.config import MasksConfig, SynthConfig, TrainConfig  # noqa: E402
+from rayseg.models import build_model, class_map_from_meta  # noqa: E402
+from rayseg.train import (  # noqa: E402
+    EpochStats,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
+
+TARGET_OVERHEAD = 0.10
+TARGET_WAIT = 0.05
+
+
+def make_data(folder: Path, num_images: int) -> str:
+    """Synthetic shapes rendered to masks with embedded images (cached per image count)."""
+    from rayseg.shard import run_masks
+    from rayseg.synth import run_synth
+
+    masks = folder / f"masks-{num_images}"
+    if not (masks / "manifest.json").exists():
+        synth = folder / f"synth-{num_images}"
+        run_synth(SynthConfig(out=str(synth), num_images=num_images))
+        run_masks(MasksConfig(annotations=str(synth / "annotations.json"), out=str(masks),
+                              images_dir=str(synth / "images"), shard_size=max(1, num_images // 4)))
+    return str(masks)
+
+
+class Rows(torch.utils.data.Dataset):
+    """Encoded rows held in memory; each item decoded and augmented as in Ray Data's tasks."""
+
+    def __init__(self, summary: ingest.DataSummary, ids: np.ndarray, lut: np.ndarray, crop: int):
+        tables = [pq.read_table(p, filesystem=summary.location.fs,
+                                columns=["image_id", "image", "mask"]) for p in summary.paths]
+        wanted = set(ids.tolist())
+        rows = [r for t in tables for r in t.to_pylist() if r["image_id"] in wanted]
+        self.rows, self.lut, self.crop = rows, lut, crop
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        r = self.rows[i]
+        batch = {k: np.array([r[k]], dtype=object) for k in ("image", "mask")}
+        batch["image_id"] = np.array([r["image_id"]])
+        out = ingest.train_batch(batch, lut=self.lut, crop_size=self.crop)
+        return {k: v[0] for k, v in out.items()}
+
+
+def plain_loop(data: str, cfg: TrainConfig, threads: int) -> list[EpochStats]:
+    """(a): the training step of rayseg.train in one process, no Ray."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    summary = ingest.scan_data(data)
+    class_map = class_map_from_meta(summary.meta, cfg.classes)
+    train_ids, _ = ingest.split_ids(summary.image_ids, cfg.val_fraction, seed=cfg.seed)
+    rows = Rows(summary, train_ids, class_map.train_lut(), cfg.crop_size)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=1,
+        persistent_workers=True, prefetch_factor=4,
+    )
+    model = build_model(cfg.model, class_map.num_classes, aux_loss=cfg.aux_loss)
+    optimizer = make_optimizer(model, cfg)
+    steps = len(loader)
+    scheduler = make_scheduler(optimizer, total_steps=cfg.epochs * steps, warmup_steps=0)
+    device = torch.device("cpu")
+    return [
+        train_one_epoch(model, loader, optimizer, scheduler, device=device, amp=False)
+        for _ in range(cfg.epochs)
+    ]
+
+
+def ray_run(data: str, cfg: TrainConfig, out: Path) -> list[dict[str, Any]]:
+    """(b)/(c): `rayseg train`; the per-epoch numbers come from its metrics.jsonl."""
+    from rayseg.train import run_train
+
+    run_train(cfg)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def rates(images: float, seconds: float, wait: float, first_wait: float) -> dict[str, float]:
+    steady = seconds - first_wait
+    return {
+        "images_per_s": images / seconds,
+        "steady_images_per_s": images / steady,
+        "data_wait": wait / seconds,
+        "steady_data_wait": (wait - first_wait) / steady,
+        "startup_s_per_epoch": first_wait,
+    }
+
+
+def summarize_plain(stats: list[EpochStats]) -> dict[str, float]:
+    warm = stats[1:] or stats
+    return rates(sum(s.images for s in warm), sum(s.seconds for s in warm),
+                 sum(s.wait_seconds for s in warm),
+                 sum(s.first_wait_seconds for s in warm)) | {"epochs": len(warm)}
+
+
+def summarize_ray(history: list[dict[str, Any]]) -> dict[str, float]:
+    warm = history[1:] or history
+    out = rates(sum(r["images"] for r in warm), sum(r["train_seconds"] for r in warm),
+                sum(r["data_wait_seconds"] for r in warm),
+                sum(r["data_wait_first_batch_seconds"] for r in warm))
+    out["startup_s_per_epoch"] /= len(warm)
+    return out | {"epochs": len(warm)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="masks output dir (default: synthetic, made once)")
+    p.add_argument("--images", type=int, default=480, help="synthetic images when no --data")
+    p.add_argument("--model", default="lraspp_mobilenet_v3_large")
+    p.add_argument("--crop-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    p.add_argument("--workers", type=int, default=2, help="workers for (c)")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+
+    import ray
+
+    from rayseg.runtime import connect_ray
+
+    connect_ray(None, args.num_cpus)
+    data = args.data or make_data(REPO / "bench" / "_data" / "train_bench", args.images)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cpus = ray.cluster_resources()["CPU"]
+    base = TrainConfig(data=data, out="", model=args.model, epochs=args.epochs,
+                       batch_size=args.batch_size, crop_size=args.crop_size,
+                       use_gpu=args.use_gpu, max_failures=0, num_to_keep=1)
+    from rayseg.train import worker_resources
+
+    threads = worker_resources(base, cpus)[1]
+    results: dict[str, Any] = {"model": args.model, "crop_size": args.crop_size,
+                               "batch_size": args.batch_size, "cpus": cpus,
+                               "torch_threads_per_worker": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.use_gpu:
+            start = time.monotonic()
+            results["a_plain"] = summarize_plain(plain_loop(data, base, threads))
+            results["a_plain"]["wall_s"] = time.monotonic() - start
+        for key, workers in (("b_ray_1_worker", 1), (f"c_ray_{args.workers}_workers",
+                                                     args.workers)):
+            out = Path(tmp) / key
+            cfg = TrainConfig(**{**base.__dict__, "out": str(out), "num_workers": workers})
+            start = time.monotonic()
+            results[key] = summarize_ray(ray_run(data, cfg, out))
+            results[key]["wall_s"] = time.monotonic() - start
+    ray.shutdown()
+    report(results, args.workers)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def report(results: dict[str, Any], workers: int) -> None:
+    print(f"\n{results['model']}, crop {results['crop_size']}, batch {results['batch_size']}, "
+          f"{results['cpus']:g} CPUs, {results['torch_threads_per_worker']} torch threads/worker")
+    print(f"{'run':<22}{'images/s':>10}{'steady':>10}{'wait':>8}{'steady wait':>13}"
+          f"{'start-up/epoch':>16}")
+    for key, r in results.items():
+        if isinstance(r, dict):
+            print(f"{key:<22}{r['images_per_s']:>10.1f}{r['steady_images_per_s']:>10.1f}"
+                  f"{r['data_wait']:>8.1%}{r['steady_data_wait']:>13.1%}"
+                  f"{r['startup_s_per_epoch']:>15.1f}s")
+    if "a_plain" in results:
+        a, b = results["a_plain"], results["b_ray_1_worker"]
+        for label, key in (("steady state", "steady_images_per_s"), ("with start-up", "images_per_s")):
+            overhead = 1 - b[key] / a[key]
+            ok = "ok" if overhead <= TARGET_OVERHEAD else "over target"
+            print(f"Ray Train overhead vs plain loop ({label}): {overhead:+.1%} "
+                  f"(target <= {TARGET_OVERHEAD:.0%}: {ok})")
+    c = results[f"c_ray_{workers}_workers"]
+    print(f"scaling 1 -> {workers} workers: "
+          f"{c['steady_images_per_s'] / results['b_ray_1_worker']['steady_images_per_s']:.2f}x "
+          "(steady state)")
+    worst = max(r["steady_data_wait"] for k, r in results.items() if k.startswith(("b_", "c_")))
+    print(f"data wait, steady state: worst {worst:.1%} (target < {TARGET_WAIT:.0%})")
+
+
+if __name__ == "__main__":
+    main()
