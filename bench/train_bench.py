@@ -18,7 +18,9 @@ rest is the steady state). Targets: (b) within 10% of (a); data wait under 5% of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -55,8 +57,14 @@ def make_data(folder: Path, num_images: int) -> str:
     if not (masks / "manifest.json").exists():
         synth = folder / f"synth-{num_images}"
         run_synth(SynthConfig(out=str(synth), num_images=num_images))
-        run_masks(MasksConfig(annotations=str(synth / "annotations.json"), out=str(masks),
-                              images_dir=str(synth / "images"), shard_size=max(1, num_images // 4)))
+        run_masks(
+            MasksConfig(
+                annotations=str(synth / "annotations.json"),
+                out=str(masks),
+                images_dir=str(synth / "images"),
+                shard_size=max(1, num_images // 4),
+            )
+        )
     return str(masks)
 
 
@@ -64,8 +72,10 @@ class Rows(torch.utils.data.Dataset):
     """Encoded rows held in memory; each item decoded and augmented as in Ray Data's tasks."""
 
     def __init__(self, summary: ingest.DataSummary, ids: np.ndarray, lut: np.ndarray, crop: int):
-        tables = [pq.read_table(p, filesystem=summary.location.fs,
-                                columns=["image_id", "image", "mask"]) for p in summary.paths]
+        tables = [
+            pq.read_table(p, filesystem=summary.location.fs, columns=["image_id", "image", "mask"])
+            for p in summary.paths
+        ]
         wanted = set(ids.tolist())
         rows = [r for t in tables for r in t.to_pylist() if r["image_id"] in wanted]
         self.rows, self.lut, self.crop = rows, lut, crop
@@ -81,7 +91,7 @@ class Rows(torch.utils.data.Dataset):
         return {k: v[0] for k, v in out.items()}
 
 
-def plain_loop(data: str, cfg: TrainConfig, threads: int) -> list[EpochStats]:
+def plain_loop(data: str, cfg: TrainConfig, threads: int, loader_workers: int) -> list[EpochStats]:
     """(a): the training step of rayseg.train in one process, no Ray."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -90,21 +100,44 @@ def plain_loop(data: str, cfg: TrainConfig, threads: int) -> list[EpochStats]:
     train_ids, _ = ingest.split_ids(summary.image_ids, cfg.val_fraction, seed=cfg.seed)
     rows = Rows(summary, train_ids, class_map.train_lut(), cfg.crop_size)
     loader = torch.utils.data.DataLoader(
-        rows, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=1,
-        persistent_workers=True, prefetch_factor=4,
+        rows,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=loader_workers,
+        persistent_workers=True,
+        prefetch_factor=4,
+        pin_memory=cfg.use_gpu,
     )
-    model = build_model(cfg.model, class_map.num_classes, aux_loss=cfg.aux_loss)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    amp = cfg.use_gpu and cfg.amp
+    model = build_model(cfg.model, class_map.num_classes, aux_loss=cfg.aux_loss).to(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     steps = len(loader)
     scheduler = make_scheduler(optimizer, total_steps=cfg.epochs * steps, warmup_steps=0)
-    device = torch.device("cpu")
-    return [
-        train_one_epoch(model, loader, optimizer, scheduler, device=device, amp=False)
-        for _ in range(cfg.epochs)
-    ]
+
+    def on_device(batches):
+        for b in batches:
+            yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    stats = []
+    for _ in range(cfg.epochs):
+        stats.append(
+            train_one_epoch(model, on_device(loader), optimizer, scheduler, device=device, amp=amp)
+        )
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
+        print(
+            f"plain epoch: loss {stats[-1].loss_sum / stats[-1].steps:.4f}, "
+            f"{stats[-1].images / stats[-1].seconds:.1f} images/s",
+            flush=True,
+        )
+    return stats
 
 
-def ray_run(data: str, cfg: TrainConfig, out: Path) -> list[dict[str, Any]]:
+def ray_run(cfg: TrainConfig, out: Path) -> list[dict[str, Any]]:
     """(b)/(c): `rayseg train`; the per-epoch numbers come from its metrics.jsonl."""
     from rayseg.train import run_train
 
@@ -125,16 +158,22 @@ def rates(images: float, seconds: float, wait: float, first_wait: float) -> dict
 
 def summarize_plain(stats: list[EpochStats]) -> dict[str, float]:
     warm = stats[1:] or stats
-    return rates(sum(s.images for s in warm), sum(s.seconds for s in warm),
-                 sum(s.wait_seconds for s in warm),
-                 sum(s.first_wait_seconds for s in warm)) | {"epochs": len(warm)}
+    return rates(
+        sum(s.images for s in warm),
+        sum(s.seconds for s in warm),
+        sum(s.wait_seconds for s in warm),
+        sum(s.first_wait_seconds for s in warm),
+    ) | {"epochs": len(warm)}
 
 
 def summarize_ray(history: list[dict[str, Any]]) -> dict[str, float]:
     warm = history[1:] or history
-    out = rates(sum(r["images"] for r in warm), sum(r["train_seconds"] for r in warm),
-                sum(r["data_wait_seconds"] for r in warm),
-                sum(r["data_wait_first_batch_seconds"] for r in warm))
+    out = rates(
+        sum(r["images"] for r in warm),
+        sum(r["train_seconds"] for r in warm),
+        sum(r["data_wait_seconds"] for r in warm),
+        sum(r["data_wait_first_batch_seconds"] for r in warm),
+    )
     out["startup_s_per_epoch"] /= len(warm)
     return out | {"epochs": len(warm)}
 
@@ -149,66 +188,109 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
     p.add_argument("--workers", type=int, default=2, help="workers for (c)")
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--plain-only", action="store_true", help="only (a): no Ray needed")
+    p.add_argument("--loader-workers", type=int, default=1, help="(a)'s DataLoader processes")
     p.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
+    base = TrainConfig(
+        data=args.data,
+        out="",
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        use_gpu=args.use_gpu,
+        max_failures=0,
+        num_to_keep=1,
+    )
+    results: dict[str, Any] = {
+        "model": args.model,
+        "crop_size": args.crop_size,
+        "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name() if args.use_gpu else "cpu",
+    }
+    if args.plain_only:
+        results |= {"cpus": os.cpu_count(), "torch_threads_per_worker": torch.get_num_threads()}
+        results["a_plain"] = run_plain(base, torch.get_num_threads(), args.loader_workers)
+        report(results, args.workers)
+        write_json(args.json, results)
+        return
+
     import ray
 
     from rayseg.runtime import connect_ray
-
-    connect_ray(None, args.num_cpus)
-    data = args.data or make_data(REPO / "bench" / "_data" / "train_bench", args.images)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cpus = ray.cluster_resources()["CPU"]
-    base = TrainConfig(data=data, out="", model=args.model, epochs=args.epochs,
-                       batch_size=args.batch_size, crop_size=args.crop_size,
-                       use_gpu=args.use_gpu, max_failures=0, num_to_keep=1)
     from rayseg.train import worker_resources
 
-    threads = worker_resources(base, cpus)[1]
-    results: dict[str, Any] = {"model": args.model, "crop_size": args.crop_size,
-                               "batch_size": args.batch_size, "cpus": cpus,
-                               "torch_threads_per_worker": threads}
+    connect_ray(None, args.num_cpus)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data = args.data or make_data(REPO / "bench" / "_data" / "train_bench", args.images)
+    base = dataclasses.replace(base, data=data)
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    threads = worker_resources(base, node_cpus)[1]
+    results |= {"cpus": sum(node_cpus), "torch_threads_per_worker": threads}
+    results["a_plain"] = run_plain(base, threads, args.loader_workers)
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.use_gpu:
-            start = time.monotonic()
-            results["a_plain"] = summarize_plain(plain_loop(data, base, threads))
-            results["a_plain"]["wall_s"] = time.monotonic() - start
-        for key, workers in (("b_ray_1_worker", 1), (f"c_ray_{args.workers}_workers",
-                                                     args.workers)):
+        for key, workers in (
+            ("b_ray_1_worker", 1),
+            (f"c_ray_{args.workers}_workers", args.workers),
+        ):
             out = Path(tmp) / key
-            cfg = TrainConfig(**{**base.__dict__, "out": str(out), "num_workers": workers})
+            cfg = dataclasses.replace(base, out=str(out), num_workers=workers)
             start = time.monotonic()
-            results[key] = summarize_ray(ray_run(data, cfg, out))
+            results[key] = summarize_ray(ray_run(cfg, out))
             results[key]["wall_s"] = time.monotonic() - start
     ray.shutdown()
     report(results, args.workers)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.json, results)
+
+
+def run_plain(cfg: TrainConfig, threads: int, loader_workers: int) -> dict[str, float]:
+    start = time.monotonic()
+    out = summarize_plain(plain_loop(cfg.data, cfg, threads, loader_workers))
+    return out | {"wall_s": time.monotonic() - start}
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+    out_dir = os.environ.get("OUT")
+    for target in [path, out_dir and os.path.join(out_dir, "train_bench.json")]:
+        if target:
+            Path(target).write_text(json.dumps(results, indent=1) + "\n")
 
 
 def report(results: dict[str, Any], workers: int) -> None:
-    print(f"\n{results['model']}, crop {results['crop_size']}, batch {results['batch_size']}, "
-          f"{results['cpus']:g} CPUs, {results['torch_threads_per_worker']} torch threads/worker")
-    print(f"{'run':<22}{'images/s':>10}{'steady':>10}{'wait':>8}{'steady wait':>13}"
-          f"{'start-up/epoch':>16}")
+    print(
+        f"\n{results['model']}, crop {results['crop_size']}, batch {results['batch_size']}, "
+        f"{results['device']}, {results['cpus']:g} CPUs, "
+        f"{results['torch_threads_per_worker']} torch threads/worker"
+    )
+    print(
+        f"{'run':<22}{'images/s':>10}{'steady':>10}{'wait':>8}{'steady wait':>13}"
+        f"{'start-up/epoch':>16}"
+    )
     for key, r in results.items():
         if isinstance(r, dict):
-            print(f"{key:<22}{r['images_per_s']:>10.1f}{r['steady_images_per_s']:>10.1f}"
-                  f"{r['data_wait']:>8.1%}{r['steady_data_wait']:>13.1%}"
-                  f"{r['startup_s_per_epoch']:>15.1f}s")
-    if "a_plain" in results:
-        a, b = results["a_plain"], results["b_ray_1_worker"]
-        for label, key in (("steady state", "steady_images_per_s"), ("with start-up", "images_per_s")):
-            overhead = 1 - b[key] / a[key]
-            ok = "ok" if overhead <= TARGET_OVERHEAD else "over target"
-            print(f"Ray Train overhead vs plain loop ({label}): {overhead:+.1%} "
-                  f"(target <= {TARGET_OVERHEAD:.0%}: {ok})")
+            print(
+                f"{key:<22}{r['images_per_s']:>10.1f}{r['steady_images_per_s']:>10.1f}"
+                f"{r['data_wait']:>8.1%}{r['steady_data_wait']:>13.1%}"
+                f"{r['startup_s_per_epoch']:>15.1f}s"
+            )
+    if "b_ray_1_worker" not in results:
+        return
+    a, b = results["a_plain"], results["b_ray_1_worker"]
+    for label, key in (("steady state", "steady_images_per_s"), ("with start-up", "images_per_s")):
+        overhead = 1 - b[key] / a[key]
+        ok = "ok" if overhead <= TARGET_OVERHEAD else "over target"
+        print(
+            f"Ray Train overhead vs plain loop ({label}): {overhead:+.1%} "
+            f"(target <= {TARGET_OVERHEAD:.0%}: {ok})"
+        )
     c = results[f"c_ray_{workers}_workers"]
-    print(f"scaling 1 -> {workers} workers: "
-          f"{c['steady_images_per_s'] / results['b_ray_1_worker']['steady_images_per_s']:.2f}x "
-          "(steady state)")
+    print(
+        f"scaling 1 -> {workers} workers: "
+        f"{c['steady_images_per_s'] / b['steady_images_per_s']:.2f}x (steady state)"
+    )
     worst = max(r["steady_data_wait"] for k, r in results.items() if k.startswith(("b_", "c_")))
     print(f"data wait, steady state: worst {worst:.1%} (target < {TARGET_WAIT:.0%})")
 

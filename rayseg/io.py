@@ -105,7 +105,9 @@ def check_writable(loc: Location) -> None:
 
 def write_bytes(loc: Location, data: bytes) -> None:
     if loc.is_local:
-        tmp = f"{loc.path}{TMP_MARK}{uuid.uuid4().hex}"
+        # A leading dot hides a temporary from dataset readers (pyarrow, Ray Data) until renamed.
+        head, name = os.path.split(loc.path)
+        tmp = os.path.join(head, f".{name}{TMP_MARK}{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, loc.path)

@@ -118,7 +118,9 @@ def class_map_from_meta(meta: dict[str, Any], classes: str = "all") -> ClassMap:
         )
     chosen = [by_cat[c] for c in wanted if c in by_cat]
     if not chosen:
-        raise RaysegError(f"classes={classes!r}: none of these categories are in the masks' mapping")
+        raise RaysegError(
+            f"classes={classes!r}: none of these categories are in the masks' mapping"
+        )
     if meta["values"] == "scaled" and len(chosen) != len(by_cat):
         raise RaysegError(
             "classes: masks with values=scaled can only train on all classes "
@@ -340,9 +342,10 @@ def load_model(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, A
 
 
 def normalize(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) or (H, W, 3) uint8 RGB -> (B, 3, H, W) or (3, H, W) float32, ImageNet-normalised.
+    """(B, H, W, 3) or (H, W, 3) uint8 RGB -> (B, 3, H, W) or (3, H, W) float32.
 
-    Runs on the tensor's device, so uint8 batches can travel to the GPU before conversion.
+    Scaled to [0, 1], then IMAGENET_MEAN / IMAGENET_STD. Runs on the tensor's device, so uint8
+    batches can travel to the GPU before conversion.
     """
     x = torch.as_tensor(images)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)

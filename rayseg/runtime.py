@@ -19,8 +19,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **kwarg
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **common)
         return
-    # Embedded local Ray: no dashboard, so start-up stays around a few seconds.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+    # Embedded Ray of our own ("local": never silently join another cluster on this machine);
+    # no dashboard, so start-up stays at a few seconds. `--address auto` joins a running one.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
 
 
 class Progress:

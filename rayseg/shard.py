@@ -312,6 +312,9 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     done = prepare_output(out, {**plan, "num_shards": len(jobs)}, overwrite=cfg.overwrite)
     todo = [j for j in jobs if j.shard not in done]
     new_records, errors = run_jobs(todo, cfg, total_images=len(index.images))
+    for sub in ("masks", "parquet", "_shards"):
+        # A worker killed mid-write (and retried by Ray) leaves its temporary behind.
+        io.remove_stray_temporaries(out.join(sub))
     records = {r["shard"]: r for r in new_records}
     for k in sorted(done):
         records[k] = io.read_json(out.join("_shards", shard_record_name(k)))

@@ -47,7 +47,6 @@ from rayseg.models import (
     build_model,
     class_map_from_meta,
     forward_logits,
-    has_aux,
     latest_checkpoint_dir,
     model_record,
     normalize,
@@ -458,6 +457,63 @@ def quiet_logs() -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
+def build_training(
+    plan: Plan, device: torch.device, *, world_size: int, channels_last: bool
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Model on `device`, optimizer, and the per-iteration LR schedule for the whole run."""
+    cfg = plan.cfg
+    model = build_model(
+        cfg.model,
+        plan.class_map.num_classes,
+        aux_loss=cfg.aux_loss,
+        weights=cfg.weights,
+        weights_backbone=cfg.weights_backbone,
+    )
+    if world_size > 1 and cfg.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(
+        optimizer,
+        total_steps=cfg.epochs * plan.steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * plan.steps_per_epoch),
+    )
+    return model, optimizer, scheduler
+
+
+def report_epoch(
+    record: dict[str, Any],
+    *,
+    rank: int,
+    plan: Plan,
+    history: list[dict[str, Any]],
+    state: tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+) -> None:
+    """Rank 0 logs the epoch and reports it with a checkpoint; other ranks report without one.
+
+    Every rank reports once per epoch: ray.train.report is a barrier across workers.
+    """
+    import ray.train
+
+    epoch = record["epoch"]
+    metrics = {k: record[k] for k in ("epoch", "loss", "images_per_s")}
+    metrics["val_miou"] = 0.0 if math.isnan(record["val_miou"]) else record["val_miou"]
+    name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    history.append(record)
+    write_history(rio.locate(plan.run_uri), history)
+    say(epoch_line(record, plan.cfg.epochs))
+    with tempfile.TemporaryDirectory() as folder:
+        write_checkpoint(folder, *state, plan=plan, epoch=epoch, record=record)
+        # Ray persists the folder as RUN/epoch_NNNN and keeps the best num_to_keep + the latest.
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: config = {"plan": Plan}."""
     import ray.train
@@ -471,25 +527,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # Ray
     torch.set_num_threads(plan.threads)
     torch.manual_seed(cfg.seed)
-    on_gpu = device.type == "cuda"
-    amp = cfg.amp and on_gpu
-
-    model = build_model(
-        cfg.model,
-        class_map.num_classes,
-        aux_loss=cfg.aux_loss,
-        weights=cfg.weights,
-        weights_backbone=cfg.weights_backbone,
-    )
-    if world > 1 and cfg.sync_bn and on_gpu:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if amp:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    total_steps = cfg.epochs * plan.steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * plan.steps_per_epoch)
-    scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
+    amp = cfg.amp and device.type == "cuda"
+    model, optimizer, scheduler = build_training(plan, device, world_size=world, channels_last=amp)
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()  # Ray: the latest one, on resume or restart
@@ -498,8 +537,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch = restore(folder, model, optimizer, scheduler, plan=plan)
         if rank == 0:
             say(f"resumed from epoch {start_epoch} ({checkpoint.path})")
-    run = rio.locate(plan.run_uri)
-    history = read_history(run, upto_epoch=start_epoch) if rank == 0 else []
+    history = read_history(rio.locate(plan.run_uri), upto_epoch=start_epoch) if rank == 0 else []
 
     train_model = torch.compile(model) if cfg.compile else model
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # Ray: DDP
@@ -517,11 +555,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         )
 
-    batches = train_batches()
+    batches = train_batches() if start_epoch < cfg.epochs else None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        stats = train_one_epoch(
-            train_model, batches, optimizer, scheduler, device=device, amp=amp
-        )
+        stats = train_one_epoch(train_model, batches, optimizer, scheduler, device=device, amp=amp)
         if epoch < cfg.epochs:
             batches = train_batches()  # the next epoch starts up during validation
         val_start = time.perf_counter()
@@ -544,25 +580,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_problems=val_problems,
             world_size=world,
         )
-        reported = {k: record[k] for k in ("epoch", "loss", "val_miou", "images_per_s")}
-        reported["val_miou"] = 0.0 if math.isnan(reported["val_miou"]) else reported["val_miou"]
-        name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
-        if rank == 0:
-            history.append(record)
-            write_history(run, history)
-            say(epoch_line(record, cfg.epochs))
-            with tempfile.TemporaryDirectory() as folder:
-                write_checkpoint(
-                    folder, model, optimizer, scheduler, plan=plan, epoch=epoch, record=record
-                )
-                ray.train.report(  # Ray: persists the folder as RUN/epoch_NNNN
-                    reported,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_dir_name=name,
-                )
-        else:
-            # Every rank reports once per epoch (Ray Train's barrier); only rank 0 has a checkpoint.
-            ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
+        report_epoch(
+            record, rank=rank, plan=plan, history=history, state=(model, optimizer, scheduler)
+        )
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -578,9 +598,7 @@ class Split:
 
 def check_settings(cfg: TrainConfig) -> None:
     if cfg.model not in MODEL_BUILDERS:
-        raise RaysegError(
-            f"model {cfg.model!r} unknown; choose one of {', '.join(MODEL_BUILDERS)}"
-        )
+        raise RaysegError(f"model {cfg.model!r} unknown; choose one of {', '.join(MODEL_BUILDERS)}")
     for key in ("epochs", "batch_size", "crop_size", "num_workers"):
         if getattr(cfg, key) < 1:
             raise RaysegError(f"{key} is {getattr(cfg, key)}, expected a positive integer")
@@ -623,7 +641,9 @@ def storage_for(run: rio.Location) -> tuple[str, str]:
     """(Ray Train storage_path on run.fs, run name): RUN's parent folder and last part."""
     parent, _, name = run.path.rstrip("/").rpartition("/")
     if not parent or not name:
-        raise RaysegError(f"{run.uri}: the run directory needs a parent folder (e.g. s3://b/runs/x)")
+        raise RaysegError(
+            f"{run.uri}: the run directory needs a parent folder (e.g. s3://b/runs/x)"
+        )
     return parent, name
 
 
@@ -641,18 +661,18 @@ def done_epochs(run: rio.Location, *, model: str, class_map: ClassMap) -> tuple[
     return int(header["epoch"]), latest.uri
 
 
-def worker_resources(cfg: TrainConfig, cluster_cpus: float) -> tuple[float, int]:
-    """(CPUs reserved per worker, torch threads per worker).
+def worker_resources(cfg: TrainConfig, node_cpus: list[float]) -> tuple[float, int]:
+    """(CPUs reserved per worker, torch threads per worker), given the CPUs of each node.
 
-    With GPUs a worker needs one CPU; CPU training gets all CPUs but one, which is left for
-    Ray Data's decoding (Ray Data only uses CPUs that Train did not reserve).
+    With GPUs a worker needs one CPU. CPU training gets all CPUs but one, shared out (no more
+    than a node has): Ray Data decodes on the CPUs that Train did not reserve.
     """
     if cfg.cpus_per_worker is not None:
         cpus = cfg.cpus_per_worker
     elif cfg.use_gpu:
         cpus = 1.0
     else:
-        cpus = max(0.5, (cluster_cpus - 1) / cfg.num_workers)
+        cpus = max(0.5, min((sum(node_cpus) - 1) / cfg.num_workers, max(node_cpus)))
     return cpus, max(1, int(cpus))
 
 
@@ -814,11 +834,20 @@ def run_summary(run: rio.Location, history: list[dict[str, Any]]) -> dict[str, A
     }
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """`rayseg train`: check everything, train (or resume), export RUN/model.pt, summarise."""
-    from rayseg.runtime import connect_ray
+@dataclass(frozen=True)
+class Checked:
+    """What run_train learned before starting Ray: every input checked."""
 
-    start = time.monotonic()
+    class_map: ClassMap
+    split: Split
+    steps_per_epoch: int
+    run: rio.Location
+    done_epochs: int
+    latest: str | None
+
+
+def check_inputs(cfg: TrainConfig) -> Checked:
+    """Data, classes, split, crop, weights, output and any earlier run: RaysegError if unusable."""
     check_settings(cfg)
     data = ingest.scan_data(cfg.data)
     class_map = class_map_from_meta(data.meta, cfg.classes)
@@ -826,53 +855,86 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     ingest.check_crop(split.train, split.train_ids, cfg.crop_size)
     steps = steps_per_epoch(len(split.train_ids), cfg)
     if cfg.weights or cfg.weights_backbone:
-        build_model(cfg.model, class_map.num_classes, aux_loss=cfg.aux_loss,
-                    weights=cfg.weights, weights_backbone=cfg.weights_backbone)
+        build_model(
+            cfg.model,
+            class_map.num_classes,
+            aux_loss=cfg.aux_loss,
+            weights=cfg.weights,
+            weights_backbone=cfg.weights_backbone,
+        )
     run = rio.locate(cfg.out)
     rio.check_writable(run)
     storage_for(run)
     done, latest = done_epochs(run, model=cfg.model, class_map=class_map)
+    return Checked(class_map, split, steps, run, done, latest)
 
+
+def write_run_files(cfg: TrainConfig, checked: Checked) -> None:
+    """The resolved config and the validation split, beside the checkpoints."""
+    run, split = checked.run, checked.split
     rio.write_bytes(run.join("config.yaml"), dump_yaml(cfg).encode())
-    rio.write_json(run.join("split.json"), {
-        "data": data.location.uri,
+    split_record = {
+        "data": split.train.location.uri,
         "val_data": split.val.location.uri,
         "val_fraction": None if cfg.val_data else cfg.val_fraction,
         "seed": cfg.seed,
         "train_images": len(split.train_ids),
         "val_image_ids": [int(i) for i in split.val_ids],
-    })
-    if done >= cfg.epochs:
-        print(f"{run.uri} already has {done} epochs (--epochs {cfg.epochs}): nothing to train")
-    else:
-        if latest:
-            print(f"resuming from {latest}: {done} of {cfg.epochs} epochs done")
-        connect_ray(cfg.address, cfg.num_cpus)
-        import ray
+    }
+    rio.write_json(run.join("split.json"), split_record)
 
-        cpus_per_worker, threads = worker_resources(cfg, ray.cluster_resources().get("CPU", 1))
-        check_cluster(cfg, cpus_per_worker)
-        check_storage_reachable(run)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        plan = Plan(
-            cfg=cfg,
-            class_map=class_map,
-            run_uri=run.uri,
-            steps_per_epoch=steps,
-            threads=threads,
-            num_train=len(split.train_ids),
-            num_val=len(split.val_ids),
-        )
+
+def launch(cfg: TrainConfig, checked: Checked) -> None:
+    """Connect to Ray, check the cluster can run it, and train."""
+    import ray
+
+    from rayseg.runtime import connect_ray
+
+    connect_ray(cfg.address, cfg.num_cpus)
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    cpus_per_worker, threads = worker_resources(cfg, node_cpus)
+    check_cluster(cfg, cpus_per_worker)
+    check_storage_reachable(checked.run)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    split = checked.split
+    plan = Plan(
+        cfg=cfg,
+        class_map=checked.class_map,
+        run_uri=checked.run.uri,
+        steps_per_epoch=checked.steps_per_epoch,
+        threads=threads,
+        num_train=len(split.train_ids),
+        num_val=len(split.val_ids),
+    )
+    print(
+        f"training {cfg.model} on {plan.num_train} images ({plan.num_val} for validation), "
+        f"{plan.class_map.num_classes} classes, {cfg.num_workers} workers x {cfg.batch_size} "
+        f"images/step, {plan.steps_per_epoch} steps/epoch"
+    )
+    fit(build_trainer(plan, split, checked.run, cpus_per_worker))
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """`rayseg train`: check everything, train (or resume), export RUN/model.pt, summarise."""
+    start = time.monotonic()
+    checked = check_inputs(cfg)
+    write_run_files(cfg, checked)
+    run = checked.run
+    if checked.done_epochs >= cfg.epochs:
         print(
-            f"training {cfg.model} on {plan.num_train} images ({plan.num_val} for validation), "
-            f"{class_map.num_classes} classes, {cfg.num_workers} workers x {cfg.batch_size} "
-            f"images/step, {steps} steps/epoch"
+            f"{run.uri} already has {checked.done_epochs} epochs (--epochs {cfg.epochs}): "
+            "nothing to train"
         )
-        fit(build_trainer(plan, split, run, cpus_per_worker))
-
+    else:
+        if checked.latest:
+            print(
+                f"resuming from {checked.latest}: {checked.done_epochs} of {cfg.epochs} epochs done"
+            )
+        launch(cfg, checked)
     state = export_final(run)
     history = read_history(run, upto_epoch=int(state["epoch"]))
-    summary = {**run_summary(run, history), "seconds": round(time.monotonic() - start, 1)}
+    summary = run_summary(run, history)
+    summary["seconds"] = round(time.monotonic() - start, 1)
     summary["config"] = to_dict(cfg)
     rio.write_json(run.join("summary.json"), summary)
     print_outputs(summary, run)
@@ -889,8 +951,9 @@ def print_outputs(summary: dict[str, Any], run: rio.Location) -> None:
         )
     miou = summary["val_miou"]
     print(
-        f"trained {summary['epochs']} epochs: val mIoU {miou:.4f}" if miou is not None else
-        f"trained {summary['epochs']} epochs"
+        f"trained {summary['epochs']} epochs: val mIoU {miou:.4f}"
+        if miou is not None
+        else f"trained {summary['epochs']} epochs"
     )
     print(f"model:       {summary['model_file']}")
     print(f"metrics:     {run.join(METRICS_NAME).uri}")

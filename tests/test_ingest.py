@@ -11,7 +11,7 @@ import pytest
 from rayseg import ingest
 from rayseg import io as rio
 from rayseg.errors import RaysegError
-from rayseg.models import ClassMap, class_map_from_meta
+from rayseg.models import class_map_from_meta
 
 # Two classes with a gap in category ids, as COCO has: value = category id.
 META = {
@@ -58,7 +58,9 @@ def sample_row(
         "height": mask.shape[0],
         "width": mask.shape[1],
         "categories": [int(v) for v in values if v not in (0, 255)],
-        "class_pixels": [{"value": int(v), "pixels": int(n)} for v, n in zip(values, counts)],
+        "class_pixels": [
+            {"value": int(v), "pixels": int(n)} for v, n in zip(values, counts, strict=True)
+        ],
         "mask_path": f"masks/{image_id:012d}.png",
         "mask": rio.encode_png(mask),
         "image": image_bytes,
@@ -258,8 +260,7 @@ def ray_local(ray_tmpdir):
 def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6, bad={101: "mask"})))
     ids = np.array([100, 101, 103, 104])
-    ds = ingest.train_dataset(summary, ids, lut=CLASS_MAP.train_lut(), crop_size=32,
-                              batch_size=2)
+    ds = ingest.train_dataset(summary, ids, lut=CLASS_MAP.train_lut(), crop_size=32, batch_size=2)
     rows = ds.take_all()
     assert sorted(r["image_id"] for r in rows) == [100, 101, 103, 104]
     for r in rows:
@@ -270,7 +271,7 @@ def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
 def test_val_dataset_keeps_full_resolution(ray_local, tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 4)))
     ds = ingest.val_dataset(
-        summary, np.array([102]), class_map=CLASS_MAP, canvas=(48, 64), batch_size=4
+        summary, np.array([102]), lut=CLASS_MAP.train_lut(), canvas=(48, 64), batch_size=4
     )
     (row,) = ds.take_all()
     _, mask = make_sample(2)

@@ -24,7 +24,7 @@ import pytest
 from conftest import free_port, stop_process_group
 
 from rayseg.config import PipelineConfig, load_config
-from rayseg.pipeline import plan_stages
+from rayseg.pipeline import DEMO_SECTIONS, plan_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -162,6 +162,12 @@ def test_demo_config_keeps_everything_under_out():
     assert s.synth is not None and s.subset is not None
     for path in (s.masks.out, s.train.out, s.evaluate.out, s.predict.out, s.val_masks):
         assert path.startswith(f"{s.out}/"), path
+
+
+def test_demo_config_is_rayseg_demo():
+    cfg = load_config(PipelineConfig, str(ROOT / "jobs" / "configs" / "demo.yaml"))
+    for name, section in DEMO_SECTIONS.items():
+        assert getattr(cfg, name) == section, f"demo.yaml's {name} differs from `rayseg demo`"
 
 
 def test_coco8k_config_puts_every_output_on_shared_storage():

@@ -24,8 +24,12 @@ META = {
 
 def test_builders_are_torchvisions_six():
     assert set(models.MODEL_BUILDERS) == {
-        "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
-        "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+        "fcn_resnet50",
+        "fcn_resnet101",
+        "deeplabv3_resnet50",
+        "deeplabv3_resnet101",
+        "deeplabv3_mobilenet_v3_large",
+        "lraspp_mobilenet_v3_large",
     }
 
 
@@ -39,8 +43,9 @@ def test_class_map_all_voc_and_ids():
     assert chosen.category_ids == (18, 1) and chosen.names == ("background", "dog", "person")
 
 
-@pytest.mark.parametrize(("classes", "match"), [("2", "not in the masks' mapping"),
-                                                ("cats", "not 'all', 'voc'")])
+@pytest.mark.parametrize(
+    ("classes", "match"), [("2", "not in the masks' mapping"), ("cats", "not 'all', 'voc'")]
+)
 def test_class_map_rejects_bad_choice(classes, match):
     with pytest.raises(RaysegError, match=match):
         models.class_map_from_meta(META, classes)
@@ -56,8 +61,12 @@ def test_to_train_ids_and_back():
 
 
 def test_sixteen_bit_masks():
-    meta = {**META, "dtype": "uint16", "ignore_value": 65535,
-            "classes": [{"value": 300, "category_id": 300, "name": "x"}]}
+    meta = {
+        **META,
+        "dtype": "uint16",
+        "ignore_value": 65535,
+        "classes": [{"value": 300, "category_id": 300, "name": "x"}],
+    }
     cm = models.class_map_from_meta(meta)
     mask = np.array([[0, 300, 65535]], np.uint16)
     assert cm.to_train_ids(mask).tolist() == [[0, 1, 255]]
@@ -85,8 +94,9 @@ def test_export_round_trip(tmp_path):
     model = models.build_model("lraspp_mobilenet_v3_large", cm.num_classes, aux_loss=True).eval()
     path = tmp_path / "run" / "model.pt"
     path.parent.mkdir()
-    models.save_model(str(path), model, name="lraspp_mobilenet_v3_large", class_map=cm,
-                      aux_loss=True)
+    models.save_model(
+        str(path), model, name="lraspp_mobilenet_v3_large", class_map=cm, aux_loss=True
+    )
     x = torch.randn(1, 3, 48, 64)
     for uri in (str(path), str(path.parent)):
         loaded, info = models.load_model(uri)
@@ -133,14 +143,16 @@ def test_backbone_file_from_a_classification_checkpoint(tmp_path):
     classifier = mobilenet_v3_large(weights=None, dilated=True)
     path = tmp_path / "backbone.pth"
     torch.save(classifier.state_dict(), path)  # keys "features.N...", plus "classifier..."
-    model = models.build_model("lraspp_mobilenet_v3_large", 4, aux_loss=False,
-                               weights_backbone=str(path))
+    model = models.build_model(
+        "lraspp_mobilenet_v3_large", 4, aux_loss=False, weights_backbone=str(path)
+    )
     assert torch.equal(model.backbone["0"][0].weight, classifier.features[0][0].weight)
 
 
 def test_weights_of_another_model_are_refused(tmp_path):
     path = tmp_path / "other.pth"
-    torch.save(models.build_model("lraspp_mobilenet_v3_large", 4, aux_loss=False).state_dict(),
-               path)
+    torch.save(
+        models.build_model("lraspp_mobilenet_v3_large", 4, aux_loss=False).state_dict(), path
+    )
     with pytest.raises(RaysegError, match="no weights match|lack"):
         models.build_model("fcn_resnet50", 4, aux_loss=False, weights=str(path))

@@ -51,8 +51,11 @@ def test_given_paths_win_and_val_data_is_evaluated(tmp_path):
 def test_plan_refuses_missing_sections_and_images(tmp_path):
     with pytest.raises(RaysegError, match="'masks' and 'train'"):
         pipeline.plan_stages(PipelineConfig(out=str(tmp_path)))
-    cfg = PipelineConfig(out=str(tmp_path), masks=MasksConfig(annotations="a.json", out=None),
-                         train=TrainConfig(data=None, out=None))
+    cfg = PipelineConfig(
+        out=str(tmp_path),
+        masks=MasksConfig(annotations="a.json", out=None),
+        train=TrainConfig(data=None, out=None),
+    )
     with pytest.raises(RaysegError, match="images_dir"):
         pipeline.plan_stages(cfg)
 
@@ -68,7 +71,9 @@ def test_write_rows_copies_the_chosen_images(tmp_path):
     n = pipeline.write_rows(str(masks), [101, 104], str(tmp_path / "val"))
     table = pq.read_table(tmp_path / "val" / "parquet" / "part-00000.parquet")
     assert n == 2 and sorted(table["image_id"].to_pylist()) == [101, 104]
-    assert table.schema.metadata == pq.read_schema(masks / "parquet" / "part-00000.parquet").metadata
+    assert (
+        table.schema.metadata == pq.read_schema(masks / "parquet" / "part-00000.parquet").metadata
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +90,15 @@ def test_reduced_demo_end_to_end(ray_local, tmp_path, capsys):
     cfg = PipelineConfig(
         out=str(out),
         synth=SynthConfig(out=None, num_images=20, width=80, height=60),
-        train=TrainConfig(data=None, out=None, epochs=1, batch_size=4, crop_size=48,
-                          val_fraction=0.2, max_failures=0),
+        train=TrainConfig(
+            data=None,
+            out=None,
+            epochs=1,
+            batch_size=4,
+            crop_size=48,
+            val_fraction=0.2,
+            max_failures=0,
+        ),
         evaluate=EvaluateConfig(checkpoint=None, data=None, out=None, batch_size=4),
     )
     metrics = pipeline.run_demo(cfg)

@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from test_ingest import META, write_masks
@@ -26,9 +25,18 @@ BAD_ROWS = {104: "image", 109: "mask"}
 
 
 def config(data: Path, out: Path, **changes) -> TrainConfig:
-    settings = dict(data=str(data), out=str(out), model="lraspp_mobilenet_v3_large", epochs=2,
-                    batch_size=4, crop_size=48, num_workers=2, val_fraction=0.2, lr=0.05,
-                    max_failures=0)
+    settings = dict(
+        data=str(data),
+        out=str(out),
+        model="lraspp_mobilenet_v3_large",
+        epochs=2,
+        batch_size=4,
+        crop_size=48,
+        num_workers=2,
+        val_fraction=0.2,
+        lr=0.05,
+        max_failures=0,
+    )
     return TrainConfig(**{**settings, **changes})
 
 
@@ -69,6 +77,15 @@ def test_steps_per_epoch_and_too_few_images():
     assert train.steps_per_epoch(17, cfg) == 2
     with pytest.raises(RaysegError, match="too few"):
         train.steps_per_epoch(7, cfg)
+
+
+def test_worker_resources_leave_a_cpu_for_data():
+    cfg = TrainConfig(data="d", out="o", num_workers=2)
+    assert train.worker_resources(cfg, [2.0]) == (0.5, 1)
+    assert train.worker_resources(TrainConfig(data="d", out="o"), [2.0]) == (1.0, 1)
+    assert train.worker_resources(TrainConfig(data="d", out="o"), [8.0, 8.0]) == (8.0, 8)
+    assert train.worker_resources(TrainConfig(data="d", out="o", use_gpu=True), [16.0]) == (1, 1)
+    assert train.worker_resources(TrainConfig(data="d", out="o", cpus_per_worker=3), [16]) == (3, 3)
 
 
 def test_unknown_config_key_names_the_nearest():
@@ -220,13 +237,36 @@ def test_real_coco_images_end_to_end(ray_local, tmp_path):
 
     images = str(COCO_SAMPLE / "images")
     subset = tmp_path / "subset.json"
-    run_subset(SubsetConfig(annotations=str(COCO_SAMPLE / "annotations.json"), out=str(subset),
-                            num_images=24, images_dir=images))
-    run_masks(MasksConfig(annotations=str(subset), out=str(tmp_path / "masks"),
-                          images_dir=images, crowd="ignore", shard_size=12))
-    summary = train.run_train(TrainConfig(
-        data=str(tmp_path / "masks"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
-        crop_size=96, num_workers=1, classes="voc", val_fraction=0.2, max_failures=0))
+    run_subset(
+        SubsetConfig(
+            annotations=str(COCO_SAMPLE / "annotations.json"),
+            out=str(subset),
+            num_images=24,
+            images_dir=images,
+        )
+    )
+    run_masks(
+        MasksConfig(
+            annotations=str(subset),
+            out=str(tmp_path / "masks"),
+            images_dir=images,
+            crowd="ignore",
+            shard_size=12,
+        )
+    )
+    summary = train.run_train(
+        TrainConfig(
+            data=str(tmp_path / "masks"),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=4,
+            crop_size=96,
+            num_workers=1,
+            classes="voc",
+            val_fraction=0.2,
+            max_failures=0,
+        )
+    )
     assert summary["epochs"] == 1 and summary["skipped_rows"] == 0
     model, info = load_model(str(tmp_path / "run"))
     assert info["class_map"].names[0] == "background"
