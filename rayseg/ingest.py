@@ -31,6 +31,8 @@ from rayseg.errors import RaysegError
 TRAIN_IGNORE = 255
 
 # torchvision's segmentation recipe: random resize 0.5-2.0x, flip, random crop padded with ignore.
+# The recipe scales a fixed base size (520 px short side); here each image's own size is scaled,
+# so small images are not blown up to COCO size.
 SCALE_RANGE = (0.5, 2.0)
 FLIP_PROBABILITY = 0.5
 

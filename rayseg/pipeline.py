@@ -37,7 +37,7 @@ from rayseg.errors import RaysegError
 
 # Sized for a 2-core CPU: 864 training images x 8 epochs = 864 steps, enough for MobileNetV3's
 # slow batch-norm statistics (momentum 0.01) to settle; each epoch also pays a few seconds of
-# Ray Data start-up. Measured: see bench/README or the report in the PR.
+# Ray Data start-up. Measured figures: README.md, "Performance".
 DEMO_SECTIONS: dict[str, Any] = {
     "synth": SynthConfig(out=None, num_images=960, seed=0, width=160, height=120),
     "subset": SubsetConfig(annotations=None, out=None, num_images=960, seed=0),

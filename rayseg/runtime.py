@@ -19,9 +19,16 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **kwarg
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **common)
         return
-    # Embedded Ray of our own ("local": never silently join another cluster on this machine);
-    # no dashboard, so start-up stays at a few seconds. `--address auto` joins a running one.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+    # Embedded Ray of our own ("local": never silently join another cluster on this machine).
+    # No dashboard and no metrics agent exporter: start-up is seconds, and nothing would read
+    # them. `--address auto` joins a running cluster instead.
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _system_config={"enable_metrics_collection": False},
+        **common,
+    )
 
 
 class Progress:

@@ -1,4 +1,4 @@
-"""cluster.yaml: valid for the installed Ray's cluster launcher, and what docs/cluster.md says."""
+"""cluster.yaml: valid for the installed Ray's launcher, as the README's cluster section says."""
 
 from __future__ import annotations
 
