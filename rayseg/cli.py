@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"rayseg {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for details)",
+            f"rayseg {args.command}: error: {type(e).__name__}: {e} "
+            "(rerun with --debug for details)",
             file=sys.stderr,
         )
         return 1

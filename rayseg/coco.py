@@ -344,9 +344,17 @@ def subset_chunks(index: CocoIndex, image_ids: list[int]) -> list[bytes | msgspe
     keep = np.isin(index.ann_image_ids, np.array(image_ids, dtype=np.int64))
     anns = [index.ann_raw[i] for i in np.flatnonzero(keep)]
     return [
-        b'{"info":', index.info_raw, b',"licenses":', index.licenses_raw, b',"images":[',
-        *_separated(images), b'],"annotations":[', *_separated(anns), b'],"categories":[',
-        *_separated(index.categories_raw), b"]}\n",
+        b'{"info":',
+        index.info_raw,
+        b',"licenses":',
+        index.licenses_raw,
+        b',"images":[',
+        *_separated(images),
+        b'],"annotations":[',
+        *_separated(anns),
+        b'],"categories":[',
+        *_separated(index.categories_raw),
+        b"]}\n",
     ]
 
 

@@ -330,8 +330,10 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
     annotations_path = out / "annotations.json"
     write_atomic(annotations_path, msgspec.json.encode(coco))
     summary = summarize(coco, out=out, images_dir=images_dir, annotations_path=annotations_path)
-    print(f"synth: wrote {len(coco['images'])} images to {images_dir} and "
-          f"{len(coco['annotations'])} annotations to {annotations_path}")
+    print(
+        f"synth: wrote {len(coco['images'])} images to {images_dir} and "
+        f"{len(coco['annotations'])} annotations to {annotations_path}"
+    )
     return summary
 
 

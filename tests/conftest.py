@@ -136,8 +136,7 @@ def make_synth(tmp_path_factory) -> Callable[..., Path]:
         key = (num_images, width, height)
         if key not in made:
             out = tmp_path_factory.mktemp(f"synth{num_images}")
-            run_synth(SynthConfig(out=str(out), num_images=num_images, width=width,
-                                  height=height))
+            run_synth(SynthConfig(out=str(out), num_images=num_images, width=width, height=height))
             made[key] = out / "annotations.json"
         return made[key]
 
@@ -167,3 +166,16 @@ def moto_server() -> Iterator[str]:
             yield endpoint
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_tmpdir):
+    """One local 2-CPU Ray per test module, in the module's private temp dir."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    yield
+    context.enable_progress_bars = bars
+    ray.shutdown()

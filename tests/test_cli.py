@@ -5,13 +5,17 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny_coco import tiny_coco, write_coco
 
 
 def rayseg(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rayseg", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rayseg", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def assert_one_line_error(result, *needles):
@@ -64,8 +68,17 @@ def test_subset_command_is_byte_identical_across_runs(tmp_path):
     src = write_coco(tmp_path / "in.json", tiny_coco())
     outs = []
     for name in ("a.json", "b.json"):
-        result = rayseg("subset", "--annotations", str(src), "--out", str(tmp_path / name),
-                        "--num-images", "3", "--seed", "4")
+        result = rayseg(
+            "subset",
+            "--annotations",
+            str(src),
+            "--out",
+            str(tmp_path / name),
+            "--num-images",
+            "3",
+            "--seed",
+            "4",
+        )
         assert result.returncode == 0, result.stderr
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
@@ -78,8 +91,15 @@ def test_subset_reports_missing_image_files(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "000000000002.jpg").write_bytes(b"x")
-    result = rayseg("subset", "--annotations", str(src), "--out", str(tmp_path / "s.json"),
-                    "--images-dir", str(images))
+    result = rayseg(
+        "subset",
+        "--annotations",
+        str(src),
+        "--out",
+        str(tmp_path / "s.json"),
+        "--images-dir",
+        str(images),
+    )
     assert result.returncode == 0, result.stderr
     assert "4 of 5 images have no file" in result.stdout
     assert [im["id"] for im in json.loads((tmp_path / "s.json").read_text())["images"]] == [2]

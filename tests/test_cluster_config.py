@@ -69,8 +69,11 @@ def test_node_roles(cluster):
 
 def test_nodes_run_the_installed_ray_and_install_rayseg(cluster):
     images = [cluster["docker"]["image"]]
-    images += [t["docker"]["worker_image"] for t in cluster["available_node_types"].values()
-               if "docker" in t]
+    images += [
+        t["docker"]["worker_image"]
+        for t in cluster["available_node_types"].values()
+        if "docker" in t
+    ]
     for image in images:
         assert image.startswith(f"rayproject/ray:{ray.__version__}-py311-"), image
     mounted = [remote for remote, local in cluster["file_mounts"].items() if local == "."]

@@ -2,10 +2,10 @@ import json
 
 import pytest
 from pycocotools.coco import COCO
+from tiny_coco import tiny_coco, write_coco
 
 from rayseg.coco import annotations_by_image, load_coco, select_images, subset_bytes
 from rayseg.errors import RaysegError
-from tiny_coco import tiny_coco, write_coco
 
 
 @pytest.fixture
@@ -45,8 +45,7 @@ def test_subset_filters(tiny):
     assert ids == [2, 3] and counts["too_few_annotations"] == 3
     ids, _ = select_images(index, num_images=10, seed=0, categories=[7])
     assert ids == [2, 5]
-    ids, counts = select_images(index, num_images=10, seed=0,
-                                available_files={"000000000001.jpg"})
+    ids, counts = select_images(index, num_images=10, seed=0, available_files={"000000000001.jpg"})
     assert ids == [1] and counts["missing_files"] == 4
 
 
@@ -59,10 +58,12 @@ def test_per_record_problems_are_listed(tmp_path):
     data = tiny_coco()
     data["images"].append({"id": 6, "file_name": "x.jpg", "height": 0, "width": 20})
     data["images"].append({"id": 7, "file_name": "y.jpg", "width": 20})
-    data["annotations"].append({"id": 90, "image_id": 999, "category_id": 1,
-                                "segmentation": [[0, 0, 1, 0, 1, 1]]})
-    data["annotations"].append({"id": 91, "image_id": 1, "category_id": 95,
-                                "segmentation": [[0, 0, 1, 0, 1, 1]]})
+    data["annotations"].append(
+        {"id": 90, "image_id": 999, "category_id": 1, "segmentation": [[0, 0, 1, 0, 1, 1]]}
+    )
+    data["annotations"].append(
+        {"id": 91, "image_id": 1, "category_id": 95, "segmentation": [[0, 0, 1, 0, 1, 1]]}
+    )
     index = load_coco(str(write_coco(tmp_path / "bad.json", data)))
     reasons = {(p.get("image_id"), p.get("annotation_id")): p["reason"] for p in index.problems}
     assert "height is 0" in reasons[(6, None)]

@@ -149,18 +149,6 @@ def tiny_masks(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_tmpdir):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
-    yield
-    context.enable_progress_bars = bars
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A model export and a masks folder of two Parquet parts: 3 good rows, 3 bad ones."""
     root = tmp_path_factory.mktemp("evaluate")
@@ -205,7 +193,7 @@ def hand_confusion(model_file: str, good: dict) -> np.ndarray:
     return cm
 
 
-def test_evaluate_matches_a_hand_computed_confusion_matrix(ray_cluster, dataset, capsys):
+def test_evaluate_matches_a_hand_computed_confusion_matrix(ray_local, dataset, capsys):
     out = dataset["root"] / "eval"
     cfg = EvaluateConfig(
         checkpoint=dataset["model"], data=dataset["data"], out=str(out), batch_size=2

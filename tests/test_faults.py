@@ -209,9 +209,23 @@ def train_data(make_synth, bucket, tmp_path_factory, ray_tmpdir) -> str:
     annotations = make_synth(24)
     out = f"s3://{bucket}/train-data"
     log = tmp_path_factory.mktemp("train_data") / "masks.log"
-    finish(start_rayseg(["masks", "--annotations", str(annotations), "--out", out,
-                         "--images-dir", str(annotations.parent / "images"), "--num-cpus", "2"],
-                        log), log)
+    finish(
+        start_rayseg(
+            [
+                "masks",
+                "--annotations",
+                str(annotations),
+                "--out",
+                out,
+                "--images-dir",
+                str(annotations.parent / "images"),
+                "--num-cpus",
+                "2",
+            ],
+            log,
+        ),
+        log,
+    )
     return out
 
 
@@ -232,9 +246,25 @@ def test_killed_train_worker_resumes_from_last_checkpoint(train_data, bucket, tm
     # the bucket. (tests/test_s3.py covers the rest of the shared-storage story.)
     fs, run = io.locate(f"s3://{bucket}").fs, f"{bucket}/runs/r1"
     log = tmp_path / "train.log"
-    args = ["train", "--data", train_data, "--out", f"s3://{run}", "--epochs", "2",
-            "--batch-size", "4", "--crop-size", "64", "--num-workers", "1", "--max-failures", "1",
-            "--num-cpus", "2"]
+    args = [
+        "train",
+        "--data",
+        train_data,
+        "--out",
+        f"s3://{run}",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--crop-size",
+        "64",
+        "--num-workers",
+        "1",
+        "--max-failures",
+        "1",
+        "--num-cpus",
+        "2",
+    ]
     proc = start_rayseg(args, log)
     killed = None
     deadline = time.monotonic() + 240

@@ -247,16 +247,6 @@ def test_crop_larger_than_every_image_is_refused(tmp_path):
 # ---- Ray Data -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local(ray_tmpdir):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6, bad={101: "mask"})))
     ids = np.array([100, 101, 103, 104])

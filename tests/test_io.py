@@ -36,11 +36,20 @@ def test_stray_temporaries_removed(tmp_path):
 
 def test_parquet_metadata_roundtrip(tmp_path):
     meta = {"values": "category_id", "ignore_value": 255, "classes": []}
-    row = {"image_id": 1, "file_name": "a.jpg", "height": 2, "width": 2, "categories": [],
-           "class_pixels": [{"value": 0, "pixels": 4}], "mask_path": "masks/a.png",
-           "mask": io.encode_png(np.zeros((2, 2), np.uint8)), "image": None}
+    row = {
+        "image_id": 1,
+        "file_name": "a.jpg",
+        "height": 2,
+        "width": 2,
+        "categories": [],
+        "class_pixels": [{"value": 0, "pixels": 4}],
+        "mask_path": "masks/a.png",
+        "mask": io.encode_png(np.zeros((2, 2), np.uint8)),
+        "image": None,
+    }
     (tmp_path / "parquet").mkdir()
-    io.write_parquet(io.locate(str(tmp_path / "parquet" / "part-00000.parquet")),
-                     io.mask_table([row], meta))
+    io.write_parquet(
+        io.locate(str(tmp_path / "parquet" / "part-00000.parquet")), io.mask_table([row], meta)
+    )
     assert io.read_mask_meta(str(tmp_path)) == meta
     assert pq.read_table(tmp_path / "parquet").num_rows == 1

@@ -43,8 +43,7 @@ class Head:
             env["RAY_AUTH_MODE"] = "token"
         return env
 
-    def get(self, path: str, *, auth: bool = True, token: str | None = None
-            ) -> tuple[int, bytes]:
+    def get(self, path: str, *, auth: bool = True, token: str | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(self.url + path)
         if auth:
             request.add_header("Authorization", f"Bearer {token or self.token}")
@@ -175,8 +174,14 @@ def test_coco8k_config_puts_every_output_on_shared_storage():
     # Read only by the driver: may be a local file on the head node.
     assert s.masks.annotations.endswith(".json") and "://" not in s.masks.annotations
     # Read or written by tasks and workers on any node: object storage.
-    for path in (s.masks.out, s.masks.images_dir, s.train.out, s.evaluate.data, s.evaluate.out,
-                 s.predict.out):
+    for path in (
+        s.masks.out,
+        s.masks.images_dir,
+        s.train.out,
+        s.evaluate.data,
+        s.evaluate.out,
+        s.predict.out,
+    ):
         assert path.startswith("s3://"), path
     assert s.train.use_gpu and s.train.num_workers > 1 and s.train.max_failures > 0
 
@@ -224,9 +229,15 @@ def test_job_script_runs_the_uploaded_rayseg(tmp_path):
     (upload / "rayseg").mkdir()
     (upload / "rayseg" / "__init__.py").write_text("")
     (upload / "rayseg" / "cli.py").write_text(
-        "def main(argv):\n    print(__file__, argv)\n    return 3\n")
-    result = subprocess.run([sys.executable, "jobs/train.py", "--epochs", "2"], cwd=upload,
-                            capture_output=True, text=True, timeout=60)
+        "def main(argv):\n    print(__file__, argv)\n    return 3\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--epochs", "2"],
+        cwd=upload,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 3, result.stderr
     assert result.stdout.strip() == f"{upload / 'rayseg' / 'cli.py'} ['train', '--epochs', '2']"
 

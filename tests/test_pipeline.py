@@ -76,15 +76,6 @@ def test_write_rows_copies_the_chosen_images(tmp_path):
     )
 
 
-@pytest.fixture(scope="module")
-def ray_local(ray_tmpdir):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_reduced_demo_end_to_end(ray_local, tmp_path, capsys):
     out = tmp_path / "demo"
     cfg = PipelineConfig(

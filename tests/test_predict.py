@@ -122,18 +122,6 @@ def test_render_outputs_uses_the_masks_value_scheme():
 # ---- run_predict on Ray --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(ray_tmpdir):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
-    yield
-    context.enable_progress_bars = bars
-    ray.shutdown()
-
-
 def expected_mask(model_file: str, rgb: np.ndarray) -> np.ndarray:
     """What predict must write for one image, computed here from the model directly."""
     model, info = load_model(model_file)
@@ -145,7 +133,7 @@ def expected_mask(model_file: str, rgb: np.ndarray) -> np.ndarray:
     return info["class_map"].to_mask_values(pred)
 
 
-def test_predict_image_folder(ray_cluster, model_file, tmp_path):
+def test_predict_image_folder(ray_local, model_file, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     rgbs = {}
@@ -178,7 +166,7 @@ def test_predict_image_folder(ray_cluster, model_file, tmp_path):
         assert cv2.imread(str(out / "overlays" / f"{stem}.jpg")).shape == rgb.shape
 
 
-def test_predict_parquet_rows(ray_cluster, model_file, tmp_path):
+def test_predict_parquet_rows(ray_local, model_file, tmp_path):
     meta = {
         "values": "category_id",
         "dtype": "uint8",

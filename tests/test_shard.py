@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
+from tiny_coco import square, tiny_coco, write_coco, write_images
 
 from rayseg import io
 from rayseg.coco import load_coco
@@ -14,16 +14,13 @@ from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
 from rayseg.render import value_scheme
 from rayseg.shard import plan_jobs, render_shard, run_masks
-from tiny_coco import square, tiny_coco, write_coco, write_images
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_sample"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
+def ray_cluster(ray_local):
     yield
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -101,11 +98,23 @@ def test_interrupted_run_redoes_only_unfinished_shards(dataset, tmp_path):
 
 def test_ray_equals_single_process_path(dataset, tmp_path):
     annotations, _ = dataset
-    cfg = masks_config(annotations, tmp_path / "ray", shard_size=2, overlap="ignore",
-                       values="train_id", naming="stem")
+    cfg = masks_config(
+        annotations,
+        tmp_path / "ray",
+        shard_size=2,
+        overlap="ignore",
+        values="train_id",
+        naming="stem",
+    )
     run_masks(cfg)
-    local = masks_config(annotations, tmp_path / "local", shard_size=2, overlap="ignore",
-                         values="train_id", naming="stem")
+    local = masks_config(
+        annotations,
+        tmp_path / "local",
+        shard_size=2,
+        overlap="ignore",
+        values="train_id",
+        naming="stem",
+    )
     index = load_coco(local.annotations)
     for sub in ("masks", "parquet", "_shards"):
         (tmp_path / "local" / sub).mkdir(parents=True)
@@ -120,8 +129,11 @@ def test_ray_equals_single_process_path(dataset, tmp_path):
 
 def test_value_schemes_in_pixels(dataset, tmp_path):
     annotations, _ = dataset
-    for values, expected, dtype in (("category_id", 7, np.uint8), ("train_id", 3, np.uint8),
-                                    ("scaled", 700, np.uint16)):
+    for values, expected, dtype in (
+        ("category_id", 7, np.uint8),
+        ("train_id", 3, np.uint8),
+        ("scaled", 700, np.uint16),
+    ):
         out = tmp_path / values
         run_masks(masks_config(annotations, out, values=values, naming="stem"))
         mask = io.decode_png((out / "masks" / "000000000005.png").read_bytes())
@@ -153,29 +165,37 @@ def test_bad_records_listed_and_good_images_rendered(tmp_path):
         {"id": 104, "image_id": 1, "category_id": 1, "segmentation": [[1, 1, 5, 1]]},
         {"id": 105, "image_id": 1, "category_id": 1, "segmentation": []},
         {"id": 106, "image_id": 1, "category_id": 3, "segmentation": [square(15, 15, 90, 90)]},
-        {"id": 107, "image_id": 2, "category_id": 1, "iscrowd": 1,
-         "segmentation": {"size": [10, 10], "counts": [100]}},
+        {
+            "id": 107,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 1,
+            "segmentation": {"size": [10, 10], "counts": [100]},
+        },
     ]
     data["annotations"] += bad
     annotations = write_coco(tmp_path / "bad.json", data)
     images = write_images(tmp_path / "images", data | {"images": data["images"][:5]})
     (images / "000000000007.jpg").write_bytes(b"not a jpeg")
-    write_images(images, {"images": [{"id": 8, "file_name": "000000000008.jpg",
-                                      "height": 30, "width": 20}]})
+    write_images(
+        images, {"images": [{"id": 8, "file_name": "000000000008.jpg", "height": 30, "width": 20}]}
+    )
     manifest = run_masks(masks_config(annotations, tmp_path / "out", images_dir=str(images)))
     by_ann = {p.get("annotation_id"): p for p in manifest["problems"]}
     for ann_id in (101, 102, 103, 104, 105, 106, 107):
         assert ann_id in by_ann, ann_id
-    by_image = {p["image_id"]: p["reason"] for p in manifest["problems"]
-                if "annotation_id" not in p}
+    by_image = {
+        p["image_id"]: p["reason"] for p in manifest["problems"] if "annotation_id" not in p
+    }
     assert "height is 0" in by_image[6]
     assert "does not decode" in by_image[7]
     assert "20x30" in by_image[8]
     assert "missing" in by_image[9]
     assert manifest["counts"]["masks_written"] == 5
     assert manifest["counts"]["failed"] == 4
-    mask = io.decode_png((tmp_path / "out" / "masks" / "000000000001_mask_cats_1_3.png")
-                         .read_bytes())
+    mask = io.decode_png(
+        (tmp_path / "out" / "masks" / "000000000001_mask_cats_1_3.png").read_bytes()
+    )
     assert (mask == 3).sum() > 0  # the clipped object is still drawn
 
 
@@ -184,14 +204,20 @@ def test_real_coco_sample_matches_pycocotools(tmp_path):
     from pycocotools.coco import COCO
 
     out = tmp_path / "real"
-    manifest = run_masks(masks_config(SAMPLE / "annotations.json", out, rasterizer="coco",
-                                      images_dir=str(SAMPLE / "images"), naming="stem"))
+    manifest = run_masks(
+        masks_config(
+            SAMPLE / "annotations.json",
+            out,
+            rasterizer="coco",
+            images_dir=str(SAMPLE / "images"),
+            naming="stem",
+        )
+    )
     assert manifest["counts"]["masks_written"] == 160 and manifest["counts"]["failed"] == 0
     coco = COCO(str(SAMPLE / "annotations.json"))
     for image_id, info in coco.imgs.items():
         ref = np.zeros((info["height"], info["width"]), np.uint8)
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
             ref = np.maximum(ref, coco.annToMask(ann) * ann["category_id"])
-        mask = io.decode_png((out / "masks" / (Path(info["file_name"]).stem + ".png"))
-                             .read_bytes())
+        mask = io.decode_png((out / "masks" / (Path(info["file_name"]).stem + ".png")).read_bytes())
         assert np.array_equal(mask, ref), image_id

@@ -149,15 +149,6 @@ def test_refuses_val_data_with_another_mapping(masks, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_local(ray_tmpdir):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trained(ray_local, masks, tmp_path_factory):
     run = tmp_path_factory.mktemp("train") / "run"
     summary = train.run_train(config(masks, run))

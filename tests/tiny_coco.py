@@ -48,22 +48,68 @@ def tiny_coco() -> dict:
         {"id": 5, "file_name": "000000000005.jpg", "height": 10, "width": 30},
     ]
     anns = [
-        {"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0,
-         "segmentation": [square(2, 2, 12, 12)], "area": 100.0, "bbox": [2, 2, 10, 10]},
-        {"id": 20, "image_id": 2, "category_id": 3, "iscrowd": 0,
-         "segmentation": [square(0, 0, 4, 4), square(10, 10, 14, 14)], "area": 32.0,
-         "bbox": [0, 0, 14, 14]},
-        {"id": 21, "image_id": 2, "category_id": 7, "iscrowd": 0,
-         "segmentation": [square(2, 2, 12, 12)], "area": 100.0, "bbox": [2, 2, 10, 10]},
-        {"id": 30, "image_id": 3, "category_id": 1, "iscrowd": 1,
-         "segmentation": uncompressed_rle(crowd), "area": 20.0, "bbox": [3, 5, 4, 5]},
-        {"id": 31, "image_id": 3, "category_id": 3, "iscrowd": 0,
-         "segmentation": rle, "area": 20.0, "bbox": [0, 0, 5, 4]},
-        {"id": 50, "image_id": 5, "category_id": 7, "iscrowd": 0,
-         "segmentation": [square(1, 1, 21, 6)], "area": 100.0, "bbox": [1, 1, 20, 5]},
+        {
+            "id": 10,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": [square(2, 2, 12, 12)],
+            "area": 100.0,
+            "bbox": [2, 2, 10, 10],
+        },
+        {
+            "id": 20,
+            "image_id": 2,
+            "category_id": 3,
+            "iscrowd": 0,
+            "segmentation": [square(0, 0, 4, 4), square(10, 10, 14, 14)],
+            "area": 32.0,
+            "bbox": [0, 0, 14, 14],
+        },
+        {
+            "id": 21,
+            "image_id": 2,
+            "category_id": 7,
+            "iscrowd": 0,
+            "segmentation": [square(2, 2, 12, 12)],
+            "area": 100.0,
+            "bbox": [2, 2, 10, 10],
+        },
+        {
+            "id": 30,
+            "image_id": 3,
+            "category_id": 1,
+            "iscrowd": 1,
+            "segmentation": uncompressed_rle(crowd),
+            "area": 20.0,
+            "bbox": [3, 5, 4, 5],
+        },
+        {
+            "id": 31,
+            "image_id": 3,
+            "category_id": 3,
+            "iscrowd": 0,
+            "segmentation": rle,
+            "area": 20.0,
+            "bbox": [0, 0, 5, 4],
+        },
+        {
+            "id": 50,
+            "image_id": 5,
+            "category_id": 7,
+            "iscrowd": 0,
+            "segmentation": [square(1, 1, 21, 6)],
+            "area": 100.0,
+            "bbox": [1, 1, 20, 5],
+        },
     ]
-    return {"info": {"description": "tiny"}, "licenses": [], "images": images,
-            "annotations": anns, "categories": CATEGORIES}
+    return {
+        "info": {"description": "tiny"},
+        "licenses": [],
+        "images": images,
+        "annotations": anns,
+        "categories": CATEGORIES,
+    }
 
 
 def write_coco(path: Path, data: dict) -> Path:
