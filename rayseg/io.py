@@ -66,8 +66,9 @@ def locate(uri: str) -> Location:
         except (pa.ArrowInvalid, OSError) as e:
             raise RaysegError(f"{uri}: unsupported storage location ({e})") from None
         return Location(fs, path, uri)
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return Location(pafs.LocalFileSystem(), os.path.abspath(path), uri)
+    # Absolute, also in `uri`: Ray workers (Ray Train's above all) run in other directories.
+    path = os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
+    return Location(pafs.LocalFileSystem(), path, path)
 
 
 def _s3_filesystem() -> pafs.S3FileSystem:

@@ -34,6 +34,7 @@ from rayseg.config import (
     dump_yaml,
 )
 from rayseg.errors import RaysegError
+from rayseg.runtime import connect_ray
 
 # Sized for a 2-core CPU: 864 training images x 8 epochs = 864 steps, enough for MobileNetV3's
 # slow batch-norm statistics (momentum 0.01) to settle; each epoch also pays a few seconds of
@@ -164,6 +165,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         summaries[name] = fn(stage_cfg)
         times[name] = round(time.monotonic() - began, 1)
 
+    # One Ray for every stage; with the dashboard, which Ray Train's state queries need.
+    connect_ray(stages.masks.address, stages.masks.num_cpus, dashboard=True)
     if stages.synth:
         stage("synth", run_synth, stages.synth)
     if stages.subset:

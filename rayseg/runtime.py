@@ -6,26 +6,33 @@ import logging
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 
-def connect_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Join the given cluster, the job's cluster (RAY_ADDRESS), or start a lean local one."""
+def connect_ray(
+    address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False
+) -> None:
+    """Join the given cluster, the job's cluster (RAY_ADDRESS), or start a lean local one.
+
+    `dashboard=True` (training) starts the local dashboard too: Ray Train watches its controller
+    through the state API, which lives there, and warns every few seconds without it.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    common = {"logging_level": logging.WARNING, "log_to_driver": True, **kwargs}
+    common = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **common)
         return
     # Embedded Ray of our own ("local": never silently join another cluster on this machine).
-    # No dashboard and no metrics agent exporter: start-up is seconds, and nothing would read
-    # them. `--address auto` joins a running cluster instead.
+    # No metrics exporter (nothing reads it) and no dashboard unless asked: start-up stays at
+    # seconds. `--address auto` joins a running cluster instead.
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         _system_config={"enable_metrics_collection": False},
         **common,
     )

@@ -244,10 +244,11 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
         for im in index.images
     ]
     names = {c.id: c.name for c in index.categories}
+    out = io.locate(cfg.out).uri  # absolute: tasks may run in another directory
     return [
         ShardJob(
             shard=k,
-            out=cfg.out,
+            out=out,
             images=tuple(records[s : s + cfg.shard_size]),
             scheme=scheme,
             category_names=names,
@@ -256,7 +257,7 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
             crowd=cfg.crowd,
             naming=cfg.naming,
             palette=cfg.palette,
-            images_dir=cfg.images_dir,
+            images_dir=io.locate(cfg.images_dir).uri if cfg.images_dir else None,
         )
         for k, s in enumerate(range(0, len(records), cfg.shard_size))
     ]

@@ -890,7 +890,7 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
 
     from rayseg.runtime import connect_ray
 
-    connect_ray(cfg.address, cfg.num_cpus)
+    connect_ray(cfg.address, cfg.num_cpus, dashboard=True)
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     cpus_per_worker, threads = worker_resources(cfg, node_cpus)
     check_cluster(cfg, cpus_per_worker)
