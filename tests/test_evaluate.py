@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from rayseg import io
 from rayseg.config import EvaluateConfig
@@ -19,7 +20,7 @@ from rayseg.evaluate import (
     run_evaluate,
     score,
 )
-from rayseg.models import ClassMap, build_model, load_model, save_model
+from rayseg.models import ClassMap, load_model, save_model
 
 # The data has three categories; the model knows two of them (train, value 7, is background).
 META = {
@@ -112,17 +113,6 @@ def encode_png_rgb(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def tiny_model() -> torch.nn.Module:
-    """LR-ASPP with its class layers re-drawn large, so a random model predicts every class."""
-    torch.manual_seed(0)
-    model = build_model("lraspp_mobilenet_v3_large", CLASS_MAP.num_classes, aux_loss=False)
-    with torch.no_grad():
-        for conv in (model.classifier.low_classifier, model.classifier.high_classifier):
-            conv.weight.normal_(0.0, 1.0)
-            conv.bias.zero_()
-    return model.eval()
-
-
 def row(image_id: int, image: bytes | None, mask: bytes, h: int, w: int) -> dict:
     return {
         "image_id": image_id,
@@ -155,7 +145,7 @@ def dataset(tmp_path_factory):
     model_file = str(root / "model.pt")
     save_model(
         model_file,
-        tiny_model(),
+        tiny_model(CLASS_MAP.num_classes),
         name="lraspp_mobilenet_v3_large",
         class_map=CLASS_MAP,
         aux_loss=False,
@@ -233,7 +223,7 @@ def test_evaluate_rejects_a_checkpoint_of_another_class_mapping(dataset):
     class_map = ClassMap((1, 2), (1, 3), CLASS_MAP.names, 255, "train_id")
     save_model(
         str(other),
-        tiny_model(),
+        tiny_model(CLASS_MAP.num_classes),
         name="lraspp_mobilenet_v3_large",
         class_map=class_map,
         aux_loss=False,

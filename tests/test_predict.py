@@ -8,11 +8,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from rayseg import io
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
-from rayseg.models import ClassMap, build_model, load_model, save_model
+from rayseg.models import ClassMap, load_model, save_model
 from rayseg.predict import (
     decode_image,
     overlay,
@@ -34,17 +35,6 @@ CLASS_MAP = ClassMap(
 SIZES = [(40, 48), (36, 52), (44, 30)]
 
 
-def tiny_model() -> torch.nn.Module:
-    """LR-ASPP with its class layers re-drawn large, so a random model predicts every class."""
-    torch.manual_seed(0)
-    model = build_model("lraspp_mobilenet_v3_large", CLASS_MAP.num_classes, aux_loss=False)
-    with torch.no_grad():
-        for conv in (model.classifier.low_classifier, model.classifier.high_classifier):
-            conv.weight.normal_(0.0, 1.0)
-            conv.bias.zero_()
-    return model.eval()
-
-
 def random_image(height: int, width: int, seed: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB."""
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -61,7 +51,7 @@ def model_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_model(
         str(path),
-        tiny_model(),
+        tiny_model(CLASS_MAP.num_classes),
         name="lraspp_mobilenet_v3_large",
         class_map=CLASS_MAP,
         aux_loss=False,
@@ -84,7 +74,7 @@ def test_decode_image_is_rgb_and_rejects_garbage():
 
 
 def test_predict_labels_full_size_and_independent_of_batch():
-    model = tiny_model()
+    model = tiny_model(CLASS_MAP.num_classes)
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     images.append(random_image(*SIZES[0], seed=9))  # same size as the first: one shared pass
     labels = predict_labels(model, images)
