@@ -13,7 +13,6 @@ uncompressed-RLE crowds (a cluster of people), overlaps, gapped category ids and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pycocotools import mask as mask_utils
 
 from rayseg.config import SynthConfig
 from rayseg.errors import RaysegError
+from rayseg.io import locate, write_bytes
 
 # Real COCO ids and names, so the id gaps match the real file's.
 CATEGORIES: tuple[dict[str, Any], ...] = (
@@ -325,10 +325,13 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         images_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RaysegError(f"cannot create {images_dir} ({e.strerror or e})") from None
-    for record, pixels in zip(coco["images"], images, strict=True):
-        write_atomic(images_dir / record["file_name"], encode_jpeg(pixels))
     annotations_path = out / "annotations.json"
-    write_atomic(annotations_path, msgspec.json.encode(coco))
+    try:
+        for record, pixels in zip(coco["images"], images, strict=True):
+            write_bytes(locate(str(images_dir / record["file_name"])), encode_jpeg(pixels))
+        write_bytes(locate(str(annotations_path)), msgspec.json.encode(coco))
+    except OSError as e:
+        raise RaysegError(f"cannot write under {out} ({e.strerror or e})") from None
     summary = summarize(coco, out=out, images_dir=images_dir, annotations_path=annotations_path)
     print(
         f"synth: wrote {len(coco['images'])} images to {images_dir} and "
@@ -342,17 +345,6 @@ def encode_jpeg(image: np.ndarray) -> bytes:
     if not ok:
         raise RaysegError(f"OpenCV could not encode a {image.shape} image as JPEG")
     return data.tobytes()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers never see a half-written file: write a temporary sibling, then rename over."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RaysegError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def summarize(
