@@ -207,13 +207,13 @@ def capacity(path: Path, rasterizer: str, sample: int, repeats: int) -> tuple[fl
     """Images/s of the pure per-image path of a render task, on an even sample of the file.
 
     rayseg.shard.render_image (annotation decode + rayseg.render.render_mask) then
-    rayseg.io.encode_png, as each task does per image, minus the file writes. One warm-up pass,
+    rayseg.storage.encode_png, as each task does per image, minus the file writes. One warm-up pass,
     then the fastest of `repeats` passes, since other processes share the cores.
     """
     try:
         from rayseg.coco import load_coco
         from rayseg.config import MasksConfig
-        from rayseg.io import encode_png
+        from rayseg.storage import encode_png
         from rayseg.render import value_scheme
         from rayseg.shard import plan_jobs, render_image
     except ImportError as e:

@@ -270,12 +270,12 @@ def _malformed_problem(i: int, raw: msgspec.Raw) -> dict[str, Any]:
 
 def _read_bytes(path: str) -> bytes:
     if "://" not in path:
-        # Plain open(): rayseg.io pulls in pyarrow and OpenCV, ~75 MB this stage can do without.
+        # Plain open(): rayseg.storage pulls in pyarrow and OpenCV, ~75 MB this stage can do without.
         with open(path, "rb") as f:
             return f.read()
-    from rayseg import io
+    from rayseg import storage
 
-    return io.read_bytes(io.locate(path))
+    return storage.read_bytes(storage.locate(path))
 
 
 def decode_annotation(raw: bytes) -> Annotation:
@@ -370,9 +370,9 @@ def _separated(raws: list[msgspec.Raw]) -> list[bytes | msgspec.Raw]:
 
 def _write_chunks(path: str, chunks: list[bytes | msgspec.Raw]) -> None:
     if "://" in path:
-        from rayseg import io
+        from rayseg import storage
 
-        io.write_bytes(io.locate(path), b"".join(chunks))
+        storage.write_bytes(storage.locate(path), b"".join(chunks))
         return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -385,9 +385,9 @@ def list_image_files(images_dir: str) -> set[str]:
         if not os.path.isdir(images_dir):
             raise RaysegError(f"{images_dir}: images folder not found")
         return set(os.listdir(images_dir))
-    from rayseg import io
+    from rayseg import storage
 
-    return set(io.list_files(io.locate(images_dir)))
+    return set(storage.list_files(storage.locate(images_dir)))
 
 
 def run_subset(cfg: SubsetConfig) -> dict[str, Any]:

@@ -20,6 +20,15 @@ import yaml
 from rayseg.errors import RaysegError
 
 
+# Allowed values of the choice settings: the CLI, validation and the stages read them from here.
+RASTERIZERS = ("opencv", "coco")
+OVERLAPS = ("max", "smallest_on_top", "last", "ignore")
+VALUE_SCHEMES = ("category_id", "train_id", "scaled")
+CROWD_MODES = ("class", "ignore", "skip")
+NAMINGS = ("cats", "stem")
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with CLI help text (and optionally `choices`)."""
     if isinstance(default, list):
@@ -46,19 +55,11 @@ class SubsetConfig:
 class MasksConfig:
     annotations: str = required("COCO instances JSON (e.g. the subset file)")
     out: str = required("output directory or s3://bucket/prefix")
-    rasterizer: str = opt("opencv", "polygon fill", choices=("opencv", "coco"))
-    overlap: str = opt(
-        "max",
-        "how overlapping objects resolve",
-        choices=("max", "smallest_on_top", "last", "ignore"),
-    )
-    values: str = opt(
-        "category_id", "pixel value scheme", choices=("category_id", "train_id", "scaled")
-    )
-    crowd: str = opt(
-        "class", "how iscrowd=1 objects are painted", choices=("class", "ignore", "skip")
-    )
-    naming: str = opt("cats", "mask file names", choices=("cats", "stem"))
+    rasterizer: str = opt("opencv", "polygon fill", choices=RASTERIZERS)
+    overlap: str = opt("max", "how overlapping objects resolve", choices=OVERLAPS)
+    values: str = opt("category_id", "pixel value scheme", choices=VALUE_SCHEMES)
+    crowd: str = opt("class", "how iscrowd=1 objects are painted", choices=CROWD_MODES)
+    naming: str = opt("cats", "mask file names", choices=NAMINGS)
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
     shard_size: int = opt(200, "images per Ray task / Parquet file")
@@ -89,7 +90,7 @@ class TrainConfig:
     val_data: str | None = opt(None, "separate validation Parquet (default: split by image id)")
     val_fraction: float = opt(0.1, "fraction of image ids held out for validation")
     lr: float = opt(0.02, "base learning rate")
-    optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adamw"))
+    optimizer: str = opt("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(1e-4, "weight decay")
     warmup_epochs: float = opt(0.0, "linear LR warmup length in epochs")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayseg import io
+from rayseg import storage
 from rayseg import metrics as M
 from rayseg.config import EvaluateConfig, to_dict
 from rayseg.errors import RaysegError
@@ -132,7 +132,7 @@ def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None):
     if image is None:
         return None, None, "image does not decode"
     try:
-        mask = io.decode_png(mask_bytes) if mask_bytes else None
+        mask = storage.decode_png(mask_bytes) if mask_bytes else None
     except (ValueError, OSError):
         mask = None
     if mask is None or mask.ndim != 2:
@@ -238,13 +238,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     start = time.monotonic()
     _, info = load_checkpoint(cfg.checkpoint)
     class_map: ClassMap = info["class_map"]
-    parquet = io.parquet_location(cfg.data)
-    meta = io.read_mask_meta(cfg.data)
+    parquet = storage.parquet_location(cfg.data)
+    meta = storage.read_mask_meta(cfg.data)
     check_class_map(class_map, meta, checkpoint=cfg.checkpoint, data=cfg.data)
-    parts = io.parquet_files(parquet)
+    parts = storage.parquet_files(parquet)
     check_parquet_images(parts, cfg.data)
-    out = io.locate(cfg.out)
-    io.check_writable(out)
+    out = storage.locate(cfg.out)
+    storage.check_writable(out)
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
@@ -293,8 +293,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "seconds": round(time.monotonic() - start, 2),
         "config": to_dict(cfg),
     }
-    io.write_json(out.join(METRICS_NAME), report)
-    io.write_bytes(
+    storage.write_json(out.join(METRICS_NAME), report)
+    storage.write_bytes(
         out.join(CONFUSION_IMAGE_NAME),
         confusion_png(cm, class_map.names, title=plot_title(metrics, info["model"])),
     )

@@ -23,12 +23,9 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from rayseg import io as rio
+from rayseg import storage
 from rayseg.errors import RaysegError
-
-# The train-id ignore value, as rayseg.models.TRAIN_IGNORE. This module does not import torch:
-# every Ray Data worker imports it, and a fresh worker should start in a fraction of a second.
-TRAIN_IGNORE = 255
+from rayseg.records import TRAIN_IGNORE, Problem
 
 # torchvision's segmentation recipe: random resize 0.5-2.0x, flip, random crop padded with ignore.
 # The recipe scales a fixed base size (520 px short side); here each image's own size is scaled,
@@ -45,11 +42,16 @@ PROBLEMS = {
 }
 
 
+def problem_record(image_id: int, code: int) -> Problem:
+    """The Problem behind a batch's nonzero "problem" code (batches carry numbers, not text)."""
+    return Problem(PROBLEMS[code], image_id=int(image_id))
+
+
 @dataclass(frozen=True)
 class DataSummary:
     """What the driver knows about a masks Parquet folder without decoding pixels."""
 
-    location: rio.Location
+    location: storage.Location
     paths: tuple[str, ...]
     meta: dict[str, Any]
     image_ids: np.ndarray  # (N,) int64
@@ -64,9 +66,9 @@ class DataSummary:
 
 def scan_data(data: str) -> DataSummary:
     """A masks output dir or its parquet/ folder -> DataSummary; RaysegError if unusable."""
-    loc = rio.parquet_location(data)
-    parts = rio.parquet_files(loc)
-    meta = rio.read_mask_meta(data)
+    loc = storage.parquet_location(data)
+    parts = storage.parquet_files(loc)
+    meta = storage.read_mask_meta(data)
     tables = [
         pq.read_table(p.path, columns=["image_id", "height", "width"], filesystem=p.fs)
         for p in parts
@@ -87,7 +89,7 @@ def scan_data(data: str) -> DataSummary:
     return DataSummary(loc, tuple(p.path for p in parts), meta, ids, heights, widths, missing)
 
 
-def _null_images(part: rio.Location) -> int:
+def _null_images(part: storage.Location) -> int:
     """Rows of one part whose `image` is null, from the Parquet statistics when present."""
     md = pq.ParquetFile(part.path, filesystem=part.fs).metadata
     # Parquet column indices count leaves of nested columns, so find "image" by its path.
@@ -167,7 +169,7 @@ def decode_pair(
     if bgr is None:
         raise ValueError(2)
     try:
-        mask = rio.decode_png(mask_bytes)
+        mask = storage.decode_png(mask_bytes)
     except (ValueError, cv2.error, OSError):
         raise ValueError(3) from None
     if mask.ndim != 2:

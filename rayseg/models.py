@@ -2,8 +2,7 @@
 
 MODEL_BUILDERS maps a name to a torchvision builder. ClassMap says which mask value becomes which
 model class (0 = background, 255 = ignore) and back; it travels with every checkpoint and export.
-save_model / load_model write and read the export (weights + everything needed to rebuild the
-model) without Ray: `torch.load`-able bytes at a local path or s3:// URI.
+The export and checkpoint files that carry them are rayseg.checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ import torch
 from torch import nn
 from torchvision.models import segmentation as tvseg
 
-from rayseg import io as rio
+from rayseg import storage
 from rayseg.errors import RaysegError
+from rayseg.records import TRAIN_IGNORE
 
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fcn_resnet50": tvseg.fcn_resnet50,
@@ -32,15 +32,9 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
 # LR-ASPP has no auxiliary head; its builder rejects `aux_loss`.
 NO_AUX = frozenset({"lraspp_mobilenet_v3_large"})
 
-EXPORT_FORMAT = "rayseg-model/1"
-EXPORT_NAME = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_PREFIX = "epoch_"
-
 # ImageNet statistics for RGB in [0, 1]; every torchvision backbone was trained with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAIN_IGNORE = 255
 
 # COCO category ids of the 20 PASCAL VOC classes, in VOC order (torchvision's CAT_LIST).
 VOC_CATEGORY_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
@@ -103,7 +97,7 @@ class ClassMap:
 
 
 def class_map_from_meta(meta: dict[str, Any], classes: str = "all") -> ClassMap:
-    """The masks' value scheme (rayseg.io.read_mask_meta) + a class choice -> ClassMap.
+    """The masks' value scheme (rayseg.storage.read_mask_meta) + a class choice -> ClassMap.
 
     `classes`: "all" (every category of the mapping), "voc" (the 20 VOC categories present),
     or comma-separated COCO category ids, kept in the order given.
@@ -182,7 +176,7 @@ def has_aux(name: str, aux_loss: bool) -> bool:
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(io.BytesIO(rio.read_bytes(rio.locate(path))), map_location="cpu")
+        obj = torch.load(io.BytesIO(storage.read_bytes(storage.locate(path))), map_location="cpu")
     except (OSError, RuntimeError) as e:
         raise RaysegError(f"{path}: cannot read weights ({e})") from None
     for key in ("state_dict", "model"):
@@ -223,122 +217,6 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
             f"{path}: weights lack {len(outside_heads)} tensors, e.g. {outside_heads[0]!r} "
             "(weights of another model?)"
         )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-
-
-def model_record(
-    model: nn.Module, *, name: str, class_map: ClassMap, aux_loss: bool
-) -> dict[str, Any]:
-    """What rebuilds the model: builder name, classes, aux flag, weights (SyncBN-free)."""
-    return {
-        "format": EXPORT_FORMAT,
-        "model": name,
-        "num_classes": class_map.num_classes,
-        "aux_loss": has_aux(name, aux_loss),
-        "class_map": class_map.to_dict(),
-        "state_dict": cpu_state_dict(model),
-    }
-
-
-def to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def save_model(
-    uri: str, model: nn.Module, *, name: str, class_map: ClassMap, aux_loss: bool
-) -> None:
-    """Export for use without Ray: one torch.save file, written atomically (local or s3://)."""
-    record = model_record(model, name=name, class_map=class_map, aux_loss=aux_loss)
-    rio.write_bytes(rio.locate(uri), to_bytes(record))
-
-
-def read_record(loc: rio.Location) -> dict[str, Any]:
-    try:
-        obj = torch.load(io.BytesIO(rio.read_bytes(loc)), map_location="cpu")
-    except (OSError, RuntimeError, EOFError) as e:
-        raise RaysegError(f"{loc.uri}: cannot read model ({e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
-        raise RaysegError(f"{loc.uri}: not a rayseg model export or checkpoint")
-    return obj
-
-
-def find_model_file(uri: str) -> rio.Location:
-    """A file as given; a run dir -> RUN/model.pt, else its latest epoch checkpoint."""
-    loc = rio.locate(uri)
-    info = loc.fs.get_file_info(loc.path)
-    if info.type == rio.pafs.FileType.File:
-        return loc
-    if info.type == rio.pafs.FileType.NotFound:
-        raise RaysegError(f"{uri}: no such model file or run directory")
-    export = loc.join(EXPORT_NAME)
-    if rio.exists(export):
-        return export
-    latest = latest_checkpoint_dir(loc)
-    if latest is None:
-        raise RaysegError(f"{uri}: no {EXPORT_NAME} and no checkpoints in this run directory")
-    return latest.join(CHECKPOINT_FILE)
-
-
-def latest_checkpoint_dir(run: rio.Location) -> rio.Location | None:
-    """The highest `epoch_NNNN` folder holding a checkpoint directly inside the run dir."""
-    selector = rio.pafs.FileSelector(run.path, allow_not_found=True)
-    names = sorted(
-        i.base_name
-        for i in run.fs.get_file_info(selector)
-        if i.type == rio.pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-    )
-    for name in reversed(names):
-        if rio.exists(run.join(name, CHECKPOINT_FILE)):
-            return run.join(name)
-    return None
-
-
-def model_from_record(record: dict[str, Any], *, where: str) -> tuple[nn.Module, ClassMap]:
-    class_map = ClassMap.from_dict(record["class_map"])
-    model = build_model(record["model"], record["num_classes"], aux_loss=record["aux_loss"])
-    try:
-        model.load_state_dict(record["state_dict"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise RaysegError(f"{where}: weights do not fit {record['model']} ({first})") from None
-    return model, class_map
-
-
-def load_model(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """An export file or a run directory -> (model in eval mode on `device`, info).
-
-    info: "model" (builder name), "class_map" (ClassMap), "num_classes", "aux_loss", "source"
-    (the file read), and "epoch" when it came from a training checkpoint.
-    """
-    loc = find_model_file(uri)
-    record = read_record(loc)
-    model, class_map = model_from_record(record, where=loc.uri)
-    info = {
-        "model": record["model"],
-        "class_map": class_map,
-        "num_classes": record["num_classes"],
-        "aux_loss": record["aux_loss"],
-        "source": loc.uri,
-    }
-    if "epoch" in record:
-        info["epoch"] = record["epoch"]
-    return model.to(device).eval(), info
 
 
 def normalize(images: torch.Tensor | np.ndarray) -> torch.Tensor:

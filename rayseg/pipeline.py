@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayseg import io as rio
+from rayseg import storage
 from rayseg.config import (
     EvaluateConfig,
     MasksConfig,
@@ -82,7 +82,7 @@ def _fill(section: Any, **paths: Any) -> Any:
 
 def plan_stages(cfg: PipelineConfig) -> Stages:
     """Every stage's config with its paths derived from `out` and the stage before."""
-    out = rio.locate(cfg.out)
+    out = storage.locate(cfg.out)
     root = out.uri.rstrip("/")
     if cfg.masks is None or cfg.train is None:
         raise RaysegError("pipeline: the config needs at least 'masks' and 'train' sections")
@@ -127,18 +127,18 @@ def plan_stages(cfg: PipelineConfig) -> Stages:
 
 def write_rows(data: str, image_ids: list[int], dest: str) -> int:
     """Copy the rows of `image_ids` from a masks Parquet folder to dest/parquet (same schema)."""
-    src = rio.parquet_location(data)
+    src = storage.parquet_location(data)
     wanted = np.asarray(image_ids, np.int64)
     tables = []
-    for part in rio.parquet_files(src):
+    for part in storage.parquet_files(src):
         table = pq.read_table(part.path, filesystem=part.fs)
         tables.append(table.filter(pc.is_in(table["image_id"], value_set=pa.array(wanted))))
     rows = pa.concat_tables(tables)
-    folder = rio.locate(dest).join("parquet")
-    rio.make_dirs(folder)
-    for stale in rio.list_files(folder):
-        rio.delete(folder.join(stale))
-    rio.write_parquet(folder.join("part-00000.parquet"), rows)
+    folder = storage.locate(dest).join("parquet")
+    storage.make_dirs(folder)
+    for stale in storage.list_files(folder):
+        storage.delete(folder.join(stale))
+    storage.write_parquet(folder.join("part-00000.parquet"), rows)
     return rows.num_rows
 
 
@@ -153,9 +153,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     start = time.monotonic()
     stages = plan_stages(cfg)
-    out = rio.locate(stages.out)
-    rio.make_dirs(out)
-    rio.write_bytes(out.join("pipeline.yaml"), dump_yaml(cfg).encode())
+    out = storage.locate(stages.out)
+    storage.make_dirs(out)
+    storage.write_bytes(out.join("pipeline.yaml"), dump_yaml(cfg).encode())
     summaries: dict[str, Any] = {}
     times: dict[str, float] = {}
 
@@ -174,7 +174,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     stage("masks", run_masks, stages.masks)
     stage("train", run_train, stages.train)
     if stages.val_masks:
-        split = rio.read_json(rio.locate(stages.train.out).join("split.json"))
+        split = storage.read_json(storage.locate(stages.train.out).join("split.json"))
         n = write_rows(stages.masks.out, split["val_image_ids"], stages.val_masks)
         print(f"== validation split: {n} images -> {stages.val_masks}")
     stage("evaluate", run_evaluate, stages.evaluate)
@@ -190,8 +190,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "seconds": round(time.monotonic() - start, 1),
         "stage_seconds": times,
     }
-    rio.write_json(out.join("metrics.json"), metrics)
-    rio.write_json(out.join("pipeline.json"), {"stages": summaries, "metrics": metrics})
+    storage.write_json(out.join("metrics.json"), metrics)
+    storage.write_json(out.join("pipeline.json"), {"stages": summaries, "metrics": metrics})
     print_locations(stages, metrics)
     return metrics
 

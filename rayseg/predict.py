@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from rayseg import io
+from rayseg import storage
 from rayseg.config import PredictConfig, to_dict
 from rayseg.errors import RaysegError
-from rayseg.models import IMAGENET_MEAN, IMAGENET_STD, ClassMap, forward_logits, load_model
+from rayseg.checkpoint import load_model
+from rayseg.models import IMAGENET_MEAN, IMAGENET_STD, ClassMap, forward_logits
 from rayseg.runtime import connect_ray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -88,7 +89,7 @@ def predict_labels(
 
 def overlay_palette(num_classes: int) -> np.ndarray:
     """(K, 3) uint8 RGB colours for class indices; background black (left unblended)."""
-    return io.label_palette(256)[:num_classes]
+    return storage.label_palette(256)[:num_classes]
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ def render_outputs(
     image: np.ndarray, labels: np.ndarray, class_map: ClassMap, palette: np.ndarray
 ) -> tuple[bytes, bytes]:
     """-> (label PNG in the masks' value scheme, JPEG overlay)."""
-    mask_png = io.encode_png(class_map.to_mask_values(labels))
+    mask_png = storage.encode_png(class_map.to_mask_values(labels))
     bgr = cv2.cvtColor(overlay(image, labels, palette), cv2.COLOR_RGB2BGR)
     ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
@@ -136,7 +137,7 @@ def read_image_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     images, reasons = [], []
     for uri in batch["uri"]:
         try:
-            images.append(io.read_bytes(io.locate(str(uri))))
+            images.append(storage.read_bytes(storage.locate(str(uri))))
             reasons.append("")
         except OSError as e:
             images.append(b"")
@@ -190,13 +191,13 @@ class Predictor:
 
 def write_outputs(batch: dict[str, np.ndarray], *, out: str) -> dict[str, np.ndarray]:
     """Write each predicted image's two files; -> the small per-image status rows."""
-    root = io.locate(out)
+    root = storage.locate(out)
     for name, mask_png, overlay_jpg, reason in zip(
         batch["name"], batch["mask_png"], batch["overlay_jpg"], batch["reason"], strict=True
     ):
         if not reason:
-            io.write_bytes(root.join("masks", f"{name}.png"), mask_png)
-            io.write_bytes(root.join("overlays", f"{name}.jpg"), overlay_jpg)
+            storage.write_bytes(root.join("masks", f"{name}.png"), mask_png)
+            storage.write_bytes(root.join("overlays", f"{name}.jpg"), overlay_jpg)
     return {k: batch[k] for k in ("name", "height", "width", "reason")}
 
 
@@ -212,8 +213,8 @@ def _objects(items: list[bytes]) -> np.ndarray:
 
 def list_image_files(images: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped."""
-    loc = io.locate(images)
-    files = [n for n in io.list_files(loc) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    loc = storage.locate(images)
+    files = [n for n in storage.list_files(loc) if n.lower().endswith(IMAGE_EXTENSIONS)]
     rows, problems, seen = [], [], set()
     for file_name in files:
         stem = image_stem(file_name)
@@ -225,7 +226,7 @@ def list_image_files(images: str) -> tuple[list[dict[str, str]], list[dict[str, 
     return rows, problems
 
 
-def check_parquet_images(parts: list[io.Location], data: str) -> int:
+def check_parquet_images(parts: list[storage.Location], data: str) -> int:
     """Fail fast, from the footers alone, when no row carries image bytes; -> the row count."""
     rows = with_image = 0
     for part in parts:
@@ -253,8 +254,8 @@ def check_parquet_images(parts: list[io.Location], data: str) -> int:
 class Inputs:
     """What --images holds: Parquet parts, or image files ({"name", "uri"} rows)."""
 
-    parquet: io.Location | None
-    parts: tuple[io.Location, ...]
+    parquet: storage.Location | None
+    parts: tuple[storage.Location, ...]
     files: tuple[dict[str, str], ...]
     count: int
     problems: tuple[dict[str, str], ...]
@@ -263,14 +264,14 @@ class Inputs:
 def find_inputs(images: str) -> Inputs:
     """--images -> Inputs; an empty or missing source fails here, before Ray starts."""
     try:
-        parquet = io.parquet_location(images)
+        parquet = storage.parquet_location(images)
     except RaysegError:
         parquet = None
     if parquet is not None:
-        parts = io.parquet_files(parquet)
+        parts = storage.parquet_files(parquet)
         count = check_parquet_images(parts, images)
         return Inputs(parquet, tuple(parts), (), count, ())
-    loc = io.locate(images)
+    loc = storage.locate(images)
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
         raise RaysegError(f"{images}: no such image folder or Parquet folder")
     files, problems = list_image_files(images)
@@ -296,7 +297,7 @@ def image_dataset(inputs: Inputs, *, batch_size: int):
 
 def worker_uri(uri: str) -> str:
     """Local paths made absolute: Ray workers need not share the driver's working directory."""
-    loc = io.locate(uri)
+    loc = storage.locate(uri)
     return loc.path if loc.is_local else uri
 
 
@@ -321,10 +322,10 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     _, info = load_checkpoint(cfg.checkpoint)
     class_map: ClassMap = info["class_map"]
     inputs = find_inputs(cfg.images)
-    out = io.locate(cfg.out)
-    io.check_writable(out)
-    io.make_dirs(out.join("masks"))
-    io.make_dirs(out.join("overlays"))
+    out = storage.locate(cfg.out)
+    storage.check_writable(out)
+    storage.make_dirs(out.join("masks"))
+    storage.make_dirs(out.join("overlays"))
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
@@ -357,7 +358,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         "seconds": round(time.monotonic() - start, 2),
         "config": to_dict(cfg),
     }
-    io.write_json(out.join(SUMMARY_NAME), summary)
+    storage.write_json(out.join(SUMMARY_NAME), summary)
     print(
         f"predict: {len(written)} of {num_inputs} images -> {out.join('masks').uri}/ "
         f"and {out.join('overlays').uri}/"

@@ -1,4 +1,9 @@
-"""Shared run-time plumbing: connecting to Ray, and progress reporting for long work."""
+"""Ray plumbing shared by every distributed stage, and progress reporting for long work.
+
+connect_ray joins or starts a cluster; forwarded_env is the runtime_env that gives Ray workers the
+driver's object-store settings; worker_uri makes a location valid on any worker; check_gpus refuses
+a GPU run on a cluster without GPUs. Ray is imported inside the functions that use it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import logging
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
+
+from rayseg.errors import RaysegError
 
 
 def connect_ray(
@@ -36,6 +43,39 @@ def connect_ray(
         _system_config={"enable_metrics_collection": False},
         **common,
     )
+
+
+def forwarded_env(*uris: str | None) -> dict[str, Any]:
+    """A Ray runtime_env carrying the driver's AWS_* settings, when any of `uris` is s3://.
+
+    Workers on other nodes read and write the same bucket with the same endpoint and credentials.
+    Empty when nothing needs it, so local runs stay plain.
+    """
+    if not any(u and u.startswith("s3://") for u in uris):
+        return {}
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"env_vars": env} if env else {}
+
+
+def worker_uri(uri: str) -> str:
+    """Local paths made absolute: Ray workers need not share the driver's working directory."""
+    from rayseg import storage
+
+    loc = storage.locate(uri)
+    return loc.path if loc.is_local else uri
+
+
+def check_gpus(use_gpu: bool, needed: int = 1) -> None:
+    """RaysegError unless the connected cluster has `needed` GPUs (when `use_gpu`)."""
+    import ray
+
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if use_gpu and have < needed:
+        if have == 0:
+            raise RaysegError(
+                "--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)"
+            )
+        raise RaysegError(f"--use-gpu with {needed} workers needs {needed} GPUs; the cluster has {have}")
 
 
 class Progress:

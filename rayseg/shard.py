@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from rayseg import io
+from rayseg import storage
 from rayseg.coco import CocoIndex, annotations_by_image, decode_annotation, load_coco
 from rayseg.config import MasksConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
@@ -135,9 +135,9 @@ def value_counts(mask: np.ndarray) -> dict[int, int]:
 
 def read_image(rec: ImageRecord, images_dir: str) -> tuple[bytes | None, str | None]:
     """The image's encoded bytes if it exists, decodes and has the recorded size."""
-    loc = io.locate(images_dir).join(rec.file_name)
+    loc = storage.locate(images_dir).join(rec.file_name)
     try:
-        data = io.read_bytes(loc)
+        data = storage.read_bytes(loc)
     except FileNotFoundError:
         return None, f"image file {loc.uri} is missing"
     except OSError as e:
@@ -157,8 +157,8 @@ def read_image(rec: ImageRecord, images_dir: str) -> tuple[bytes | None, str | N
 def render_shard(job: ShardJob) -> dict[str, Any]:
     """Render, write PNGs and the Parquet part, then the shard record (the commit point)."""
     start = time.monotonic()
-    out = io.locate(job.out)
-    palette = io.label_palette() if job.palette else None
+    out = storage.locate(job.out)
+    palette = storage.label_palette() if job.palette else None
     inverse = {v: c for c, v in job.scheme.values.items()}
     rows, problems, failed = [], [], []
     pixels: Counter[int] = Counter()
@@ -176,8 +176,8 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         pixels.update(counts)
         categories = sorted(inverse[v] for v in counts if v in inverse)
         name = mask_file_name(rec.file_name, categories, job.naming)
-        png = io.encode_png(mask, palette=palette)
-        io.write_bytes(out.join("masks", name), png)
+        png = storage.encode_png(mask, palette=palette)
+        storage.write_bytes(out.join("masks", name), png)
         rows.append(
             {
                 "image_id": rec.id,
@@ -192,7 +192,7 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
             }
         )
     meta = scheme_meta(job.scheme, job.category_names)
-    io.write_parquet(out.join("parquet", part_name(job.shard)), io.mask_table(rows, meta))
+    storage.write_parquet(out.join("parquet", part_name(job.shard)), storage.mask_table(rows, meta))
     record = {
         "shard": job.shard,
         "images": len(job.images),
@@ -205,7 +205,7 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         "pid": os.getpid(),
         "seconds": round(time.monotonic() - start, 3),
     }
-    io.write_json(out.join("_shards", shard_record_name(job.shard)), record)
+    storage.write_json(out.join("_shards", shard_record_name(job.shard)), record)
     return record
 
 
@@ -244,7 +244,7 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
         for im in index.images
     ]
     names = {c.id: c.name for c in index.categories}
-    out = io.locate(cfg.out).uri  # absolute: tasks may run in another directory
+    out = storage.locate(cfg.out).uri  # absolute: tasks may run in another directory
     return [
         ShardJob(
             shard=k,
@@ -257,7 +257,7 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
             crowd=cfg.crowd,
             naming=cfg.naming,
             palette=cfg.palette,
-            images_dir=io.locate(cfg.images_dir).uri if cfg.images_dir else None,
+            images_dir=storage.locate(cfg.images_dir).uri if cfg.images_dir else None,
         )
         for k, s in enumerate(range(0, len(records), cfg.shard_size))
     ]
@@ -269,19 +269,19 @@ def fingerprint(index_digest: str, cfg: MasksConfig) -> dict[str, Any]:
 
 
 def file_digest(path: str) -> str:
-    return hashlib.sha1(io.read_bytes(io.locate(path))).hexdigest()
+    return hashlib.sha1(storage.read_bytes(storage.locate(path))).hexdigest()
 
 
-def prepare_output(out: io.Location, plan: dict[str, Any], *, overwrite: bool) -> set[int]:
+def prepare_output(out: storage.Location, plan: dict[str, Any], *, overwrite: bool) -> set[int]:
     """Check or start the output folder; returns the shards already done."""
-    io.check_writable(out)
+    storage.check_writable(out)
     plan_loc = out.join("_shards", "plan.json")
     if overwrite:
         for sub in ("masks", "parquet", "_shards"):
-            io.delete_dir(out.join(sub))
-        io.delete(out.join("manifest.json"))
-    elif io.exists(plan_loc):
-        previous = io.read_json(plan_loc)
+            storage.delete_dir(out.join(sub))
+        storage.delete(out.join("manifest.json"))
+    elif storage.exists(plan_loc):
+        previous = storage.read_json(plan_loc)
         changed = [k for k in plan if previous.get(k) != plan[k]]
         if changed:
             raise RaysegError(
@@ -289,11 +289,11 @@ def prepare_output(out: io.Location, plan: dict[str, Any], *, overwrite: bool) -
                 "rerun with --overwrite or choose another --out"
             )
     for sub in ("masks", "parquet", "_shards"):
-        io.make_dirs(out.join(sub))
-        io.remove_stray_temporaries(out.join(sub))
-    io.write_json(plan_loc, plan)
+        storage.make_dirs(out.join(sub))
+        storage.remove_stray_temporaries(out.join(sub))
+    storage.write_json(plan_loc, plan)
     done = set()
-    for name in io.list_files(out.join("_shards")):
+    for name in storage.list_files(out.join("_shards")):
         if name.startswith("shard-") and name.endswith(".json"):
             done.add(int(name[len("shard-") : -len(".json")]))
     return done
@@ -305,9 +305,9 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     scheme = value_scheme([c.id for c in index.categories], cfg.values)
     if cfg.palette and scheme.dtype != "uint8":
         raise RaysegError(f"--palette needs 8-bit values; --values {cfg.values} gives 16-bit masks")
-    if cfg.images_dir and io.locate(cfg.images_dir).is_local and not os.path.isdir(cfg.images_dir):
+    if cfg.images_dir and storage.locate(cfg.images_dir).is_local and not os.path.isdir(cfg.images_dir):
         raise RaysegError(f"{cfg.images_dir}: images folder not found")
-    out = io.locate(cfg.out)
+    out = storage.locate(cfg.out)
     plan = fingerprint(file_digest(cfg.annotations), cfg)
     jobs = plan_jobs(index, cfg, scheme)
     done = prepare_output(out, {**plan, "num_shards": len(jobs)}, overwrite=cfg.overwrite)
@@ -315,14 +315,14 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     new_records, errors = run_jobs(todo, cfg, total_images=len(index.images))
     for sub in ("masks", "parquet", "_shards"):
         # A worker killed mid-write (and retried by Ray) leaves its temporary behind.
-        io.remove_stray_temporaries(out.join(sub))
+        storage.remove_stray_temporaries(out.join(sub))
     records = {r["shard"]: r for r in new_records}
     for k in sorted(done):
-        records[k] = io.read_json(out.join("_shards", shard_record_name(k)))
+        records[k] = storage.read_json(out.join("_shards", shard_record_name(k)))
     manifest = build_manifest(cfg, index, scheme, jobs, records, new_shards=set(records) - done)
     manifest["counts"]["seconds"] = round(time.monotonic() - start, 2)
-    io.write_json(out.join("manifest.json"), manifest)
-    io.write_bytes(out.join("config.yaml"), dump_yaml(cfg).encode())
+    storage.write_json(out.join("manifest.json"), manifest)
+    storage.write_bytes(out.join("config.yaml"), dump_yaml(cfg).encode())
     print(summary_line(manifest, out.uri))
     if errors:
         first = errors[0]

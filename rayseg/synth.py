@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from rayseg.config import SynthConfig
 from rayseg.errors import RaysegError
-from rayseg.io import locate, write_bytes
+from rayseg.storage import locate, write_bytes
 
 # Real COCO ids and names, so the id gaps match the real file's.
 CATEGORIES: tuple[dict[str, Any], ...] = (

@@ -33,27 +33,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayseg import ingest
-from rayseg import io as rio
+from rayseg import storage
 from rayseg import metrics as M
 from rayseg.config import TrainConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
-from rayseg.models import (
+from rayseg.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
     EXPORT_NAME,
-    MODEL_BUILDERS,
-    TRAIN_IGNORE,
-    ClassMap,
-    build_model,
-    class_map_from_meta,
-    forward_logits,
     latest_checkpoint_dir,
     model_record,
-    normalize,
     read_record,
     to_bytes,
     unwrap,
 )
+from rayseg.models import (
+    MODEL_BUILDERS,
+    ClassMap,
+    build_model,
+    class_map_from_meta,
+    forward_logits,
+    normalize,
+)
+from rayseg.records import TRAIN_IGNORE
 
 CHECKPOINT_INFO = "checkpoint.json"
 METRICS_NAME = "metrics.jsonl"
@@ -213,20 +215,20 @@ def plot_curves(history: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def read_history(run: rio.Location, *, upto_epoch: int) -> list[dict[str, Any]]:
+def read_history(run: storage.Location, *, upto_epoch: int) -> list[dict[str, Any]]:
     """metrics.jsonl lines of epochs <= upto_epoch (later ones belong to a lost attempt)."""
     loc = run.join(METRICS_NAME)
-    if not rio.exists(loc):
+    if not storage.exists(loc):
         return []
-    lines = rio.read_bytes(loc).decode().splitlines()
+    lines = storage.read_bytes(loc).decode().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if r["epoch"] <= upto_epoch]
 
 
-def write_history(run: rio.Location, history: list[dict[str, Any]]) -> None:
+def write_history(run: storage.Location, history: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in history)
-    rio.write_bytes(run.join(METRICS_NAME), text.encode())
-    rio.write_bytes(run.join(CURVES_NAME), plot_curves(history))
+    storage.write_bytes(run.join(METRICS_NAME), text.encode())
+    storage.write_bytes(run.join(CURVES_NAME), plot_curves(history))
 
 
 # ---- one epoch (plain PyTorch) -------------------------------------------------------------
@@ -431,7 +433,7 @@ def restore(
     plan: Plan,
 ) -> int:
     """Load a checkpoint folder into model/optimizer/scheduler; returns its completed epochs."""
-    loc = rio.locate(os.path.join(checkpoint_dir, CHECKPOINT_FILE))
+    loc = storage.locate(os.path.join(checkpoint_dir, CHECKPOINT_FILE))
     state = read_record(loc)
     check_same_run(state, model=plan.cfg.model, class_map=plan.class_map, where=checkpoint_dir)
     unwrap(model).load_state_dict(state["state_dict"])
@@ -505,7 +507,7 @@ def report_epoch(
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     history.append(record)
-    write_history(rio.locate(plan.run_uri), history)
+    write_history(storage.locate(plan.run_uri), history)
     say(epoch_line(record, plan.cfg.epochs))
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoint(folder, *state, plan=plan, epoch=epoch, record=record)
@@ -537,7 +539,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch = restore(folder, model, optimizer, scheduler, plan=plan)
         if rank == 0:
             say(f"resumed from epoch {start_epoch} ({checkpoint.path})")
-    history = read_history(rio.locate(plan.run_uri), upto_epoch=start_epoch) if rank == 0 else []
+    history = read_history(storage.locate(plan.run_uri), upto_epoch=start_epoch) if rank == 0 else []
 
     train_model = torch.compile(model) if cfg.compile else model
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # Ray: DDP
@@ -637,7 +639,7 @@ def steps_per_epoch(num_train: int, cfg: TrainConfig) -> int:
     return steps
 
 
-def storage_for(run: rio.Location) -> tuple[str, str]:
+def storage_for(run: storage.Location) -> tuple[str, str]:
     """(Ray Train storage_path on run.fs, run name): RUN's parent folder and last part."""
     parent, _, name = run.path.rstrip("/").rpartition("/")
     if not parent or not name:
@@ -647,14 +649,14 @@ def storage_for(run: rio.Location) -> tuple[str, str]:
     return parent, name
 
 
-def done_epochs(run: rio.Location, *, model: str, class_map: ClassMap) -> tuple[int, str | None]:
+def done_epochs(run: storage.Location, *, model: str, class_map: ClassMap) -> tuple[int, str | None]:
     """Epochs already in the run dir's latest checkpoint (0 if none); mismatches are errors."""
     latest = latest_checkpoint_dir(run)
     if latest is None:
         return 0, None
     info_loc = latest.join(CHECKPOINT_INFO)
-    if rio.exists(info_loc):
-        header = rio.read_json(info_loc)
+    if storage.exists(info_loc):
+        header = storage.read_json(info_loc)
     else:
         header = read_record(latest.join(CHECKPOINT_FILE))
     check_same_run(header, model=model, class_map=class_map, where=latest.uri)
@@ -694,7 +696,7 @@ def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
         )
 
 
-def check_storage_reachable(run: rio.Location) -> None:
+def check_storage_reachable(run: storage.Location) -> None:
     """Every node must see the run dir (Ray Train persists checkpoints there from workers)."""
     import ray
 
@@ -702,7 +704,7 @@ def check_storage_reachable(run: rio.Location) -> None:
     if len(nodes) < 2:
         return
     marker = f".storage-probe-{os.getpid()}-{time.time_ns()}"
-    rio.write_bytes(run.join(marker), b"ok")
+    storage.write_bytes(run.join(marker), b"ok")
     try:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -721,13 +723,13 @@ def check_storage_reachable(run: rio.Location) -> None:
                     "use storage every node shares (s3:// or a shared filesystem)"
                 )
     finally:
-        rio.delete(run.join(marker))
+        storage.delete(run.join(marker))
 
 
 def _probe_storage(uri: str, marker: str) -> str | None:
     try:
-        loc = rio.locate(uri)
-        if not rio.exists(loc.join(marker)):
+        loc = storage.locate(uri)
+        if not storage.exists(loc.join(marker)):
             return "a file the driver wrote there is not visible"
     except (OSError, RaysegError) as e:
         return str(e)
@@ -742,7 +744,7 @@ def forwarded_env(*uris: str | None) -> dict[str, Any]:
     return {"env_vars": {k: os.environ[k] for k in keys}} if keys else {}
 
 
-def build_trainer(plan: Plan, split: Split, run: rio.Location, cpus_per_worker: float):
+def build_trainer(plan: Plan, split: Split, run: storage.Location, cpus_per_worker: float):
     """TorchTrainer over the train dataset (split across workers) and per-rank val shards."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -805,18 +807,18 @@ def fit(trainer) -> None:
         raise
 
 
-def export_final(run: rio.Location) -> dict[str, Any]:
+def export_final(run: storage.Location) -> dict[str, Any]:
     """RUN/model.pt from the latest checkpoint: the model record without training state."""
     latest = latest_checkpoint_dir(run)
     if latest is None:
         raise RaysegError(f"{run.uri}: training wrote no checkpoint")
     state = read_record(latest.join(CHECKPOINT_FILE))
     keep = ("format", "model", "num_classes", "aux_loss", "class_map", "state_dict", "epoch")
-    rio.write_bytes(run.join(EXPORT_NAME), to_bytes({k: state[k] for k in keep}))
+    storage.write_bytes(run.join(EXPORT_NAME), to_bytes({k: state[k] for k in keep}))
     return state
 
 
-def run_summary(run: rio.Location, history: list[dict[str, Any]]) -> dict[str, Any]:
+def run_summary(run: storage.Location, history: list[dict[str, Any]]) -> dict[str, Any]:
     skipped: dict[int, str] = {}
     for rec in history:
         skipped.update({s["image_id"]: s["reason"] for s in rec.get("skipped", [])})
@@ -841,7 +843,7 @@ class Checked:
     class_map: ClassMap
     split: Split
     steps_per_epoch: int
-    run: rio.Location
+    run: storage.Location
     done_epochs: int
     latest: str | None
 
@@ -862,8 +864,8 @@ def check_inputs(cfg: TrainConfig) -> Checked:
             weights=cfg.weights,
             weights_backbone=cfg.weights_backbone,
         )
-    run = rio.locate(cfg.out)
-    rio.check_writable(run)
+    run = storage.locate(cfg.out)
+    storage.check_writable(run)
     storage_for(run)
     done, latest = done_epochs(run, model=cfg.model, class_map=class_map)
     return Checked(class_map, split, steps, run, done, latest)
@@ -872,7 +874,7 @@ def check_inputs(cfg: TrainConfig) -> Checked:
 def write_run_files(cfg: TrainConfig, checked: Checked) -> None:
     """The resolved config and the validation split, beside the checkpoints."""
     run, split = checked.run, checked.split
-    rio.write_bytes(run.join("config.yaml"), dump_yaml(cfg).encode())
+    storage.write_bytes(run.join("config.yaml"), dump_yaml(cfg).encode())
     split_record = {
         "data": split.train.location.uri,
         "val_data": split.val.location.uri,
@@ -881,7 +883,7 @@ def write_run_files(cfg: TrainConfig, checked: Checked) -> None:
         "train_images": len(split.train_ids),
         "val_image_ids": [int(i) for i in split.val_ids],
     }
-    rio.write_json(run.join("split.json"), split_record)
+    storage.write_json(run.join("split.json"), split_record)
 
 
 def launch(cfg: TrainConfig, checked: Checked) -> None:
@@ -936,12 +938,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     summary = run_summary(run, history)
     summary["seconds"] = round(time.monotonic() - start, 1)
     summary["config"] = to_dict(cfg)
-    rio.write_json(run.join("summary.json"), summary)
+    storage.write_json(run.join("summary.json"), summary)
     print_outputs(summary, run)
     return summary
 
 
-def print_outputs(summary: dict[str, Any], run: rio.Location) -> None:
+def print_outputs(summary: dict[str, Any], run: storage.Location) -> None:
     if summary["skipped_rows"]:
         first = summary["skipped"][0]
         print(

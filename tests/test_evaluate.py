@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from rayseg import io
+from rayseg import storage
 from rayseg.config import EvaluateConfig
 from rayseg.errors import RaysegError
 from rayseg.evaluate import (
@@ -20,7 +20,8 @@ from rayseg.evaluate import (
     run_evaluate,
     score,
 )
-from rayseg.models import ClassMap, load_model, save_model
+from rayseg.checkpoint import load_model, save_model
+from rayseg.models import ClassMap
 
 # The data has three categories; the model knows two of them (train, value 7, is background).
 META = {
@@ -95,12 +96,12 @@ def test_class_map_must_match_the_data():
 
 def test_decode_pair_reasons():
     image = encode_png_rgb(np.zeros((4, 6, 3), np.uint8))
-    mask = io.encode_png(np.zeros((4, 6), np.uint8))
+    mask = storage.encode_png(np.zeros((4, 6), np.uint8))
     assert decode_pair(image, mask)[2] == ""
     assert decode_pair(None, mask)[2].startswith("row has no image bytes")
     assert decode_pair(b"junk", mask)[2] == "image does not decode"
     assert decode_pair(image, b"junk")[2].startswith("mask does not decode")
-    small = io.encode_png(np.zeros((4, 5), np.uint8))
+    small = storage.encode_png(np.zeros((4, 5), np.uint8))
     assert decode_pair(image, small)[2] == "mask is 5x4 but the image is 6x4"
 
 
@@ -152,17 +153,17 @@ def dataset(tmp_path_factory):
     )
     good = {1: tiny_masks(40, 48, 1), 2: tiny_masks(36, 52, 2), 3: tiny_masks(44, 30, 3)}
     rows = {
-        i: row(i, encode_png_rgb(rgb), io.encode_png(m), *m.shape) for i, (rgb, m) in good.items()
+        i: row(i, encode_png_rgb(rgb), storage.encode_png(m), *m.shape) for i, (rgb, m) in good.items()
     }
     rgb, mask = good[1]
-    rows[4] = row(4, b"not an image", io.encode_png(mask), *mask.shape)
+    rows[4] = row(4, b"not an image", storage.encode_png(mask), *mask.shape)
     rows[5] = row(5, encode_png_rgb(rgb), b"not a png", *mask.shape)
-    rows[6] = row(6, encode_png_rgb(rgb), io.encode_png(mask[:10]), *mask.shape)
+    rows[6] = row(6, encode_png_rgb(rgb), storage.encode_png(mask[:10]), *mask.shape)
     parquet = root / "masks" / "parquet"
     parquet.mkdir(parents=True)
     for part, ids in enumerate([(1, 2, 4), (3, 5, 6)]):
-        table = io.mask_table([rows[i] for i in ids], META)
-        io.write_parquet(io.locate(str(parquet / f"part-{part:05d}.parquet")), table)
+        table = storage.mask_table([rows[i] for i in ids], META)
+        storage.write_parquet(storage.locate(str(parquet / f"part-{part:05d}.parquet")), table)
     return {"model": model_file, "data": str(root / "masks"), "good": good, "root": root}
 
 
@@ -246,9 +247,9 @@ def test_evaluate_without_images_fails_before_any_work(dataset, tmp_path):
     rgb, mask = dataset["good"][1]
     parquet = tmp_path / "parquet"
     parquet.mkdir()
-    io.write_parquet(
-        io.locate(str(parquet / "part-00000.parquet")),
-        io.mask_table([row(1, None, io.encode_png(mask), *mask.shape)], META),
+    storage.write_parquet(
+        storage.locate(str(parquet / "part-00000.parquet")),
+        storage.mask_table([row(1, None, storage.encode_png(mask), *mask.shape)], META),
     )
     cfg = EvaluateConfig(checkpoint=dataset["model"], data=str(tmp_path), out=str(tmp_path / "o"))
     with pytest.raises(RaysegError, match="no row carries image bytes.*--images-dir"):

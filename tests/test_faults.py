@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import stop_process_group
 
-from rayseg import io
+from rayseg import storage
 
 # Big masks keep a 20-image shard busy for a few tenths of a second, so a test can catch one
 # mid-flight.
@@ -113,7 +113,7 @@ def shard_records(out: Path) -> list[str]:
 
 def check_every_image_once(out: Path, num_images: int) -> dict:
     """Manifest, Parquet parts and PNGs all account for each image exactly once, none cut short."""
-    leftovers = [p for p in out.rglob("*") if io.TMP_MARK in p.name]
+    leftovers = [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
     assert not leftovers, leftovers
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
@@ -127,7 +127,7 @@ def check_every_image_once(out: Path, num_images: int) -> dict:
     masks = sorted((out / "masks").iterdir())
     assert len(masks) == num_images
     for png in masks:
-        assert io.decode_png(png.read_bytes()).shape == (HEIGHT, WIDTH), png.name
+        assert storage.decode_png(png.read_bytes()).shape == (HEIGHT, WIDTH), png.name
     return counts
 
 
@@ -244,7 +244,7 @@ def latest_checkpoint(fs: pafs.FileSystem, run: str) -> str | None:
 def test_killed_train_worker_resumes_from_last_checkpoint(train_data, bucket, tmp_path):
     # Data and checkpoints on S3, as on a cluster: the restarted worker reads epoch 1 back from
     # the bucket. (tests/test_s3.py covers the rest of the shared-storage story.)
-    fs, run = io.locate(f"s3://{bucket}").fs, f"{bucket}/runs/r1"
+    fs, run = storage.locate(f"s3://{bucket}").fs, f"{bucket}/runs/r1"
     log = tmp_path / "train.log"
     args = [
         "train",

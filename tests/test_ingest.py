@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rayseg import ingest
-from rayseg import io as rio
+from rayseg import storage
 from rayseg.errors import RaysegError
 from rayseg.models import class_map_from_meta
 
@@ -62,7 +62,7 @@ def sample_row(
             {"value": int(v), "pixels": int(n)} for v, n in zip(values, counts, strict=True)
         ],
         "mask_path": f"masks/{image_id:012d}.png",
-        "mask": rio.encode_png(mask),
+        "mask": storage.encode_png(mask),
         "image": image_bytes,
     }
 
@@ -97,8 +97,8 @@ def write_masks(
     for k in range(parts):
         chunk = rows[k::parts]
         if chunk:
-            table = rio.mask_table(chunk, meta or META)
-            rio.write_parquet(rio.locate(str(folder / f"part-{k:05d}.parquet")), table)
+            table = storage.mask_table(chunk, meta or META)
+            storage.write_parquet(storage.locate(str(folder / f"part-{k:05d}.parquet")), table)
     return out
 
 
@@ -127,7 +127,7 @@ def test_ingest_stays_torch_free_and_agrees_on_ignore():
     import subprocess
     import sys
 
-    from rayseg.models import TRAIN_IGNORE
+    from rayseg.records import TRAIN_IGNORE
 
     assert ingest.TRAIN_IGNORE == TRAIN_IGNORE
     code = "import sys, rayseg.ingest; sys.exit('torch' in sys.modules)"
@@ -153,10 +153,10 @@ def test_decode_maps_values_to_train_ids():
 @pytest.mark.parametrize(
     ("image_bytes", "mask_bytes", "code"),
     [
-        (None, rio.encode_png(np.zeros((4, 4), np.uint8)), 1),
-        (b"junk", rio.encode_png(np.zeros((4, 4), np.uint8)), 2),
+        (None, storage.encode_png(np.zeros((4, 4), np.uint8)), 1),
+        (b"junk", storage.encode_png(np.zeros((4, 4), np.uint8)), 2),
         ("jpeg", b"junk", 3),
-        ("jpeg", rio.encode_png(np.zeros((5, 4), np.uint8)), 4),
+        ("jpeg", storage.encode_png(np.zeros((5, 4), np.uint8)), 4),
     ],
 )
 def test_decode_problems_have_codes(image_bytes, mask_bytes, code):
@@ -222,7 +222,7 @@ def test_scan_reads_ids_sizes_and_meta(tmp_path):
 def test_scan_rejects_empty_dataset(tmp_path):
     folder = tmp_path / "m" / "parquet"
     folder.mkdir(parents=True)
-    rio.write_parquet(rio.locate(str(folder / "part-00000.parquet")), rio.mask_table([], META))
+    storage.write_parquet(storage.locate(str(folder / "part-00000.parquet")), storage.mask_table([], META))
     with pytest.raises(RaysegError, match="empty"):
         ingest.scan_data(str(tmp_path / "m"))
 
@@ -231,8 +231,8 @@ def test_scan_rejects_rows_without_images(tmp_path):
     folder = tmp_path / "m" / "parquet"
     folder.mkdir(parents=True)
     _, mask = make_sample(0)
-    table = rio.mask_table([sample_row(1, None, mask)], META)
-    rio.write_parquet(rio.locate(str(folder / "part-00000.parquet")), table)
+    table = storage.mask_table([sample_row(1, None, mask)], META)
+    storage.write_parquet(storage.locate(str(folder / "part-00000.parquet")), table)
     with pytest.raises(RaysegError, match="--images-dir"):
         ingest.scan_data(str(tmp_path / "m"))
 

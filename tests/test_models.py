@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayseg import models
+from rayseg import checkpoint, models
 from rayseg.errors import RaysegError
 
 META = {
@@ -94,12 +94,12 @@ def test_export_round_trip(tmp_path):
     model = models.build_model("lraspp_mobilenet_v3_large", cm.num_classes, aux_loss=True).eval()
     path = tmp_path / "run" / "model.pt"
     path.parent.mkdir()
-    models.save_model(
+    checkpoint.save_model(
         str(path), model, name="lraspp_mobilenet_v3_large", class_map=cm, aux_loss=True
     )
     x = torch.randn(1, 3, 48, 64)
     for uri in (str(path), str(path.parent)):
-        loaded, info = models.load_model(uri)
+        loaded, info = checkpoint.load_model(uri)
         assert info["model"] == "lraspp_mobilenet_v3_large" and info["class_map"] == cm
         assert not loaded.training
         with torch.no_grad():
@@ -110,14 +110,14 @@ def test_export_round_trip(tmp_path):
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(RaysegError, match="no such model"):
-        models.load_model(str(tmp_path / "missing.pt"))
+        checkpoint.load_model(str(tmp_path / "missing.pt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(RaysegError, match="no checkpoints"):
-        models.load_model(str(tmp_path / "empty"))
+        checkpoint.load_model(str(tmp_path / "empty"))
     junk = tmp_path / "junk.pt"
     torch.save({"weights": 1}, junk)
     with pytest.raises(RaysegError, match="not a rayseg model"):
-        models.load_model(str(junk))
+        checkpoint.load_model(str(junk))
 
 
 def test_aux_head_where_the_model_has_one():

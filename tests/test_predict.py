@@ -10,10 +10,11 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from rayseg import io
+from rayseg import storage
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
-from rayseg.models import ClassMap, load_model, save_model
+from rayseg.checkpoint import load_model, save_model
+from rayseg.models import ClassMap
 from rayseg.predict import (
     decode_image,
     overlay,
@@ -99,12 +100,12 @@ def test_render_outputs_uses_the_masks_value_scheme():
     labels = np.array([[0, 1], [2, 2]], np.uint8)
     image = random_image(2, 2, seed=0)
     mask_png, jpg = render_outputs(image, labels, CLASS_MAP, overlay_palette(3))
-    np.testing.assert_array_equal(io.decode_png(mask_png), [[0, 1], [3, 3]])
+    np.testing.assert_array_equal(storage.decode_png(mask_png), [[0, 1], [3, 3]])
     assert decode_image(jpg).shape == (2, 2, 3)
     # 16-bit schemes (ignore 65535) give 16-bit PNGs with the same values.
     wide = ClassMap((1, 300), (1, 300), ("background", "a", "b"), 65535, "category_id")
     mask_png, _ = render_outputs(image, labels, wide, overlay_palette(3))
-    decoded = io.decode_png(mask_png)
+    decoded = storage.decode_png(mask_png)
     assert decoded.dtype == np.uint16
     np.testing.assert_array_equal(decoded, [[0, 1], [300, 300]])
 
@@ -149,7 +150,7 @@ def test_predict_image_folder(ray_local, model_file, tmp_path):
         "img2.jpg",
     ]
     for stem, rgb in rgbs.items():
-        mask = io.decode_png((out / "masks" / f"{stem}.png").read_bytes())
+        mask = storage.decode_png((out / "masks" / f"{stem}.png").read_bytes())
         assert mask.shape == rgb.shape[:2] and mask.dtype == np.uint8
         stored = decode_image((images / next(images.glob(f"{stem}.*")).name).read_bytes())
         np.testing.assert_array_equal(mask, expected_mask(model_file, stored))
@@ -179,14 +180,14 @@ def test_predict_parquet_rows(ray_local, model_file, tmp_path):
                 "categories": [],
                 "class_pixels": [],
                 "mask_path": "",
-                "mask": io.encode_png(np.zeros((h, w), np.uint8)),
+                "mask": storage.encode_png(np.zeros((h, w), np.uint8)),
                 "image": image,
             }
         )
     rows.append({**rows[0], "image_id": 7, "file_name": "no_bytes.jpg", "image": None})
     parquet = tmp_path / "masks" / "parquet"
     parquet.mkdir(parents=True)
-    io.write_parquet(io.locate(str(parquet / "part-00000.parquet")), io.mask_table(rows, meta))
+    storage.write_parquet(storage.locate(str(parquet / "part-00000.parquet")), storage.mask_table(rows, meta))
     out = tmp_path / "out"
 
     summary = run_predict(
@@ -196,7 +197,7 @@ def test_predict_parquet_rows(ray_local, model_file, tmp_path):
     assert summary["counts"] == {"inputs": 4, "written": 3, "skipped": 1}
     assert summary["skipped"][0]["name"] == "no_bytes"
     for i, (h, w) in enumerate(SIZES):
-        assert io.decode_png((out / "masks" / f"{i:06d}.png").read_bytes()).shape == (h, w)
+        assert storage.decode_png((out / "masks" / f"{i:06d}.png").read_bytes()).shape == (h, w)
 
 
 def test_bad_checkpoint_is_one_clear_error(model_file, tmp_path):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_coco import square, tiny_coco, write_coco, write_images
 
-from rayseg import io
+from rayseg import storage
 from rayseg.coco import load_coco
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
@@ -54,19 +54,19 @@ def test_full_run_writes_masks_parquet_manifest(dataset, tmp_path):
     rows = read_rows(out)
     assert sorted(r["image_id"] for r in rows) == [1, 2, 3, 4, 5]
     for row in rows:
-        from_parquet = io.decode_png(row["mask"])
-        from_png = io.decode_png((out / row["mask_path"]).read_bytes())
+        from_parquet = storage.decode_png(row["mask"])
+        from_png = storage.decode_png((out / row["mask_path"]).read_bytes())
         assert np.array_equal(from_parquet, from_png)
         assert from_png.shape == (row["height"], row["width"])
         assert row["image"] == (images / row["file_name"]).read_bytes()
         counts = {c["value"]: c["pixels"] for c in row["class_pixels"]}
         assert sum(counts.values()) == row["height"] * row["width"]
-    meta = io.read_mask_meta(str(out))
+    meta = storage.read_mask_meta(str(out))
     assert [c["category_id"] for c in meta["classes"]] == [1, 3, 7]
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["config"]["shard_size"] == 2
     assert saved["class_pixels"]["background"] > 0
-    assert not [p for p in out.rglob("*") if io.TMP_MARK in p.name]
+    assert not [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
 
 
 def test_rerun_resumes_and_changed_settings_refused(dataset, tmp_path):
@@ -88,12 +88,12 @@ def test_interrupted_run_redoes_only_unfinished_shards(dataset, tmp_path):
     # What a kill between a shard's PNGs and its record leaves behind.
     (out / "_shards" / "shard-00001.json").unlink()
     (out / "parquet" / "part-00001.parquet").unlink()
-    (out / "masks" / f"000000000003_mask_cats_1_3.png{io.TMP_MARK}dead").write_bytes(b"half")
+    (out / "masks" / f"000000000003_mask_cats_1_3.png{storage.TMP_MARK}dead").write_bytes(b"half")
     manifest = run_masks(masks_config(annotations, out, shard_size=2))
     assert manifest["counts"]["shards_run"] == 1
     assert manifest["counts"]["masks_written"] == 2 and manifest["counts"]["resumed"] == 3
     assert sorted(r["image_id"] for r in read_rows(out)) == [1, 2, 3, 4, 5]
-    assert not [p for p in out.rglob("*") if io.TMP_MARK in p.name]
+    assert not [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
 
 
 def test_ray_equals_single_process_path(dataset, tmp_path):
@@ -136,7 +136,7 @@ def test_value_schemes_in_pixels(dataset, tmp_path):
     ):
         out = tmp_path / values
         run_masks(masks_config(annotations, out, values=values, naming="stem"))
-        mask = io.decode_png((out / "masks" / "000000000005.png").read_bytes())
+        mask = storage.decode_png((out / "masks" / "000000000005.png").read_bytes())
         assert mask.dtype == dtype
         assert set(np.unique(mask).tolist()) == {0, expected}
 
@@ -147,7 +147,7 @@ def test_palette_masks_keep_values(dataset, tmp_path):
     run_masks(masks_config(annotations, out, palette=True, naming="stem"))
     data = (out / "masks" / "000000000002.png").read_bytes()
     assert data[25] == 3
-    assert set(np.unique(io.decode_png(data)).tolist()) == {0, 3, 7}
+    assert set(np.unique(storage.decode_png(data)).tolist()) == {0, 3, 7}
 
 
 def test_bad_records_listed_and_good_images_rendered(tmp_path):
@@ -193,7 +193,7 @@ def test_bad_records_listed_and_good_images_rendered(tmp_path):
     assert "missing" in by_image[9]
     assert manifest["counts"]["masks_written"] == 5
     assert manifest["counts"]["failed"] == 4
-    mask = io.decode_png(
+    mask = storage.decode_png(
         (tmp_path / "out" / "masks" / "000000000001_mask_cats_1_3.png").read_bytes()
     )
     assert (mask == 3).sum() > 0  # the clipped object is still drawn
@@ -219,5 +219,5 @@ def test_real_coco_sample_matches_pycocotools(tmp_path):
         ref = np.zeros((info["height"], info["width"]), np.uint8)
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
             ref = np.maximum(ref, coco.annToMask(ann) * ann["category_id"])
-        mask = io.decode_png((out / "masks" / (Path(info["file_name"]).stem + ".png")).read_bytes())
+        mask = storage.decode_png((out / "masks" / (Path(info["file_name"]).stem + ".png")).read_bytes())
         assert np.array_equal(mask, ref), image_id

@@ -18,7 +18,8 @@ from test_ingest import META, write_masks
 from rayseg import train
 from rayseg.config import TrainConfig, load_config
 from rayseg.errors import RaysegError
-from rayseg.models import class_map_from_meta, load_model
+from rayseg.checkpoint import load_model
+from rayseg.models import class_map_from_meta
 
 COCO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_sample"
 BAD_ROWS = {104: "image", 109: "mask"}
@@ -115,11 +116,11 @@ def test_refuses_crop_larger_than_every_image(masks, tmp_path):
 
 
 def test_refuses_empty_dataset(tmp_path):
-    from rayseg import io as rio
+    from rayseg import storage
 
     folder = tmp_path / "empty" / "parquet"
     folder.mkdir(parents=True)
-    rio.write_parquet(rio.locate(str(folder / "part-00000.parquet")), rio.mask_table([], META))
+    storage.write_parquet(storage.locate(str(folder / "part-00000.parquet")), storage.mask_table([], META))
     with pytest.raises(RaysegError, match="empty"):
         train.run_train(config(tmp_path / "empty", tmp_path / "run"))
 

@@ -1,37 +1,37 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from rayseg import io
+from rayseg import storage
 
 
 def test_png_roundtrip_keeps_values_8_and_16_bit():
     rng = np.random.default_rng(0)
     for dtype, high in ((np.uint8, 256), (np.uint16, 65536)):
         mask = rng.integers(0, high, (37, 53)).astype(dtype)
-        back = io.decode_png(io.encode_png(mask))
+        back = storage.decode_png(storage.encode_png(mask))
         assert back.dtype == dtype and np.array_equal(back, mask)
 
 
 def test_palette_png_keeps_indices():
     mask = np.arange(200, dtype=np.uint8).reshape(10, 20) % 91
-    data = io.encode_png(mask, palette=io.label_palette())
+    data = storage.encode_png(mask, palette=storage.label_palette())
     assert data[25] == 3  # indexed colour
-    assert np.array_equal(io.decode_png(data), mask)
+    assert np.array_equal(storage.decode_png(data), mask)
 
 
 def test_atomic_write_leaves_no_temporaries(tmp_path):
-    loc = io.locate(str(tmp_path)).join("a.bin")
-    io.write_bytes(loc, b"123")
-    io.write_bytes(loc, b"45")
-    assert io.read_bytes(loc) == b"45"
-    assert io.list_files(io.locate(str(tmp_path))) == ["a.bin"]
+    loc = storage.locate(str(tmp_path)).join("a.bin")
+    storage.write_bytes(loc, b"123")
+    storage.write_bytes(loc, b"45")
+    assert storage.read_bytes(loc) == b"45"
+    assert storage.list_files(storage.locate(str(tmp_path))) == ["a.bin"]
 
 
 def test_stray_temporaries_removed(tmp_path):
-    (tmp_path / f"x.png{io.TMP_MARK}abc").write_bytes(b"half")
+    (tmp_path / f"x.png{storage.TMP_MARK}abc").write_bytes(b"half")
     (tmp_path / "y.png").write_bytes(b"whole")
-    assert io.remove_stray_temporaries(io.locate(str(tmp_path))) == 1
-    assert io.list_files(io.locate(str(tmp_path))) == ["y.png"]
+    assert storage.remove_stray_temporaries(storage.locate(str(tmp_path))) == 1
+    assert storage.list_files(storage.locate(str(tmp_path))) == ["y.png"]
 
 
 def test_parquet_metadata_roundtrip(tmp_path):
@@ -44,12 +44,12 @@ def test_parquet_metadata_roundtrip(tmp_path):
         "categories": [],
         "class_pixels": [{"value": 0, "pixels": 4}],
         "mask_path": "masks/a.png",
-        "mask": io.encode_png(np.zeros((2, 2), np.uint8)),
+        "mask": storage.encode_png(np.zeros((2, 2), np.uint8)),
         "image": None,
     }
     (tmp_path / "parquet").mkdir()
-    io.write_parquet(
-        io.locate(str(tmp_path / "parquet" / "part-00000.parquet")), io.mask_table([row], meta)
+    storage.write_parquet(
+        storage.locate(str(tmp_path / "parquet" / "part-00000.parquet")), storage.mask_table([row], meta)
     )
-    assert io.read_mask_meta(str(tmp_path)) == meta
+    assert storage.read_mask_meta(str(tmp_path)) == meta
     assert pq.read_table(tmp_path / "parquet").num_rows == 1

@@ -194,6 +194,19 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr
 
 
+def decode_image(data: bytes | None) -> np.ndarray | None:
+    """Encoded JPEG/PNG bytes -> (H, W, 3) uint8 RGB, or None when they do not decode."""
+    if not data:
+        return None
+    # COCO coordinates refer to the stored pixel grid, so EXIF rotation is not applied
+    # (it would swap height and width against the masks of rotated photos).
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def label_palette(num_values: int = 256, *, seed: int = 7) -> np.ndarray:
     """(256, 3) uint8 colours: 0 black, 255 white (ignore), the rest distinct random hues."""
     rng = np.random.default_rng(seed)
