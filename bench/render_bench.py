@@ -213,9 +213,9 @@ def capacity(path: Path, rasterizer: str, sample: int, repeats: int) -> tuple[fl
     try:
         from rayseg.coco import load_coco
         from rayseg.config import MasksConfig
-        from rayseg.storage import encode_png
         from rayseg.render import value_scheme
         from rayseg.shard import plan_jobs, render_image
+        from rayseg.storage import encode_png
     except ImportError as e:
         return 0.0, f"skipped: the rayseg pure path is not importable yet ({e})"
     index = load_coco(str(path))

@@ -1,4 +1,4 @@
-"""The run directory's files: training checkpoints and the exported model, read and written here only.
+"""The run directory's files: training checkpoints and the exported model; their only home.
 
 An export (RUN/model.pt) is one `torch.save` dict: format, model (builder name), num_classes,
 aux_loss, class_map (ClassMap.to_dict) and state_dict, plus epoch when it came from training. A

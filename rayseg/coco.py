@@ -270,7 +270,7 @@ def _malformed_problem(i: int, raw: msgspec.Raw) -> dict[str, Any]:
 
 def _read_bytes(path: str) -> bytes:
     if "://" not in path:
-        # Plain open(): rayseg.storage pulls in pyarrow and OpenCV, ~75 MB this stage can do without.
+        # Plain open(): rayseg.storage pulls in pyarrow and OpenCV (~75 MB) this stage can skip.
         with open(path, "rb") as f:
             return f.read()
     from rayseg import storage

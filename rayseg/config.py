@@ -19,7 +19,6 @@ import yaml
 
 from rayseg.errors import RaysegError
 
-
 # Allowed values of the choice settings: the CLI, validation and the stages read them from here.
 RASTERIZERS = ("opencv", "coco")
 OVERLAPS = ("max", "smallest_on_top", "last", "ignore")

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayseg import storage
 from rayseg import metrics as M
+from rayseg import storage
 from rayseg.config import EvaluateConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.models import ClassMap

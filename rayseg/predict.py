@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from rayseg import storage
+from rayseg.checkpoint import load_model
 from rayseg.config import PredictConfig, to_dict
 from rayseg.errors import RaysegError
-from rayseg.checkpoint import load_model
 from rayseg.models import IMAGENET_MEAN, IMAGENET_STD, ClassMap, forward_logits
 from rayseg.runtime import connect_ray
 

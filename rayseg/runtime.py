@@ -75,7 +75,9 @@ def check_gpus(use_gpu: bool, needed: int = 1) -> None:
             raise RaysegError(
                 "--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)"
             )
-        raise RaysegError(f"--use-gpu with {needed} workers needs {needed} GPUs; the cluster has {have}")
+        raise RaysegError(
+            f"--use-gpu with {needed} workers needs {needed} GPUs; the cluster has {have}"
+        )
 
 
 class Progress:

@@ -305,7 +305,11 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     scheme = value_scheme([c.id for c in index.categories], cfg.values)
     if cfg.palette and scheme.dtype != "uint8":
         raise RaysegError(f"--palette needs 8-bit values; --values {cfg.values} gives 16-bit masks")
-    if cfg.images_dir and storage.locate(cfg.images_dir).is_local and not os.path.isdir(cfg.images_dir):
+    if (
+        cfg.images_dir
+        and storage.locate(cfg.images_dir).is_local
+        and not os.path.isdir(cfg.images_dir)
+    ):
         raise RaysegError(f"{cfg.images_dir}: images folder not found")
     out = storage.locate(cfg.out)
     plan = fingerprint(file_digest(cfg.annotations), cfg)

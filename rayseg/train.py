@@ -32,11 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rayseg import ingest
-from rayseg import storage
+from rayseg import ingest, storage
 from rayseg import metrics as M
-from rayseg.config import TrainConfig, dump_yaml, to_dict
-from rayseg.errors import RaysegError
 from rayseg.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
@@ -47,6 +44,8 @@ from rayseg.checkpoint import (
     to_bytes,
     unwrap,
 )
+from rayseg.config import TrainConfig, dump_yaml, to_dict
+from rayseg.errors import RaysegError
 from rayseg.models import (
     MODEL_BUILDERS,
     ClassMap,
@@ -539,7 +538,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch = restore(folder, model, optimizer, scheduler, plan=plan)
         if rank == 0:
             say(f"resumed from epoch {start_epoch} ({checkpoint.path})")
-    history = read_history(storage.locate(plan.run_uri), upto_epoch=start_epoch) if rank == 0 else []
+    history = (
+        read_history(storage.locate(plan.run_uri), upto_epoch=start_epoch) if rank == 0 else []
+    )
 
     train_model = torch.compile(model) if cfg.compile else model
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # Ray: DDP
@@ -649,7 +650,9 @@ def storage_for(run: storage.Location) -> tuple[str, str]:
     return parent, name
 
 
-def done_epochs(run: storage.Location, *, model: str, class_map: ClassMap) -> tuple[int, str | None]:
+def done_epochs(
+    run: storage.Location, *, model: str, class_map: ClassMap
+) -> tuple[int, str | None]:
     """Epochs already in the run dir's latest checkpoint (0 if none); mismatches are errors."""
     latest = latest_checkpoint_dir(run)
     if latest is None:

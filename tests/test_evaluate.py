@@ -11,6 +11,7 @@ import torch
 from tiny_models import tiny_model
 
 from rayseg import storage
+from rayseg.checkpoint import load_model, save_model
 from rayseg.config import EvaluateConfig
 from rayseg.errors import RaysegError
 from rayseg.evaluate import (
@@ -20,7 +21,6 @@ from rayseg.evaluate import (
     run_evaluate,
     score,
 )
-from rayseg.checkpoint import load_model, save_model
 from rayseg.models import ClassMap
 
 # The data has three categories; the model knows two of them (train, value 7, is background).
@@ -153,7 +153,8 @@ def dataset(tmp_path_factory):
     )
     good = {1: tiny_masks(40, 48, 1), 2: tiny_masks(36, 52, 2), 3: tiny_masks(44, 30, 3)}
     rows = {
-        i: row(i, encode_png_rgb(rgb), storage.encode_png(m), *m.shape) for i, (rgb, m) in good.items()
+        i: row(i, encode_png_rgb(rgb), storage.encode_png(m), *m.shape)
+        for i, (rgb, m) in good.items()
     }
     rgb, mask = good[1]
     rows[4] = row(4, b"not an image", storage.encode_png(mask), *mask.shape)

@@ -2,105 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
+from mask_data import META, make_sample, sample_row, write_masks
 
-from rayseg import ingest
-from rayseg import storage
+from rayseg import ingest, storage
 from rayseg.errors import RaysegError
 from rayseg.models import class_map_from_meta
-
-# Two classes with a gap in category ids, as COCO has: value = category id.
-META = {
-    "values": "category_id",
-    "dtype": "uint8",
-    "ignore_value": 255,
-    "background_value": 0,
-    "classes": [
-        {"value": 1, "category_id": 1, "name": "square"},
-        {"value": 3, "category_id": 3, "name": "disc"},
-    ],
-}
-
-
-def make_sample(index: int, *, height: int = 48, width: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) BGR image and (H, W) mask: a red square (1) and a green disc (3) on grey noise.
-
-    The colours alone tell the classes apart, so a small network learns them in a few steps.
-    """
-    rng = np.random.default_rng(index)
-    image = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)
-    mask = np.zeros((height, width), np.uint8)
-    s = height // 3
-    y, x = int(rng.integers(0, height - s)), int(rng.integers(0, width // 2 - s))
-    image[y : y + s, x : x + s] = (30, 30, 220)
-    mask[y : y + s, x : x + s] = 1
-    r = s // 2 + 2
-    cy, cx = int(rng.integers(r, height - r)), int(rng.integers(width // 2 + r, width - r))
-    cv2.circle(image, (cx, cy), r, (40, 200, 40), -1)
-    cv2.circle(mask, (cx, cy), r, 3, -1)
-    mask[0, :4] = 255  # a few ignore pixels
-    return image, mask
-
-
-def sample_row(
-    image_id: int, image: np.ndarray | None, mask: np.ndarray, *, image_bytes: bytes | None = None
-) -> dict:
-    if image_bytes is None and image is not None:
-        image_bytes = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-    values, counts = np.unique(mask, return_counts=True)
-    return {
-        "image_id": image_id,
-        "file_name": f"{image_id:012d}.jpg",
-        "height": mask.shape[0],
-        "width": mask.shape[1],
-        "categories": [int(v) for v in values if v not in (0, 255)],
-        "class_pixels": [
-            {"value": int(v), "pixels": int(n)} for v, n in zip(values, counts, strict=True)
-        ],
-        "mask_path": f"masks/{image_id:012d}.png",
-        "mask": storage.encode_png(mask),
-        "image": image_bytes,
-    }
-
-
-def write_masks(
-    out: Path,
-    num_images: int,
-    *,
-    height: int = 48,
-    width: int = 64,
-    parts: int = 2,
-    bad: dict[int, str] | None = None,
-    meta: dict | None = None,
-) -> Path:
-    """A `rayseg masks`-shaped output dir (OUT/parquet/part-*.parquet) with embedded images.
-
-    bad: image id -> "image" (undecodable image bytes) or "mask" (undecodable mask bytes).
-    """
-    rows = []
-    for i in range(num_images):
-        image_id = 100 + i
-        image, mask = make_sample(i, height=height, width=width)
-        row = sample_row(image_id, image, mask)
-        kind = (bad or {}).get(image_id)
-        if kind == "image":
-            row["image"] = b"not a jpeg"
-        elif kind == "mask":
-            row["mask"] = b"\x89PNG broken"
-        rows.append(row)
-    folder = out / "parquet"
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in range(parts):
-        chunk = rows[k::parts]
-        if chunk:
-            table = storage.mask_table(chunk, meta or META)
-            storage.write_parquet(storage.locate(str(folder / f"part-{k:05d}.parquet")), table)
-    return out
-
 
 CLASS_MAP = class_map_from_meta(META)
 
@@ -222,7 +131,9 @@ def test_scan_reads_ids_sizes_and_meta(tmp_path):
 def test_scan_rejects_empty_dataset(tmp_path):
     folder = tmp_path / "m" / "parquet"
     folder.mkdir(parents=True)
-    storage.write_parquet(storage.locate(str(folder / "part-00000.parquet")), storage.mask_table([], META))
+    storage.write_parquet(
+        storage.locate(str(folder / "part-00000.parquet")), storage.mask_table([], META)
+    )
     with pytest.raises(RaysegError, match="empty"):
         ingest.scan_data(str(tmp_path / "m"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_ingest import write_masks
+from mask_data import write_masks
 
 from rayseg import pipeline
 from rayseg.config import (

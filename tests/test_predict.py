@@ -11,9 +11,9 @@ import torch
 from tiny_models import tiny_model
 
 from rayseg import storage
+from rayseg.checkpoint import load_model, save_model
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
-from rayseg.checkpoint import load_model, save_model
 from rayseg.models import ClassMap
 from rayseg.predict import (
     decode_image,
@@ -187,7 +187,9 @@ def test_predict_parquet_rows(ray_local, model_file, tmp_path):
     rows.append({**rows[0], "image_id": 7, "file_name": "no_bytes.jpg", "image": None})
     parquet = tmp_path / "masks" / "parquet"
     parquet.mkdir(parents=True)
-    storage.write_parquet(storage.locate(str(parquet / "part-00000.parquet")), storage.mask_table(rows, meta))
+    storage.write_parquet(
+        storage.locate(str(parquet / "part-00000.parquet")), storage.mask_table(rows, meta)
+    )
     out = tmp_path / "out"
 
     summary = run_predict(

@@ -219,5 +219,7 @@ def test_real_coco_sample_matches_pycocotools(tmp_path):
         ref = np.zeros((info["height"], info["width"]), np.uint8)
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
             ref = np.maximum(ref, coco.annToMask(ann) * ann["category_id"])
-        mask = storage.decode_png((out / "masks" / (Path(info["file_name"]).stem + ".png")).read_bytes())
+        mask = storage.decode_png(
+            (out / "masks" / (Path(info["file_name"]).stem + ".png")).read_bytes()
+        )
         assert np.array_equal(mask, ref), image_id

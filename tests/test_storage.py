@@ -49,7 +49,8 @@ def test_parquet_metadata_roundtrip(tmp_path):
     }
     (tmp_path / "parquet").mkdir()
     storage.write_parquet(
-        storage.locate(str(tmp_path / "parquet" / "part-00000.parquet")), storage.mask_table([row], meta)
+        storage.locate(str(tmp_path / "parquet" / "part-00000.parquet")),
+        storage.mask_table([row], meta),
     )
     assert storage.read_mask_meta(str(tmp_path)) == meta
     assert pq.read_table(tmp_path / "parquet").num_rows == 1

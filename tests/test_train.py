@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ingest import META, write_masks
+from mask_data import META, write_masks
 
 from rayseg import train
+from rayseg.checkpoint import load_model
 from rayseg.config import TrainConfig, load_config
 from rayseg.errors import RaysegError
-from rayseg.checkpoint import load_model
 from rayseg.models import class_map_from_meta
 
 COCO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_sample"
@@ -120,7 +120,9 @@ def test_refuses_empty_dataset(tmp_path):
 
     folder = tmp_path / "empty" / "parquet"
     folder.mkdir(parents=True)
-    storage.write_parquet(storage.locate(str(folder / "part-00000.parquet")), storage.mask_table([], META))
+    storage.write_parquet(
+        storage.locate(str(folder / "part-00000.parquet")), storage.mask_table([], META)
+    )
     with pytest.raises(RaysegError, match="empty"):
         train.run_train(config(tmp_path / "empty", tmp_path / "run"))
 
