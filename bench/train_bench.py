@@ -5,7 +5,7 @@
         --batch-size 8 --workers 4 --use-gpu                  # on a GPU cluster
 
 (a) plain: one process, the same decode + augment (rayseg.ingest) in a torch DataLoader with
-    one loader process, the same model, optimizer, schedule and step (rayseg.train.train_one_epoch).
+    one loader process, the same model, optimizer, schedule and step (rayseg.loop.train_one_epoch).
 (b) `rayseg train` (run_train) with 1 worker, (c) with --workers workers, on the same rows.
 Equal compute: (a) uses as many torch threads as one Ray worker gets.
 
@@ -36,13 +36,13 @@ sys.path.insert(0, str(REPO))
 
 from rayseg import ingest  # noqa: E402
 from rayseg.config import MasksConfig, SynthConfig, TrainConfig  # noqa: E402
-from rayseg.models import build_model, class_map_from_meta  # noqa: E402
-from rayseg.train import (  # noqa: E402
+from rayseg.loop import (  # noqa: E402
     EpochStats,
     make_optimizer,
     make_scheduler,
     train_one_epoch,
 )
+from rayseg.models import build_model, class_map_from_meta  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
 TARGET_WAIT = 0.05
@@ -92,7 +92,7 @@ class Rows(torch.utils.data.Dataset):
 
 
 def plain_loop(data: str, cfg: TrainConfig, threads: int, loader_workers: int) -> list[EpochStats]:
-    """(a): the training step of rayseg.train in one process, no Ray."""
+    """(a): the training step of rayseg.loop in one process, no Ray."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     summary = ingest.scan_data(data)

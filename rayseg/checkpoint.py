@@ -1,27 +1,47 @@
-"""The run directory's files: training checkpoints and the exported model; their only home.
+"""The run directory's files: checkpoints, metrics history and the exported model; their only home.
 
-An export (RUN/model.pt) is one `torch.save` dict: format, model (builder name), num_classes,
-aux_loss, class_map (ClassMap.to_dict) and state_dict, plus epoch when it came from training. A
-checkpoint (RUN/epoch_NNNN/checkpoint.pt) is the same record with optimizer, scheduler and
-metrics added, and a small checkpoint.json header beside it. Local paths or s3:// URIs; no Ray.
+Inputs: models, optimizers and records from training (rayseg.train, rayseg.loop). Outputs, in a
+run directory RUN (local path or s3:// URI):
+- RUN/model.pt, the export: one `torch.save` dict: format, model (builder name), num_classes,
+  aux_loss, class_map (ClassMap.to_dict) and state_dict, plus epoch when it came from training.
+  write_export is its one writer (save_model and export_final both go through it).
+- RUN/epoch_NNNN/checkpoint.pt: the same record with optimizer, scheduler and metrics added, and
+  a small checkpoint.json header beside it (model, class_map, epoch).
+- RUN/metrics.jsonl (one line per epoch) and RUN/curves.png (loss and validation mIoU).
+- RUN/config.yaml, RUN/split.json and RUN/summary.json.
+No Ray.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from rayseg import storage
+from rayseg.config import TrainConfig, dump_yaml
 from rayseg.errors import RaysegError
+from rayseg.loop import TrainingState
 from rayseg.models import ClassMap, build_model, has_aux
+from rayseg.records import Problem
 
 EXPORT_FORMAT = "rayseg-model/1"
 EXPORT_NAME = "model.pt"
+# What an export keeps of a record; a checkpoint adds optimizer, scheduler and metrics.
+EXPORT_KEYS = ("format", "model", "num_classes", "aux_loss", "class_map", "state_dict", "epoch")
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_INFO = "checkpoint.json"
 CHECKPOINT_PREFIX = "epoch_"
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+CONFIG_NAME = "config.yaml"
+SPLIT_NAME = "split.json"
+SUMMARY_NAME = "summary.json"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,12 +79,18 @@ def to_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def write_export(loc: storage.Location, record: dict[str, Any]) -> None:
+    """The one writer of model.pt: the record without training state, written atomically."""
+    storage.write_bytes(loc, to_bytes({k: record[k] for k in EXPORT_KEYS if k in record}))
+
+
 def save_model(
     uri: str, model: nn.Module, *, name: str, class_map: ClassMap, aux_loss: bool
 ) -> None:
-    """Export for use without Ray: one torch.save file, written atomically (local or s3://)."""
-    record = model_record(model, name=name, class_map=class_map, aux_loss=aux_loss)
-    storage.write_bytes(storage.locate(uri), to_bytes(record))
+    """Export for use without Ray: one torch.save file (local or s3://)."""
+    write_export(
+        storage.locate(uri), model_record(model, name=name, class_map=class_map, aux_loss=aux_loss)
+    )
 
 
 def read_record(loc: storage.Location) -> dict[str, Any]:
@@ -138,3 +164,178 @@ def load_model(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, A
     if "epoch" in record:
         info["epoch"] = record["epoch"]
     return model.to(device).eval(), info
+
+
+# ---- training checkpoints: RUN/epoch_NNNN/ -----------------------------------------------------
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def checkpoint_header(name: str, class_map: ClassMap, epoch: int) -> dict[str, Any]:
+    return {"model": name, "class_map": class_map.to_dict(), "epoch": epoch}
+
+
+def write_checkpoint(
+    folder: str,
+    state: TrainingState,
+    record: dict[str, Any],
+    *,
+    cfg: TrainConfig,
+    class_map: ClassMap,
+) -> None:
+    """checkpoint.pt (the export record + training state + the epoch's metrics) and a small
+    checkpoint.json header, in a local `folder` (Ray Train persists it as RUN/epoch_NNNN)."""
+    name, epoch = cfg.model, record["epoch"]
+    model, optimizer, scheduler = state
+    saved = model_record(model, name=name, class_map=class_map, aux_loss=cfg.aux_loss)
+    saved.update(
+        epoch=epoch,
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        metrics={k: v for k, v in record.items() if k != "skipped"},
+    )
+    torch.save(saved, os.path.join(folder, CHECKPOINT_FILE))
+    with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
+        json.dump(checkpoint_header(name, class_map, epoch), f)
+
+
+def check_same_run(header: dict[str, Any], *, model: str, class_map: ClassMap, where: str) -> None:
+    """A checkpoint of another model or class mapping cannot be resumed: say which differs."""
+    if header["model"] != model:
+        raise RaysegError(
+            f"{where} holds a {header['model']} checkpoint, not {model}; "
+            "use another --out or the same --model"
+        )
+    theirs = ClassMap.from_dict(header["class_map"])
+    if theirs != class_map:
+        raise RaysegError(
+            f"{where} was trained on classes {list(theirs.names[1:])} "
+            f"(mask values {list(theirs.mask_values)}), not {list(class_map.names[1:])} "
+            f"(mask values {list(class_map.mask_values)}); use another --out or the same "
+            "--classes and masks"
+        )
+
+
+def restore(folder: str, state: TrainingState, *, name: str, class_map: ClassMap) -> int:
+    """Load a checkpoint folder into model, optimizer and scheduler; returns its epochs."""
+    model, optimizer, scheduler = state
+    saved = read_record(storage.locate(os.path.join(folder, CHECKPOINT_FILE)))
+    check_same_run(saved, model=name, class_map=class_map, where=folder)
+    unwrap(model).load_state_dict(saved["state_dict"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return int(saved["epoch"])
+
+
+def done_epochs(
+    run: storage.Location, *, model: str, class_map: ClassMap
+) -> tuple[int, str | None]:
+    """Epochs already in the run dir's latest checkpoint (0 if none); mismatches are errors."""
+    latest = latest_checkpoint_dir(run)
+    if latest is None:
+        return 0, None
+    info_loc = latest.join(CHECKPOINT_INFO)
+    if storage.exists(info_loc):
+        header = storage.read_json(info_loc)
+    else:
+        header = read_record(latest.join(CHECKPOINT_FILE))
+    check_same_run(header, model=model, class_map=class_map, where=latest.uri)
+    return int(header["epoch"]), latest.uri
+
+
+def export_final(run: storage.Location) -> dict[str, Any]:
+    """RUN/model.pt from the latest checkpoint; returns that checkpoint's record."""
+    latest = latest_checkpoint_dir(run)
+    if latest is None:
+        raise RaysegError(f"{run.uri}: training wrote no checkpoint")
+    record = read_record(latest.join(CHECKPOINT_FILE))
+    write_export(run.join(EXPORT_NAME), record)
+    return record
+
+
+# ---- history, run files: RUN/metrics.jsonl, curves.png, config.yaml, split.json, summary.json --
+
+
+def plot_curves(history: list[dict[str, Any]]) -> bytes:
+    """PNG of training loss and validation mIoU per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_miou.plot(epochs, [r["val_miou"] for r in history], marker="o", color="tab:green")
+    ax_miou.set(xlabel="epoch", ylabel="mIoU", title="validation mIoU", ylim=(0, 1))
+    for ax in (ax_loss, ax_miou):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def read_history(run: storage.Location, *, upto_epoch: int) -> list[dict[str, Any]]:
+    """metrics.jsonl lines of epochs <= upto_epoch (later ones belong to a lost attempt)."""
+    loc = run.join(METRICS_NAME)
+    if not storage.exists(loc):
+        return []
+    lines = storage.read_bytes(loc).decode().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def write_history(run: storage.Location, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    storage.write_bytes(run.join(METRICS_NAME), text.encode())
+    storage.write_bytes(run.join(CURVES_NAME), plot_curves(history))
+
+
+def write_run_files(
+    run: storage.Location,
+    cfg: TrainConfig,
+    *,
+    data_uri: str,
+    val_data_uri: str,
+    train_images: int,
+    val_ids: Iterable[int],
+) -> None:
+    """config.yaml (the resolved config) and split.json (which images validate)."""
+    storage.write_bytes(run.join(CONFIG_NAME), dump_yaml(cfg).encode())
+    split = {
+        "data": data_uri,
+        "val_data": val_data_uri,
+        "val_fraction": None if cfg.val_data else cfg.val_fraction,
+        "seed": cfg.seed,
+        "train_images": train_images,
+        "val_image_ids": [int(i) for i in val_ids],
+    }
+    storage.write_json(run.join(SPLIT_NAME), split)
+
+
+def run_summary(run: storage.Location, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's numbers: the last epoch, the best mIoU, every row ever skipped."""
+    skipped: dict[int, Problem] = {}
+    for rec in history:
+        skipped.update({s["image_id"]: Problem.from_dict(s) for s in rec.get("skipped", [])})
+    last = history[-1] if history else {}
+    return {
+        "run": run.uri,
+        "model_file": run.join(EXPORT_NAME).uri,
+        "epochs": last.get("epoch", 0),
+        "val_miou": last.get("val_miou"),
+        "best_val_miou": max((r["val_miou"] for r in history), default=None),
+        "images_per_s": last.get("images_per_s"),
+        "data_wait_fraction": last.get("data_wait_fraction"),
+        "skipped_rows": len(skipped),
+        "skipped": [p.to_dict() for _, p in sorted(skipped.items())],
+    }
+
+
+def write_summary(run: storage.Location, summary: dict[str, Any]) -> None:
+    storage.write_json(run.join(SUMMARY_NAME), summary)

@@ -1,42 +1,99 @@
 """`rayseg <command> [--config X.yaml] [flags]`: flags are generated from the config dataclasses.
 
-Each command maps to (config class, "module:function"); the function takes the resolved config
-and returns a JSON-able summary. A RaysegError becomes one line on stderr and exit status 2;
-any other exception one line and exit 1, with the traceback only under --debug.
+Each command maps to a Command: its config class, the function that runs it and its help line.
+The run functions import their stage only when called (`rayseg subset` never imports torch); each
+takes the resolved config and returns a JSON-able summary. A RaysegError becomes one line on
+stderr and exit status 2; any other exception one line and exit 1, with the traceback only
+under --debug.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from rayseg import config as C
 from rayseg.errors import RaysegError
 
-COMMANDS: dict[str, tuple[type, str, str]] = {
-    "synth": (C.SynthConfig, "rayseg.synth:run_synth", "make a synthetic COCO dataset"),
-    "subset": (C.SubsetConfig, "rayseg.coco:run_subset", "select a deterministic image subset"),
-    "masks": (C.MasksConfig, "rayseg.shard:run_masks", "render semantic masks with Ray"),
-    "train": (C.TrainConfig, "rayseg.train:run_train", "train a model with Ray Train"),
-    "evaluate": (C.EvaluateConfig, "rayseg.evaluate:run_evaluate", "score a model"),
-    "predict": (C.PredictConfig, "rayseg.predict:run_predict", "batch inference with Ray Data"),
-    "pipeline": (C.PipelineConfig, "rayseg.pipeline:run_pipeline", "run the whole chain"),
-    "demo": (C.PipelineConfig, "rayseg.pipeline:run_demo", "synthetic end-to-end demo"),
+
+def _synth(cfg: C.SynthConfig) -> Any:
+    from rayseg.synth import run_synth
+
+    return run_synth(cfg)
+
+
+def _subset(cfg: C.SubsetConfig) -> Any:
+    from rayseg.coco import run_subset
+
+    return run_subset(cfg)
+
+
+def _masks(cfg: C.MasksConfig) -> Any:
+    from rayseg.shard import run_masks
+
+    return run_masks(cfg)
+
+
+def _train(cfg: C.TrainConfig) -> Any:
+    from rayseg.train import run_train
+
+    return run_train(cfg)
+
+
+def _evaluate(cfg: C.EvaluateConfig) -> Any:
+    from rayseg.evaluate import run_evaluate
+
+    return run_evaluate(cfg)
+
+
+def _predict(cfg: C.PredictConfig) -> Any:
+    from rayseg.predict import run_predict
+
+    return run_predict(cfg)
+
+
+def _pipeline(cfg: C.PipelineConfig) -> Any:
+    from rayseg.pipeline import run_pipeline
+
+    return run_pipeline(cfg)
+
+
+def _demo(cfg: C.PipelineConfig) -> Any:
+    from rayseg.pipeline import run_demo
+
+    return run_demo(cfg)
+
+
+class Command(NamedTuple):
+    config: type
+    run: Callable[[Any], Any]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "synth": Command(C.SynthConfig, _synth, "make a synthetic COCO dataset"),
+    "subset": Command(C.SubsetConfig, _subset, "select a deterministic image subset"),
+    "masks": Command(C.MasksConfig, _masks, "render semantic masks with Ray"),
+    "train": Command(C.TrainConfig, _train, "train a model with Ray Train"),
+    "evaluate": Command(C.EvaluateConfig, _evaluate, "score a model"),
+    "predict": Command(C.PredictConfig, _predict, "batch inference with Ray Data"),
+    "pipeline": Command(C.PipelineConfig, _pipeline, "run the whole chain"),
+    "demo": Command(C.PipelineConfig, _demo, "synthetic end-to-end demo"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (cls, _, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", help="YAML file with the same settings (flags override it)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
-        add_config_flags(p, cls)
+        add_config_flags(p, command.config)
     return parser
 
 
@@ -56,13 +113,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def run_command(name: str, cfg: Any) -> Any:
-    module_name, func_name = COMMANDS[name][1].split(":")
-    return getattr(importlib.import_module(module_name), func_name)(cfg)
+    return COMMANDS[name].run(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cls = COMMANDS[args.command][0]
+    cls = COMMANDS[args.command].config
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(cls)

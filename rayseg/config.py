@@ -1,14 +1,16 @@
 """Typed run settings: one dataclass per command, filled from `--config FILE.yaml` then flags.
 
-load_config(cls, path, overrides) -> cls is the only YAML parsing in rayseg. Unknown keys and
-wrong types are RaysegErrors naming the key and the nearest valid one. Field metadata drives the
-CLI: `help`, `choices`, and `flag=False` for keys only a file can set.
+load_config(cls, path, overrides) -> cls is the only YAML parsing in rayseg. Unknown keys, wrong
+types, values outside a field's choices or limits are RaysegErrors naming the key. Field metadata
+drives the CLI and the checks: `help`, `choices`, limits (`min`/`max` inclusive, `above`/`below`
+exclusive) and `flag=False` for keys only a file can set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,9 +29,18 @@ CROWD_MODES = ("class", "ignore", "skip")
 NAMINGS = ("cats", "stem")
 OPTIMIZERS = ("sgd", "adamw")
 
+# Limits a field's metadata may carry: key -> (test of value against the limit, how it reads).
+# At most one lower (min / above) and one upper (max / below) limit per field.
+LIMITS = {
+    "min": (operator.ge, ">="),
+    "above": (operator.gt, ">"),
+    "max": (operator.le, "<="),
+    "below": (operator.lt, "<"),
+}
+
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field with CLI help text (and optionally `choices`)."""
+    """A dataclass field with CLI help text (and optionally `choices` and limits)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -40,18 +51,26 @@ def required(help: str) -> Any:
 
 
 @dataclass
+class RayConfig:
+    """Which Ray a distributed command runs on; also the pipeline's `ray:` section."""
+
+    address: str | None = opt(None, "Ray cluster address (default: local, or the job's cluster)")
+    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)", min=1)
+
+
+@dataclass
 class SubsetConfig:
     annotations: str = required("COCO instances JSON to select from")
     out: str = required("where to write the subset annotation file")
-    num_images: int = opt(8000, "how many images to keep")
+    num_images: int = opt(8000, "how many images to keep", min=1)
     seed: int = opt(0, "selection seed: same input + seed gives a byte-identical file")
     images_dir: str | None = opt(None, "only images whose file exists here are eligible")
-    min_annotations: int = opt(0, "only images with at least this many annotations")
+    min_annotations: int = opt(0, "only images with at least this many annotations", min=0)
     categories: list[int] | None = opt(None, "only images with one of these category ids")
 
 
 @dataclass
-class MasksConfig:
+class MasksConfig(RayConfig):
     annotations: str = required("COCO instances JSON (e.g. the subset file)")
     out: str = required("output directory or s3://bucket/prefix")
     rasterizer: str = opt("opencv", "polygon fill", choices=RASTERIZERS)
@@ -61,38 +80,37 @@ class MasksConfig:
     naming: str = opt("cats", "mask file names", choices=NAMINGS)
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
-    shard_size: int = opt(200, "images per Ray task / Parquet file")
-    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
-    address: str | None = opt(None, "Ray cluster address (default: local, or the job's cluster)")
+    shard_size: int = opt(200, "images per Ray task / Parquet file", min=1)
     overwrite: bool = opt(False, "redo everything instead of resuming")
 
 
 @dataclass
 class SynthConfig:
     out: str = required("directory for images/ and annotations.json")
-    num_images: int = opt(64, "how many images")
+    num_images: int = opt(64, "how many images", min=1)
     seed: int = opt(0, "random seed")
-    width: int = opt(160, "image width")
-    height: int = opt(120, "image height")
+    width: int = opt(160, "image width", min=1)
+    height: int = opt(120, "image height", min=1)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RayConfig):
     data: str = required("`rayseg masks` output dir (or its parquet/ folder), local or s3://")
     out: str = required("run directory, local or s3://")
     model: str = opt("lraspp_mobilenet_v3_large", "torchvision segmentation model")
-    epochs: int = opt(10, "total epochs (rerun with more to resume and continue)")
-    batch_size: int = opt(8, "images per worker per step")
-    crop_size: int = opt(480, "square training crop")
-    num_workers: int = opt(1, "Ray Train workers (data-parallel)")
+    epochs: int = opt(10, "total epochs (rerun with more to resume and continue)", min=1)
+    batch_size: int = opt(8, "images per worker per step", min=1)
+    crop_size: int = opt(480, "square training crop", min=1)
+    num_workers: int = opt(1, "Ray Train workers (data-parallel)", min=1)
     use_gpu: bool = opt(False, "one GPU per worker")
     val_data: str | None = opt(None, "separate validation Parquet (default: split by image id)")
-    val_fraction: float = opt(0.1, "fraction of image ids held out for validation")
-    lr: float = opt(0.02, "base learning rate")
+    # 0 is allowed: with val_data the fraction is unused (train refuses 0 without it).
+    val_fraction: float = opt(0.1, "fraction of image ids held out for validation", min=0, below=1)
+    lr: float = opt(0.02, "base learning rate", above=0)
     optimizer: str = opt("sgd", "optimizer", choices=OPTIMIZERS)
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(1e-4, "weight decay")
-    warmup_epochs: float = opt(0.0, "linear LR warmup length in epochs")
+    momentum: float = opt(0.9, "SGD momentum", min=0)
+    weight_decay: float = opt(1e-4, "weight decay", min=0)
+    warmup_epochs: float = opt(0.0, "linear LR warmup length in epochs", min=0)
     classes: str = opt("all", "all | voc | comma-separated category ids")
     aux_loss: bool = opt(True, "auxiliary loss where the model has an aux head")
     weights: str | None = opt(None, "local file of full-model weights")
@@ -100,45 +118,44 @@ class TrainConfig:
     amp: bool = opt(True, "bf16 autocast + channels_last on GPU")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(True, "SyncBatchNorm across GPU workers (PyTorch has none on CPU)")
-    max_failures: int = opt(2, "worker failures tolerated before the run fails")
-    num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU, plus the latest)")
+    max_failures: int = opt(2, "worker failures tolerated before the run fails (-1: any)", min=-1)
+    num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU, plus the latest)", min=1)
     cpus_per_worker: float | None = opt(
-        None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)"
+        None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)", above=0
     )
     seed: int = opt(0, "random seed (model init; the validation split)")
-    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
-    address: str | None = opt(None, "Ray cluster address")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RayConfig):
     checkpoint: str = required("run directory or exported model file")
     data: str = required("masks output dir or Parquet folder to score")
     out: str = required("directory for metrics.json and the confusion matrix")
-    batch_size: int = opt(4, "images per inference batch")
+    batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per scoring actor")
-    num_actors: int = opt(1, "scoring actors (model replicas)")
-    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
-    address: str | None = opt(None, "Ray cluster address")
+    num_actors: int = opt(1, "scoring actors (model replicas)", min=1)
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(RayConfig):
     checkpoint: str = required("run directory or exported model file")
     images: str = required("directory of images, or a masks Parquet folder")
     out: str = required("directory for label PNGs and overlays")
-    batch_size: int = opt(4, "images per inference batch")
+    batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per inference actor")
-    num_actors: int = opt(1, "inference actors (model replicas)")
-    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)")
-    address: str | None = opt(None, "Ray cluster address")
+    num_actors: int = opt(1, "inference actors (model replicas)", min=1)
 
 
 @dataclass
 class PipelineConfig:
-    """The whole chain; each stage's paths are derived from `out` unless set in its section."""
+    """The whole chain; each stage's paths are derived from `out` unless set in its section.
+
+    `ray` is the one Ray every stage runs on (rayseg/pipeline.py: a stage section may repeat a
+    value, but one that differs is an error).
+    """
 
     out: str = opt("rayseg_demo", "output root")
+    ray: RayConfig | None = opt(None, "the Ray cluster every stage runs on", flag=False)
     synth: SynthConfig | None = opt(None, "make a synthetic dataset first", flag=False)
     subset: SubsetConfig | None = opt(None, "subset settings", flag=False)
     masks: MasksConfig | None = opt(None, "mask settings", flag=False)
@@ -148,7 +165,7 @@ class PipelineConfig:
 
 
 def load_config(cls: type, path: str | None = None, overrides: dict[str, Any] | None = None):
-    """File values, then non-None overrides; unknown keys and bad types are RaysegErrors."""
+    """File values, then non-None overrides; unknown keys and bad values are RaysegErrors."""
     values: dict[str, Any] = {}
     where = "config"
     if path:
@@ -159,7 +176,7 @@ def load_config(cls: type, path: str | None = None, overrides: dict[str, Any] | 
 
 
 def build(cls: type, values: dict[str, Any], *, where: str, partial: bool = False):
-    """A `cls` from a plain dict, checking keys and types (nested dataclasses recurse)."""
+    """A `cls` from a plain dict, checking keys, types, choices and limits (sections recurse)."""
     if not isinstance(values, dict):
         raise RaysegError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -171,14 +188,28 @@ def build(cls: type, values: dict[str, Any], *, where: str, partial: bool = Fals
             raise RaysegError(f"{where}: unknown key '{key}'{_suggest(name, fields)}")
         kwargs[name] = _coerce(value, hints[name], f"{where}: '{key}'")
     for name, f in fields.items():
-        choices = f.metadata.get("choices")
-        if name in kwargs and choices and kwargs[name] not in choices:
-            raise RaysegError(
-                f"{where}: '{name}' is {kwargs[name]!r}, expected one of {', '.join(choices)}"
-            )
-        if not partial and f.metadata.get("required") and kwargs.get(name) is None:
+        if kwargs.get(name) is not None:
+            _check_allowed(name, kwargs[name], f.metadata, where)
+        elif not partial and f.metadata.get("required"):
             raise RaysegError(f"{where}: missing required setting '{name}' (--{_flag(name)})")
     return cls(**kwargs)
+
+
+def _check_allowed(name: str, value: Any, meta: Any, where: str) -> None:
+    """RaysegError unless `value` is one of the field's choices and within its limits."""
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise RaysegError(f"{where}: '{name}' is {value!r}, expected one of {', '.join(choices)}")
+    limits = [(test, op, meta[key]) for key, (test, op) in LIMITS.items() if key in meta]
+    if all(test(value, limit) for test, _, limit in limits):
+        return
+    if len(limits) == 2:
+        (_, low_op, low), (_, high_op, high) = limits
+        expected = f"{low} {low_op.replace('>', '<')} {name} {high_op} {high}"
+    else:
+        ((_, op, limit),) = limits
+        expected = f"{name} {op} {limit}"
+    raise RaysegError(f"{where}: '{name}' is {value!r}, expected {expected}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,8 +1,11 @@
-"""Models: torchvision segmentation builders, the class mapping, and the portable export.
+"""Models: torchvision segmentation builders, the class mapping, and input normalisation.
 
 MODEL_BUILDERS maps a name to a torchvision builder. ClassMap says which mask value becomes which
 model class (0 = background, 255 = ignore) and back; it travels with every checkpoint and export.
-The export and checkpoint files that carry them are rayseg.checkpoint's.
+Inputs: a model name and class count (plus optional local weight files), the masks' value scheme
+(rayseg.storage.read_mask_meta) and a class choice, uint8 RGB images. Outputs: fresh torchvision
+models, a ClassMap, normalised (B, 3, H, W) float tensors. The export and checkpoint files that
+carry them are rayseg.checkpoint's. No Ray.
 """
 
 from __future__ import annotations
@@ -144,6 +147,12 @@ def _chosen_category_ids(classes: str, known: list[int]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def check_model_name(name: str) -> None:
+    """RaysegError unless `name` is one of MODEL_BUILDERS."""
+    if name not in MODEL_BUILDERS:
+        raise RaysegError(f"model {name!r} unknown; choose one of {', '.join(MODEL_BUILDERS)}")
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -157,8 +166,7 @@ def build_model(
     `weights` / `weights_backbone` are local files (a state dict, or a dict holding one under
     "model" / "state_dict") loaded where names and shapes match.
     """
-    if name not in MODEL_BUILDERS:
-        raise RaysegError(f"model {name!r} unknown; choose one of {', '.join(MODEL_BUILDERS)}")
+    check_model_name(name)
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
     if name not in NO_AUX:
         kwargs["aux_loss"] = aux_loss

@@ -3,8 +3,14 @@
 plan_stages(cfg) is pure: it fills every stage's paths from `out` (and from the stage before),
 so a pipeline file only says what differs. run_pipeline runs the stages in order on one Ray
 cluster and writes OUT/metrics.json (the evaluation of the held-out split, mIoU first) and
-OUT/pipeline.json (every stage's summary). run_demo is run_pipeline with DEMO_SECTIONS for the
-sections the config leaves out: synthetic shapes, learnable by design in a few minutes on CPU.
+OUT/pipeline.json (every stage's summary). run_demo is run_pipeline with the sections of
+jobs/configs/demo.yaml for those the config leaves out: synthetic shapes, learnable by design in a
+few minutes on CPU.
+
+One Ray serves every stage: the `ray:` section's address and num_cpus. A stage section may set
+them too (older files set `masks.address`): a value set in several places must be the same
+everywhere, and one that differs is an error rather than silently ignored, since the stages
+after the first would run on the first stage's Ray anyway.
 
 Layout under OUT: synth/ (images/, annotations.json), subset.json, masks/, train/ (the run dir),
 masks-val/ (the validation images' rows, the split train chose), evaluate/, predict/.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,43 +35,26 @@ from rayseg.config import (
     MasksConfig,
     PipelineConfig,
     PredictConfig,
+    RayConfig,
     SubsetConfig,
     SynthConfig,
     TrainConfig,
     dump_yaml,
+    load_config,
 )
 from rayseg.errors import RaysegError
 from rayseg.runtime import connect_ray
 
-# Sized for a 2-core CPU: 864 training images x 8 epochs = 864 steps, enough for MobileNetV3's
-# slow batch-norm statistics (momentum 0.01) to settle; each epoch also pays a few seconds of
-# Ray Data start-up. Measured figures: README.md, "Performance".
-DEMO_SECTIONS: dict[str, Any] = {
-    "synth": SynthConfig(out=None, num_images=960, seed=0, width=160, height=120),
-    "subset": SubsetConfig(annotations=None, out=None, num_images=960, seed=0),
-    "masks": MasksConfig(annotations=None, out=None, shard_size=240),
-    "train": TrainConfig(
-        data=None,
-        out=None,
-        model="lraspp_mobilenet_v3_large",
-        epochs=8,
-        batch_size=8,
-        crop_size=96,
-        num_workers=1,
-        val_fraction=0.1,
-        lr=0.05,
-        max_failures=1,
-    ),
-    "evaluate": EvaluateConfig(checkpoint=None, data=None, out=None, batch_size=8),
-    "predict": PredictConfig(checkpoint=None, images=None, out=None, batch_size=8),
-}
+# `rayseg demo`'s settings: the one file, also runnable as `rayseg pipeline --config` or a job.
+DEMO_FILE = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
 
 
 @dataclass(frozen=True)
 class Stages:
-    """Resolved configs, one per stage (None: stage skipped); val_data: where evaluate reads."""
+    """Resolved configs, one per stage (None: stage skipped); ray: the one Ray they all use."""
 
     out: str
+    ray: RayConfig
     synth: SynthConfig | None
     subset: SubsetConfig | None
     masks: MasksConfig
@@ -80,6 +70,26 @@ def _fill(section: Any, **paths: Any) -> Any:
     return dataclasses.replace(section, **unset)
 
 
+def ray_settings(cfg: PipelineConfig) -> RayConfig:
+    """The Ray every stage runs on: each key from `ray:` or the stage sections that set it."""
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    chosen = {}
+    for key in (f.name for f in dataclasses.fields(RayConfig)):
+        given = {
+            f"{name}.{key}": getattr(section, key)
+            for name, section in sections.items()
+            if isinstance(section, RayConfig) and getattr(section, key) is not None
+        }
+        if len(set(given.values())) > 1:
+            listed = ", ".join(f"'{where}' is {value!r}" for where, value in given.items())
+            raise RaysegError(
+                f"pipeline: every stage runs on one Ray, but {listed}; "
+                f"set '{key}' once, under 'ray'"
+            )
+        chosen[key] = next(iter(given.values()), None)
+    return RayConfig(**chosen)
+
+
 def plan_stages(cfg: PipelineConfig) -> Stages:
     """Every stage's config with its paths derived from `out` and the stage before."""
     out = storage.locate(cfg.out)
@@ -91,20 +101,8 @@ def plan_stages(cfg: PipelineConfig) -> Stages:
             "pipeline: synth and subset write local files; use a local 'out' or set 'masks.out'"
             " and 'train.out' to s3:// and run those stages only"
         )
-    synth = _fill(cfg.synth, out=f"{root}/synth") if cfg.synth else None
-    annotations = f"{synth.out}/annotations.json" if synth else None
-    images_dir = f"{synth.out}/images" if synth else None
-    subset = None
-    if cfg.subset:
-        subset = _fill(
-            cfg.subset, annotations=annotations, out=f"{root}/subset.json", images_dir=images_dir
-        )
-        annotations, images_dir = subset.out, subset.images_dir or images_dir
-    masks = _fill(cfg.masks, annotations=annotations, out=f"{root}/masks", images_dir=images_dir)
-    if masks.annotations is None:
-        raise RaysegError("pipeline: set 'masks.annotations' (or add a 'synth' or 'subset' stage)")
-    if masks.images_dir is None:
-        raise RaysegError("pipeline: training needs images: set 'masks.images_dir'")
+    ray = ray_settings(cfg)
+    synth, subset, masks = _plan_data(cfg, root)
     train = _fill(cfg.train, data=masks.out, out=f"{root}/train")
     val_masks = None
     if cfg.evaluate is None or cfg.evaluate.data is None:
@@ -121,8 +119,32 @@ def plan_stages(cfg: PipelineConfig) -> Stages:
         images=evaluate.data,
         out=f"{root}/predict",
     )
+    masks, train, evaluate, predict = (
+        dataclasses.replace(s, **dataclasses.asdict(ray)) for s in (masks, train, evaluate, predict)
+    )
     own_val = val_masks if (val_masks and not train.val_data) else None
-    return Stages(root, synth, subset, masks, train, evaluate, predict, own_val)
+    return Stages(root, ray, synth, subset, masks, train, evaluate, predict, own_val)
+
+
+def _plan_data(
+    cfg: PipelineConfig, root: str
+) -> tuple[SynthConfig | None, SubsetConfig | None, MasksConfig]:
+    """synth, subset and masks, each reading what the one before wrote."""
+    synth = _fill(cfg.synth, out=f"{root}/synth") if cfg.synth else None
+    annotations = f"{synth.out}/annotations.json" if synth else None
+    images_dir = f"{synth.out}/images" if synth else None
+    subset = None
+    if cfg.subset:
+        subset = _fill(
+            cfg.subset, annotations=annotations, out=f"{root}/subset.json", images_dir=images_dir
+        )
+        annotations, images_dir = subset.out, subset.images_dir or images_dir
+    masks = _fill(cfg.masks, annotations=annotations, out=f"{root}/masks", images_dir=images_dir)
+    if masks.annotations is None:
+        raise RaysegError("pipeline: set 'masks.annotations' (or add a 'synth' or 'subset' stage)")
+    if masks.images_dir is None:
+        raise RaysegError("pipeline: training needs images: set 'masks.images_dir'")
+    return synth, subset, masks
 
 
 def write_rows(data: str, image_ids: list[int], dest: str) -> int:
@@ -166,7 +188,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         times[name] = round(time.monotonic() - began, 1)
 
     # One Ray for every stage; with the dashboard, which Ray Train's state queries need.
-    connect_ray(stages.masks.address, stages.masks.num_cpus, dashboard=True)
+    connect_ray(stages.ray.address, stages.ray.num_cpus, dashboard=True)
     if stages.synth:
         stage("synth", run_synth, stages.synth)
     if stages.subset:
@@ -180,20 +202,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     stage("evaluate", run_evaluate, stages.evaluate)
     stage("predict", run_predict, stages.predict)
 
+    metrics = summarise(stages, summaries, times, seconds=time.monotonic() - start)
+    storage.write_json(out.join("metrics.json"), metrics)
+    storage.write_json(out.join("pipeline.json"), {"stages": summaries, "metrics": metrics})
+    print_locations(stages, metrics)
+    return metrics
+
+
+def summarise(
+    stages: Stages, summaries: dict[str, Any], times: dict[str, float], *, seconds: float
+) -> dict[str, Any]:
+    """OUT/metrics.json: the held-out evaluation first, then training's own score and timings."""
     scores = summaries["evaluate"]
-    metrics = {
+    return {
         "miou": scores.get("miou"),
         "pixel_accuracy": scores.get("pixel_accuracy"),
         "per_class_iou": scores.get("per_class_iou"),
         "evaluated_on": stages.evaluate.data,
         "train_val_miou": summaries["train"].get("val_miou"),
-        "seconds": round(time.monotonic() - start, 1),
+        "seconds": round(seconds, 1),
         "stage_seconds": times,
     }
-    storage.write_json(out.join("metrics.json"), metrics)
-    storage.write_json(out.join("pipeline.json"), {"stages": summaries, "metrics": metrics})
-    print_locations(stages, metrics)
-    return metrics
 
 
 def print_locations(stages: Stages, metrics: dict[str, Any]) -> None:
@@ -217,10 +246,25 @@ def print_locations(stages: Stages, metrics: dict[str, Any]) -> None:
         print(f"{label + ':':<17}{where}")
 
 
-def demo_config(cfg: PipelineConfig) -> PipelineConfig:
-    """cfg with DEMO_SECTIONS for every section it leaves out (a given section wins whole)."""
-    filled = {k: getattr(cfg, k) or v for k, v in DEMO_SECTIONS.items()}
-    return dataclasses.replace(cfg, **filled)
+def demo_config(cfg: PipelineConfig, demo_file: Path = DEMO_FILE) -> PipelineConfig:
+    """cfg with demo_file's section for every section it leaves out (a given section wins whole).
+
+    `out` is cfg's unless cfg has the default, where the file's applies (`rayseg demo --out X`).
+    """
+    if not demo_file.is_file():
+        raise RaysegError(
+            f"{demo_file}: the demo's settings file is missing; `rayseg demo` needs the rayseg "
+            "source tree (pip install -e .), or run `rayseg pipeline --config FILE`"
+        )
+    demo = load_config(PipelineConfig, str(demo_file))
+    filled = {
+        f.name: getattr(cfg, f.name) or getattr(demo, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name != "out"
+    }
+    default_out = PipelineConfig.__dataclass_fields__["out"].default
+    out = demo.out if cfg.out == default_out else cfg.out
+    return dataclasses.replace(cfg, out=out, **filled)
 
 
 def run_demo(cfg: PipelineConfig) -> dict[str, Any]:

@@ -11,9 +11,12 @@ import logging
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rayseg.errors import RaysegError
+
+if TYPE_CHECKING:  # storage pulls in pyarrow and OpenCV; Ray stages import it lazily
+    from rayseg.storage import Location
 
 
 def connect_ray(
@@ -65,19 +68,61 @@ def worker_uri(uri: str) -> str:
     return loc.path if loc.is_local else uri
 
 
-def check_gpus(use_gpu: bool, needed: int = 1) -> None:
-    """RaysegError unless the connected cluster has `needed` GPUs (when `use_gpu`)."""
+def check_gpus(use_gpu: bool, *, workers: int | None = None) -> None:
+    """RaysegError unless the connected cluster has a GPU (`workers` GPUs, one per worker)."""
     import ray
 
     have = int(ray.cluster_resources().get("GPU", 0))
-    if use_gpu and have < needed:
-        if have == 0:
-            raise RaysegError(
-                "--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)"
-            )
-        raise RaysegError(
-            f"--use-gpu with {needed} workers needs {needed} GPUs; the cluster has {have}"
-        )
+    if not use_gpu or have >= (workers or 1):
+        return
+    if workers is None:
+        raise RaysegError("--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)")
+    raise RaysegError(
+        f"--use-gpu with {workers} workers needs {workers} GPUs; the cluster has {have}"
+    )
+
+
+def check_storage_reachable(run: Location) -> None:
+    """Every node must see the run dir (Ray Train persists checkpoints there from workers)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from rayseg import storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    if len(nodes) < 2:
+        return
+    marker = f".storage-probe-{os.getpid()}-{time.time_ns()}"
+    storage.write_bytes(run.join(marker), b"ok")
+    try:
+        probe = ray.remote(num_cpus=0)(_probe_storage)
+        refs = {
+            n["NodeManagerAddress"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(run.uri, marker)
+            for n in nodes
+        }
+        for address, ref in refs.items():
+            problem = ray.get(ref, timeout=120)
+            if problem:
+                raise RaysegError(
+                    f"{run.uri}: not reachable from node {address} ({problem}); "
+                    "use storage every node shares (s3:// or a shared filesystem)"
+                )
+    finally:
+        storage.delete(run.join(marker))
+
+
+def _probe_storage(uri: str, marker: str) -> str | None:
+    from rayseg import storage
+
+    try:
+        loc = storage.locate(uri)
+        if not storage.exists(loc.join(marker)):
+            return "a file the driver wrote there is not visible"
+    except (OSError, RaysegError) as e:
+        return str(e)
+    return None
 
 
 class Progress:

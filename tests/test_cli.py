@@ -7,6 +7,18 @@ import sys
 import pytest
 from tiny_coco import tiny_coco, write_coco
 
+from rayseg import cli
+from rayseg.config import (
+    EvaluateConfig,
+    MasksConfig,
+    PipelineConfig,
+    PredictConfig,
+    SubsetConfig,
+    SynthConfig,
+    TrainConfig,
+)
+from rayseg.errors import RaysegError
+
 
 def rayseg(*args, cwd=None):
     return subprocess.run(
@@ -103,3 +115,88 @@ def test_subset_reports_missing_image_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "4 of 5 images have no file" in result.stdout
     assert [im["id"] for im in json.loads((tmp_path / "s.json").read_text())["images"]] == [2]
+
+
+# ---- in-process: dispatch, flags and exit statuses ----
+
+DISPATCH = [
+    ("synth", "rayseg.synth.run_synth", ["--out", "o"], SynthConfig),
+    ("subset", "rayseg.coco.run_subset", ["--annotations", "a", "--out", "o"], SubsetConfig),
+    ("masks", "rayseg.shard.run_masks", ["--annotations", "a", "--out", "o"], MasksConfig),
+    ("train", "rayseg.train.run_train", ["--data", "d", "--out", "o"], TrainConfig),
+    (
+        "evaluate",
+        "rayseg.evaluate.run_evaluate",
+        ["--checkpoint", "c", "--data", "d", "--out", "o"],
+        EvaluateConfig,
+    ),
+    (
+        "predict",
+        "rayseg.predict.run_predict",
+        ["--checkpoint", "c", "--images", "i", "--out", "o"],
+        PredictConfig,
+    ),
+    ("pipeline", "rayseg.pipeline.run_pipeline", [], PipelineConfig),
+    ("demo", "rayseg.pipeline.run_demo", ["--out", "o"], PipelineConfig),
+]
+
+
+@pytest.mark.parametrize("command, target, args, cls", DISPATCH)
+def test_each_command_runs_its_stage(monkeypatch, command, target, args, cls):
+    calls = []
+    monkeypatch.setattr(target, calls.append)
+    assert cli.main([command, *args]) == 0
+    assert len(calls) == 1 and type(calls[0]) is cls
+
+
+def test_every_command_is_dispatched():
+    assert sorted(c for c, *_ in DISPATCH) == sorted(cli.COMMANDS)
+
+
+def test_flags_come_from_the_config_fields():
+    args = cli.build_parser().parse_args(
+        ["train", "--data", "d", "--out", "o", "--no-amp", "--compile", "--address", "auto"]
+    )
+    assert (args.amp, args.compile, args.address) == (False, True, "auto")
+    assert args.epochs is None and args.num_cpus is None, "unset flags leave the file's values"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["masks", "--overlap", "min"])
+
+
+@pytest.mark.parametrize("command", ["masks", "train", "evaluate", "predict"])
+def test_ray_commands_take_address_and_num_cpus(command):
+    args = cli.build_parser().parse_args([command, "--address", "auto", "--num-cpus", "3"])
+    assert (args.address, args.num_cpus) == ("auto", "3")
+
+
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (RaysegError("bad input"), 2, "rayseg synth: error: bad input"),
+        (
+            ValueError("boom"),
+            1,
+            "rayseg synth: error: ValueError: boom (rerun with --debug for details)",
+        ),
+        (
+            KeyboardInterrupt(),
+            130,
+            "rayseg synth: interrupted; rerun the same command to resume",
+        ),
+    ],
+)
+def test_failures_are_one_line_and_a_status(monkeypatch, capsys, error, status, message):
+    def fail(cfg):
+        raise error
+
+    monkeypatch.setattr("rayseg.synth.run_synth", fail)
+    assert cli.main(["synth", "--out", "o"]) == status
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_config_errors_exit_2_before_running(monkeypatch, capsys):
+    monkeypatch.setattr("rayseg.train.run_train", pytest.fail)
+    assert cli.main(["train", "--data", "d", "--out", "o", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "rayseg train: error: config: 'epochs' is 0, expected epochs >= 1"
+    )

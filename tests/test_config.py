@@ -1,6 +1,20 @@
-import pytest
+import dataclasses
+import re
 
-from rayseg.config import MasksConfig, PipelineConfig, SubsetConfig, load_config
+import pytest
+import yaml
+
+from rayseg.config import (
+    EvaluateConfig,
+    MasksConfig,
+    PipelineConfig,
+    PredictConfig,
+    RayConfig,
+    SubsetConfig,
+    SynthConfig,
+    TrainConfig,
+    load_config,
+)
 from rayseg.errors import RaysegError
 
 
@@ -52,3 +66,68 @@ def test_invalid_yaml_reports_line(tmp_path):
     path.write_text("a: 1\nb: [1, 2\n")
     with pytest.raises(RaysegError, match="invalid YAML at line"):
         load_config(SubsetConfig, str(path))
+
+
+@pytest.mark.parametrize(
+    "cls, key, value, expected",
+    [
+        (TrainConfig, "epochs", 0, "'epochs' is 0, expected epochs >= 1"),
+        (TrainConfig, "batch_size", -2, "'batch_size' is -2, expected batch_size >= 1"),
+        (TrainConfig, "crop_size", 0, "'crop_size' is 0, expected crop_size >= 1"),
+        (TrainConfig, "num_workers", 0, "'num_workers' is 0, expected num_workers >= 1"),
+        (TrainConfig, "lr", 0, "'lr' is 0.0, expected lr > 0"),
+        (TrainConfig, "val_fraction", 1, "'val_fraction' is 1.0, expected 0 <= val_fraction < 1"),
+        (
+            TrainConfig,
+            "val_fraction",
+            -0.1,
+            "'val_fraction' is -0.1, expected 0 <= val_fraction < 1",
+        ),
+        (TrainConfig, "max_failures", -2, "'max_failures' is -2, expected max_failures >= -1"),
+        (TrainConfig, "num_cpus", 0, "'num_cpus' is 0, expected num_cpus >= 1"),
+        (MasksConfig, "shard_size", 0, "'shard_size' is 0, expected shard_size >= 1"),
+        (SubsetConfig, "num_images", 0, "'num_images' is 0, expected num_images >= 1"),
+        (SynthConfig, "width", 0, "'width' is 0, expected width >= 1"),
+        (EvaluateConfig, "num_actors", 0, "'num_actors' is 0, expected num_actors >= 1"),
+        (PredictConfig, "batch_size", 0, "'batch_size' is 0, expected batch_size >= 1"),
+    ],
+)
+def test_limits_name_key_value_and_limit(tmp_path, cls, key, value, expected):
+    required = {f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**required, key: value}))
+    with pytest.raises(RaysegError, match=f"^{re.escape(f'{path}: {expected}')}$"):
+        load_config(cls, str(path))
+
+
+def test_values_on_the_limits_are_accepted():
+    cfg = load_config(
+        TrainConfig,
+        None,
+        {"data": "d", "out": "o", "epochs": 1, "val_fraction": 0, "max_failures": -1, "lr": 1e-9},
+    )
+    assert (cfg.epochs, cfg.val_fraction, cfg.max_failures, cfg.lr) == (1, 0.0, -1, 1e-9)
+
+
+def test_limits_apply_inside_pipeline_sections(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("out: run\ntrain:\n  epochs: 0\n")
+    with pytest.raises(RaysegError, match="'train': 'epochs' is 0, expected epochs >= 1"):
+        load_config(PipelineConfig, str(path))
+
+
+@pytest.mark.parametrize("cls", [MasksConfig, TrainConfig, EvaluateConfig, PredictConfig])
+def test_every_ray_command_reads_address_and_num_cpus(cls):
+    required = {f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")}
+    cfg = load_config(cls, None, {**required, "address": "auto", "num-cpus": "3"})
+    assert (cfg.address, cfg.num_cpus) == ("auto", 3)
+
+
+def test_pipeline_ray_section(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("out: run\nray:\n  address: ray://head:10001\n  num_cpus: 4\n")
+    cfg = load_config(PipelineConfig, str(path))
+    assert cfg.ray == RayConfig(address="ray://head:10001", num_cpus=4)
+    path.write_text("out: run\nray:\n  adress: auto\n")
+    with pytest.raises(RaysegError, match="'ray': unknown key 'adress'; did you mean 'address'"):
+        load_config(PipelineConfig, str(path))

@@ -22,15 +22,25 @@ META = {
 }
 
 
-def test_builders_are_torchvisions_six():
-    assert set(models.MODEL_BUILDERS) == {
-        "fcn_resnet50",
-        "fcn_resnet101",
-        "deeplabv3_resnet50",
-        "deeplabv3_resnet101",
-        "deeplabv3_mobilenet_v3_large",
-        "lraspp_mobilenet_v3_large",
-    }
+@pytest.mark.parametrize("name", list(models.MODEL_BUILDERS))
+def test_every_listed_model_builds_and_predicts_each_pixel(name):
+    torch.manual_seed(0)
+    model = models.build_model(name, 2, aux_loss=True).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 48))
+    assert out["out"].shape == (1, 2, 32, 48)
+    # The aux head exists exactly where has_aux says (LR-ASPP has none).
+    assert ("aux" in out) == models.has_aux(name, True)
+    if "aux" in out:
+        assert out["aux"].shape == (1, 2, 32, 48)
+
+
+def test_unknown_model_name_is_refused_with_the_choices():
+    with pytest.raises(RaysegError, match="model 'unet' unknown; choose one of fcn_resnet50, "):
+        models.build_model("unet", 2, aux_loss=False)
+    with pytest.raises(RaysegError, match="lraspp_mobilenet_v3_large"):
+        models.check_model_name("fcn_resnet18")
+    models.check_model_name("fcn_resnet50")
 
 
 def test_class_map_all_voc_and_ids():

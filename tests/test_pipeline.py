@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from mask_data import write_masks
 
 from rayseg import pipeline
@@ -14,11 +15,14 @@ from rayseg.config import (
     EvaluateConfig,
     MasksConfig,
     PipelineConfig,
+    RayConfig,
     SynthConfig,
     TrainConfig,
     load_config,
 )
 from rayseg.errors import RaysegError
+
+DEMO_YAML = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
 
 
 def test_stage_paths_follow_out(tmp_path):
@@ -60,10 +64,60 @@ def test_plan_refuses_missing_sections_and_images(tmp_path):
         pipeline.plan_stages(cfg)
 
 
-def test_demo_keeps_given_sections(tmp_path):
+def test_demo_reads_its_settings_file(tmp_path):
+    demo_file = tmp_path / "demo.yaml"
+    out = tmp_path / "from-file"
+    demo_file.write_text(
+        f"out: {out}\nsynth: {{num_images: 7}}\nmasks: {{shard_size: 3}}\ntrain: {{epochs: 5}}\n"
+    )
+    st = pipeline.plan_stages(pipeline.demo_config(PipelineConfig(), demo_file))
+    assert st.out == str(out) and st.synth.num_images == 7 and st.subset is None
+    assert (st.masks.shard_size, st.train.epochs) == (3, 5)
+    assert st.masks.images_dir == f"{out}/synth/images"
+
+
+def test_demo_is_the_demo_yaml_pipeline():
+    # `rayseg demo` and `rayseg pipeline --config jobs/configs/demo.yaml` plan the same run.
+    demo = pipeline.plan_stages(pipeline.demo_config(PipelineConfig()))
+    assert demo == pipeline.plan_stages(load_config(PipelineConfig, str(DEMO_YAML)))
+    assert demo.synth.num_images == yaml.safe_load(DEMO_YAML.read_text())["synth"]["num_images"]
+
+
+def test_demo_flags_and_given_sections_win(tmp_path):
     mine = TrainConfig(data=None, out=None, epochs=1)
     cfg = pipeline.demo_config(PipelineConfig(out=str(tmp_path), train=mine))
-    assert cfg.train is mine and cfg.synth == pipeline.DEMO_SECTIONS["synth"]
+    assert cfg.out == str(tmp_path) and cfg.train is mine
+    assert cfg.synth == load_config(PipelineConfig, str(DEMO_YAML)).synth
+
+
+def test_demo_without_its_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RaysegError, match="demo.yaml: the demo's settings file is missing"):
+        pipeline.demo_config(PipelineConfig(), tmp_path / "demo.yaml")
+
+
+def ray_plan(tmp_path, text: str):
+    path = tmp_path / "p.yaml"
+    path.write_text("out: o\nmasks: {annotations: a.json, images_dir: imgs}\n" + text)
+    return pipeline.plan_stages(load_config(PipelineConfig, str(path)))
+
+
+def test_ray_section_reaches_every_stage(tmp_path):
+    st = ray_plan(tmp_path, "ray: {address: auto, num_cpus: 3}\ntrain: {}\n")
+    assert st.ray == RayConfig(address="auto", num_cpus=3)
+    for stage in (st.masks, st.train, st.evaluate, st.predict):
+        assert (stage.address, stage.num_cpus) == ("auto", 3), stage
+
+
+def test_a_stage_setting_applies_to_all_and_must_agree(tmp_path):
+    # Before the `ray` section, files set it on the masks stage: it still holds for every stage.
+    st = ray_plan(tmp_path, "train: {num_cpus: 2}\n")
+    assert st.ray == RayConfig(address=None, num_cpus=2) and st.predict.num_cpus == 2
+    st = ray_plan(tmp_path, "ray: {num_cpus: 2}\ntrain: {num_cpus: 2}\n")
+    assert st.evaluate.num_cpus == 2
+    with pytest.raises(
+        RaysegError, match="'ray.address' is 'auto', 'train.address' is 'ray://h:1'; set 'address'"
+    ):
+        ray_plan(tmp_path, "ray: {address: auto}\ntrain: {address: 'ray://h:1'}\n")
 
 
 def test_write_rows_copies_the_chosen_images(tmp_path):

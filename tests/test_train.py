@@ -1,4 +1,4 @@
-"""rayseg.train: pure pieces, bad input refused before training, and real runs on local Ray.
+"""rayseg.train: driver planning, bad input refused before training, and real runs on local Ray.
 
 The Ray runs use tiny 64x48 images: 2 workers (gloo) train LR-ASPP for 2 epochs, then the same
 command with 3 epochs resumes. Where ../shared/data/coco_sample exists, real COCO images go
@@ -8,7 +8,6 @@ through subset -> masks -> train.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -41,36 +40,7 @@ def config(data: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**settings, **changes})
 
 
-# ---- pure pieces ----------------------------------------------------------------------------
-
-
-def test_lr_poly_with_warmup():
-    assert train.lr_factor(0, 100, 0) == 1.0
-    assert train.lr_factor(50, 100, 0) == pytest.approx(0.5**0.9)
-    assert train.lr_factor(100, 100, 0) == 0.0
-    assert train.lr_factor(0, 100, 10) == pytest.approx(train.WARMUP_START)
-    assert train.lr_factor(5, 100, 10) < train.lr_factor(10, 100, 10)
-
-
-def test_loss_ignores_255_and_survives_an_all_ignored_batch():
-    logits = torch.zeros(1, 3, 2, 2)
-    logits[0, 1] = 10.0
-    target = torch.tensor([[[1, 1], [255, 255]]])
-    assert train.pixel_loss(logits, target).item() == pytest.approx(0.0, abs=1e-3)
-    ignored = torch.full((1, 2, 2), 255)
-    assert train.pixel_loss(logits, ignored).item() == 0.0
-    with_aux = train.segmentation_loss({"out": logits, "aux": torch.zeros(1, 3, 2, 2)}, target)
-    assert with_aux.item() == pytest.approx(0.5 * math.log(3), rel=1e-3)
-
-
-def test_aux_head_gets_ten_times_the_lr():
-    from rayseg.models import build_model
-
-    model = build_model("deeplabv3_mobilenet_v3_large", 3, aux_loss=True)
-    groups = train.param_groups(model, 0.01)
-    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.1)
-    counted = sum(len(g["params"]) for g in groups)
-    assert counted == len(list(model.parameters()))
+# ---- driver planning ---------------------------------------------------------------------
 
 
 def test_steps_per_epoch_and_too_few_images():
