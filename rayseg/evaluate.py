@@ -1,7 +1,7 @@
 """Evaluation: a model export or run dir + a masks Parquet folder -> mIoU, pixel accuracy.
 
 Every image is scored at its full resolution with the same labels `rayseg predict` would write
-(rayseg.predict.predict_labels), against its mask mapped to model classes (ClassMap.to_train_ids);
+(rayseg.infer.predict_labels), against its mask mapped to model classes (ClassMap.to_train_ids);
 pixels with the ignore value are left out. One confusion matrix is summed over all images.
 Output under OUT: `metrics.json` (miou, pixel_accuracy, per_class_iou by class name, the
 confusion matrix, skipped rows with reasons, the resolved config) and `confusion_matrix.png`;
@@ -27,17 +27,11 @@ from rayseg import metrics as M
 from rayseg import storage
 from rayseg.config import EvaluateConfig, to_dict
 from rayseg.errors import RaysegError
+from rayseg.infer import check_parquet_images, load_checkpoint, predict_labels
+from rayseg.ingest import SampleError, decode_sample
 from rayseg.models import ClassMap
-from rayseg.predict import (
-    check_gpus,
-    check_parquet_images,
-    decode_image,
-    forwarded_env,
-    load_checkpoint,
-    predict_labels,
-    worker_uri,
-)
-from rayseg.runtime import connect_ray
+from rayseg.records import Problem
+from rayseg.runtime import check_gpus, connect_ray, forwarded_env, worker_uri
 
 METRICS_NAME = "metrics.json"
 CONFUSION_IMAGE_NAME = "confusion_matrix.png"
@@ -109,14 +103,14 @@ def check_class_map(
 
 def score_images(
     model, rows: list[dict[str, Any]], class_map: ClassMap, *, device: str = "cpu"
-) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+) -> tuple[np.ndarray, int, list[Problem]]:
     """Masks Parquet rows {"image_id", "image", "mask"} -> (confusion, images scored, problems)."""
-    problems: list[dict[str, Any]] = []
+    problems: list[Problem] = []
     images, masks = [], []
     for row in rows:
         image, mask, reason = decode_pair(row.get("image"), row.get("mask"))
         if reason:
-            problems.append({"image_id": int(row["image_id"]), "reason": reason})
+            problems.append(Problem(reason, image_id=int(row["image_id"])))
             continue
         images.append(image)
         masks.append(mask)
@@ -125,21 +119,11 @@ def score_images(
 
 
 def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None):
-    """-> (RGB image, (H, W) mask, "") or (None, None, reason)."""
-    if not image_bytes:
-        return None, None, "row has no image bytes (masks ran without --images-dir)"
-    image = decode_image(image_bytes)
-    if image is None:
-        return None, None, "image does not decode"
+    """-> (RGB image, (H, W) mask, "") or (None, None, reason): rayseg.ingest's rules."""
     try:
-        mask = storage.decode_png(mask_bytes) if mask_bytes else None
-    except (ValueError, OSError):
-        mask = None
-    if mask is None or mask.ndim != 2:
-        return None, None, "mask does not decode to a single-channel label PNG"
-    if mask.shape != image.shape[:2]:
-        h, w = image.shape[:2]
-        return None, None, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}"
+        image, mask = decode_sample(image_bytes, mask_bytes)
+    except SampleError as e:
+        return None, None, e.reason
     return image, mask, ""
 
 
@@ -163,7 +147,7 @@ class Scorer:
         return {
             "confusion": cm.reshape(1, -1),  # (1, K*K)
             "scored": np.array([scored]),
-            "problems": np.array([json.dumps(problems)]),
+            "problems": np.array([json.dumps([p.to_dict() for p in problems])]),
         }
 
 
@@ -248,7 +232,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
-    remote_args = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
+    env = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
+    remote_args = {"runtime_env": env} if env else {}
     ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
     ds = ds.select_columns(["image_id", "image", "mask"])
     ds = ds.map_batches(

@@ -35,9 +35,9 @@ FLIP_PROBABILITY = 0.5
 
 # Codes in a batch's "problem" column.
 PROBLEMS = {
-    1: "no image bytes in the row",
+    1: "row has no image bytes (masks ran without --images-dir)",
     2: "image does not decode",
-    3: "mask does not decode",
+    3: "mask does not decode to a single-channel label PNG",
     4: "mask size differs from image size",
 }
 
@@ -154,29 +154,42 @@ def val_canvas(summary: DataSummary, ids: np.ndarray) -> tuple[int, int]:
 # ---- per image (pure) ---------------------------------------------------------------------
 
 
+class SampleError(ValueError):
+    """A row whose image or mask cannot be used: `code` for batches, `reason` for people."""
+
+    def __init__(self, code: int, detail: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.reason = detail or PROBLEMS[code]
+
+
+def decode_sample(
+    image_bytes: bytes | None, mask_bytes: bytes | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) mask values; else SampleError."""
+    if not image_bytes:
+        raise SampleError(1)
+    image = storage.decode_image(image_bytes)
+    if image is None:
+        raise SampleError(2)
+    try:
+        mask = storage.decode_png(mask_bytes) if mask_bytes else None
+    except (ValueError, cv2.error, OSError):
+        mask = None
+    if mask is None or mask.ndim != 2:
+        raise SampleError(3)
+    if mask.shape != image.shape[:2]:
+        (h, w), (mh, mw) = image.shape[:2], mask.shape
+        raise SampleError(4, f"mask is {mw}x{mh} but the image is {w}x{h}")
+    return image, mask
+
+
 def decode_pair(
     image_bytes: bytes | None, mask_bytes: bytes, lut: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) uint8 train ids.
-
-    Raises ValueError whose first argument is a PROBLEMS code.
-    """
-    if image_bytes is None:
-        raise ValueError(1)
-    # COCO polygons refer to the stored pixel grid: EXIF rotation would misalign the mask.
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), flags)
-    if bgr is None:
-        raise ValueError(2)
-    try:
-        mask = storage.decode_png(mask_bytes)
-    except (ValueError, cv2.error, OSError):
-        raise ValueError(3) from None
-    if mask.ndim != 2:
-        raise ValueError(3)
-    if mask.shape != bgr.shape[:2]:
-        raise ValueError(4)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), lut[mask]
+    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) uint8 train ids (SampleError)."""
+    image, mask = decode_sample(image_bytes, mask_bytes)
+    return image, lut[mask]
 
 
 def augment(
@@ -247,8 +260,8 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
     for i in range(n):
         try:
             image, mask = decode_pair(batch["image"][i], batch["mask"][i], lut)
-        except ValueError as e:
-            problem[i] = e.args[0]
+        except SampleError as e:
+            problem[i] = e.code
             continue
         images[i], masks[i] = transform(image, mask)
     return {

@@ -166,6 +166,7 @@ def write_rows(data: str, image_ids: list[int], dest: str) -> int:
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage; OUT/metrics.json holds the held-out evaluation, mIoU first."""
+    from rayseg.checkpoint import SPLIT_NAME
     from rayseg.coco import run_subset
     from rayseg.evaluate import run_evaluate
     from rayseg.predict import run_predict
@@ -196,7 +197,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     stage("masks", run_masks, stages.masks)
     stage("train", run_train, stages.train)
     if stages.val_masks:
-        split = storage.read_json(storage.locate(stages.train.out).join("split.json"))
+        split = storage.read_json(storage.locate(stages.train.out).join(SPLIT_NAME))
         n = write_rows(stages.masks.out, split["val_image_ids"], stages.val_masks)
         print(f"== validation split: {n} images -> {stages.val_masks}")
     stage("evaluate", run_evaluate, stages.evaluate)

@@ -1,38 +1,40 @@
 """Inference: a model export or run dir + images -> label PNGs and colour overlays.
 
 Input: `--images`, a folder of .jpg/.jpeg/.png files or a masks Parquet folder (rows with `image`
-bytes); `--checkpoint`, anything rayseg.models.load_model reads. Output under OUT (local or s3://):
+bytes); `--checkpoint`, anything rayseg.checkpoint.load_model reads. Output under OUT (local or s3://):
 `masks/<image stem>.png` (same height and width as the image, values in the scheme of the masks the
 model was trained on), `overlays/<image stem>.jpg`, and `predict_summary.json` (counts, every
 skipped input with its reason, the resolved config).
 
-The pure core (decode_image, predict_labels, overlay, render_outputs) runs without Ray and is shared
-with rayseg.evaluate, so evaluate scores exactly the labels predict writes. run_predict wraps it
-in a Ray Data pipeline: read bytes (tasks) -> Predictor (actor pool, one GPU each with --use-gpu)
--> write files (tasks).
+The labels come from rayseg.infer.predict_labels, as in rayseg.evaluate, so evaluate scores
+exactly the labels predict writes; overlay and render_outputs make the files, without Ray.
+run_predict wraps them in a Ray Data pipeline: read bytes (tasks) -> Predictor (actor pool,
+one GPU each with --use-gpu) -> write files (tasks).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import cv2
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-import torch
-from torch import nn
 
 from rayseg import storage
-from rayseg.checkpoint import load_model
 from rayseg.config import PredictConfig, to_dict
 from rayseg.errors import RaysegError
-from rayseg.models import IMAGENET_MEAN, IMAGENET_STD, ClassMap, forward_logits
-from rayseg.runtime import connect_ray
+from rayseg.infer import (
+    check_parquet_images,
+    image_stem,
+    load_checkpoint,
+    objects,
+    predict_labels,
+)
+from rayseg.models import ClassMap
+from rayseg.records import Problem
+from rayseg.runtime import check_gpus, connect_ray, forwarded_env, worker_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.5
@@ -40,51 +42,6 @@ SUMMARY_NAME = "predict_summary.json"
 
 
 # ---- pure core -----------------------------------------------------------------------------------
-
-
-def decode_image(data: bytes | None) -> np.ndarray | None:
-    """Encoded JPEG/PNG bytes -> (H, W, 3) uint8 RGB, or None when they do not decode."""
-    if not data:
-        return None
-    # COCO coordinates refer to the stored pixel grid, so EXIF rotation is not applied
-    # (it would swap height and width against the masks of rotated photos).
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if bgr is None:
-        return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def to_tensor(images: list[np.ndarray], device: str | torch.device) -> torch.Tensor:
-    """Equal-sized (H, W, 3) uint8 RGB images -> (B, 3, H, W) float32, ImageNet-normalised."""
-    x = torch.from_numpy(np.stack(images)).to(device)  # (B, H, W, 3) uint8
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-@torch.inference_mode()
-def predict_labels(
-    model: nn.Module, images: list[np.ndarray], *, device: str | torch.device = "cpu"
-) -> list[np.ndarray]:
-    """RGB images of any sizes -> one (H, W) uint8 class-index map each, at full resolution.
-
-    No crop or resize: the torchvision heads upsample their logits to the input size. Images
-    of equal size share a forward pass and no image is padded for another, so an image's labels
-    do not depend on the batch it came in (evaluate and predict agree).
-    """
-    labels: list[np.ndarray | None] = [None] * len(images)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, image in enumerate(images):
-        by_size.setdefault(image.shape[:2], []).append(i)
-    for indices in by_size.values():
-        x = to_tensor([images[i] for i in indices], device)
-        logits = forward_logits(model, x)  # (B, K, H, W)
-        pred = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # (B, H, W)
-        for j, i in enumerate(indices):
-            labels[i] = pred[j]
-    return labels
 
 
 def overlay_palette(num_classes: int) -> np.ndarray:
@@ -112,23 +69,6 @@ def render_outputs(
     return mask_png, jpg.tobytes()
 
 
-def load_checkpoint(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """load_model, with anything unexpected (a foreign pickle, a truncated file) one clear line."""
-    try:
-        return load_model(uri, device=device)
-    except (RaysegError, MemoryError, torch.cuda.OutOfMemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user-fixable input
-        # torch.load's own messages (e.g. advice to set weights_only=False) mislead users.
-        raise RaysegError(
-            f"{uri}: not a rayseg model export or checkpoint ({type(e).__name__} reading it)"
-        ) from None
-
-
-def image_stem(file_name: str) -> str:
-    return PurePosixPath(file_name).stem
-
-
 # ---- Ray Data stages -----------------------------------------------------------------------------
 
 
@@ -142,7 +82,7 @@ def read_image_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         except OSError as e:
             images.append(b"")
             reasons.append(f"cannot read ({e})")
-    return {"name": batch["name"], "image": _objects(images), "reason": np.array(reasons)}
+    return {"name": batch["name"], "image": objects(images), "reason": np.array(reasons)}
 
 
 def parquet_rows_to_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,7 +92,7 @@ def parquet_rows_to_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     reasons = [
         "" if b else "row has no image bytes (masks ran without --images-dir)" for b in images
     ]
-    return {"name": np.array(names), "image": _objects(images), "reason": np.array(reasons)}
+    return {"name": np.array(names), "image": objects(images), "reason": np.array(reasons)}
 
 
 class Predictor:
@@ -167,7 +107,8 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons = [str(r) for r in batch["reason"]]
         images = [
-            decode_image(b) if not r else None for b, r in zip(batch["image"], reasons, strict=True)
+            storage.decode_image(b) if not r else None
+            for b, r in zip(batch["image"], reasons, strict=True)
         ]
         for i, image in enumerate(images):
             if image is None and not reasons[i]:
@@ -181,8 +122,8 @@ class Predictor:
             heights[i], widths[i] = lab.shape
         return {
             "name": batch["name"],
-            "mask_png": _objects(masks),
-            "overlay_jpg": _objects(overlays),
+            "mask_png": objects(masks),
+            "overlay_jpg": objects(overlays),
             "height": heights,
             "width": widths,
             "reason": np.array(reasons),
@@ -201,17 +142,10 @@ def write_outputs(batch: dict[str, np.ndarray], *, out: str) -> dict[str, np.nda
     return {k: batch[k] for k in ("name", "height", "width", "reason")}
 
 
-def _objects(items: list[bytes]) -> np.ndarray:
-    """A 1-D object array of bytes (np.array would make a fixed-width bytes array)."""
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
-
-
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def list_image_files(images: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def list_image_files(images: str) -> tuple[list[dict[str, str]], list[Problem]]:
     """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped."""
     loc = storage.locate(images)
     files = [n for n in storage.list_files(loc) if n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -219,35 +153,11 @@ def list_image_files(images: str) -> tuple[list[dict[str, str]], list[dict[str, 
     for file_name in files:
         stem = image_stem(file_name)
         if stem in seen:
-            problems.append({"name": file_name, "reason": f"another image has the stem {stem!r}"})
+            problems.append(Problem(f"another image has the stem {stem!r}", name=file_name))
             continue
         seen.add(stem)
         rows.append({"name": stem, "uri": worker_uri(loc.join(file_name).uri)})
     return rows, problems
-
-
-def check_parquet_images(parts: list[storage.Location], data: str) -> int:
-    """Fail fast, from the footers alone, when no row carries image bytes; -> the row count."""
-    rows = with_image = 0
-    for part in parts:
-        with part.fs.open_input_file(part.path) as f:
-            meta = pq.ParquetFile(f).metadata
-        names = meta.schema.names  # leaf columns, in the order of group.column(i)
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            rows += group.num_rows
-            if "image" in names:
-                stats = group.column(names.index("image")).statistics
-                nulls = stats.null_count if stats is not None and stats.has_null_count else 0
-                with_image += group.num_rows - nulls
-    if rows == 0:
-        raise RaysegError(f"{data}: the Parquet parts hold no rows")
-    if with_image == 0:
-        raise RaysegError(
-            f"{data}: no row carries image bytes; rerun `rayseg masks` with --images-dir "
-            "to embed the images"
-        )
-    return rows
 
 
 @dataclass(frozen=True)
@@ -258,7 +168,7 @@ class Inputs:
     parts: tuple[storage.Location, ...]
     files: tuple[dict[str, str], ...]
     count: int
-    problems: tuple[dict[str, str], ...]
+    problems: tuple[Problem, ...]
 
 
 def find_inputs(images: str) -> Inputs:
@@ -295,27 +205,6 @@ def image_dataset(inputs: Inputs, *, batch_size: int):
     return ds.map_batches(read_image_files, batch_size=batch_size)
 
 
-def worker_uri(uri: str) -> str:
-    """Local paths made absolute: Ray workers need not share the driver's working directory."""
-    loc = storage.locate(uri)
-    return loc.path if loc.is_local else uri
-
-
-def check_gpus(use_gpu: bool) -> None:
-    import ray
-
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise RaysegError("--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)")
-
-
-def forwarded_env(*uris: str) -> dict[str, Any]:
-    """Ray remote args giving workers the driver's object-store credentials and endpoint."""
-    if not any(u.startswith("s3://") for u in uris):
-        return {}
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     start = time.monotonic()
     # Read the checkpoint on the driver first: a bad one fails here with one line, not in actors.
@@ -329,7 +218,8 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
-    remote_args = forwarded_env(cfg.checkpoint, cfg.images, cfg.out)
+    env = forwarded_env(cfg.checkpoint, cfg.images, cfg.out)
+    remote_args = {"runtime_env": env} if env else {}
     ds = image_dataset(inputs, batch_size=cfg.batch_size)
     ds = ds.map_batches(
         Predictor,
@@ -345,16 +235,16 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     num_inputs = inputs.count
     written = [r for r in rows if not r["reason"]]
     problems = list(inputs.problems) + [
-        {"name": r["name"], "reason": r["reason"]} for r in rows if r["reason"]
+        Problem(str(r["reason"]), name=str(r["name"])) for r in rows if r["reason"]
     ]
-    problems.sort(key=lambda p: p["name"])
+    problems.sort(key=lambda p: p.name)
     summary = {
         "checkpoint": info["source"],
         "model": info["model"],
         "value_scheme": class_map.value_scheme,
         "classes": list(class_map.names),
         "counts": {"inputs": num_inputs, "written": len(written), "skipped": len(problems)},
-        "skipped": problems,
+        "skipped": [p.to_dict() for p in problems],
         "seconds": round(time.monotonic() - start, 2),
         "config": to_dict(cfg),
     }
@@ -365,8 +255,8 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         + (f"; {len(problems)} skipped (listed in {SUMMARY_NAME})" if problems else "")
     )
     if not written:
-        first = problems[0] if problems else {"name": "-", "reason": "no output"}
+        first = problems[0] if problems else Problem("no output", name="-")
         raise RaysegError(
-            f"{cfg.images}: no image could be predicted (first: {first['name']}: {first['reason']})"
+            f"{cfg.images}: no image could be predicted (first: {first.name}: {first.reason})"
         )
     return summary

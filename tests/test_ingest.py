@@ -71,9 +71,9 @@ def test_decode_maps_values_to_train_ids():
 def test_decode_problems_have_codes(image_bytes, mask_bytes, code):
     if image_bytes == "jpeg":
         image_bytes = cv2.imencode(".jpg", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ingest.SampleError) as e:
         ingest.decode_pair(image_bytes, mask_bytes, CLASS_MAP.train_lut())
-    assert e.value.args[0] == code and code in ingest.PROBLEMS
+    assert e.value.code == code and code in ingest.PROBLEMS
 
 
 def test_augment_shapes_and_padding_with_ignore():

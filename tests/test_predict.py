@@ -14,15 +14,10 @@ from rayseg import storage
 from rayseg.checkpoint import load_model, save_model
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
+from rayseg.infer import predict_labels
 from rayseg.models import ClassMap
-from rayseg.predict import (
-    decode_image,
-    overlay,
-    overlay_palette,
-    predict_labels,
-    render_outputs,
-    run_predict,
-)
+from rayseg.predict import overlay, overlay_palette, render_outputs, run_predict
+from rayseg.storage import decode_image
 
 # Model class 1 is mask value 1 (person), class 2 is mask value 3 (car).
 CLASS_MAP = ClassMap(

