@@ -50,7 +50,7 @@ TARGET_WAIT = 0.05
 
 def make_data(folder: Path, num_images: int) -> str:
     """Synthetic shapes rendered to masks with embedded images (cached per image count)."""
-    from rayseg.shard import run_masks
+    from rayseg.masks import run_masks
     from rayseg.synth import run_synth
 
     masks = folder / f"masks-{num_images}"

@@ -27,13 +27,13 @@ def _synth(cfg: C.SynthConfig) -> Any:
 
 
 def _subset(cfg: C.SubsetConfig) -> Any:
-    from rayseg.coco import run_subset
+    from rayseg.subset import run_subset
 
     return run_subset(cfg)
 
 
 def _masks(cfg: C.MasksConfig) -> Any:
-    from rayseg.shard import run_masks
+    from rayseg.masks import run_masks
 
     return run_masks(cfg)
 

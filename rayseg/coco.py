@@ -1,14 +1,14 @@
-"""Stage 1: load and validate a COCO instances file; select a deterministic image subset.
+"""Stage 1: load and validate a COCO instances file (subsets are rayseg.subset's).
 
 No pixels here. The file is parsed once with msgspec: image and annotation records are kept as
 `msgspec.Raw` (zero-copy slices of the file's bytes) beside small typed heads, so a 448 MB
-train2017 file parses in seconds at about its own size in memory, and a subset is written by
-copying the chosen records' original bytes (byte-identical, deterministic output).
+train2017 file parses in seconds at about its own size in memory, and later stages copy or hand
+out the chosen records' original bytes. Bad records become listed `Problem`s.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,8 +17,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from rayseg.config import SubsetConfig, dump_yaml
 from rayseg.errors import RaysegError
+from rayseg.records import Problem
 
 
 class _RawFile(msgspec.Struct):
@@ -89,8 +89,9 @@ class CocoIndex:
     categories_raw: list[msgspec.Raw]
     info_raw: msgspec.Raw
     licenses_raw: msgspec.Raw
-    problems: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     num_images_in_file: int = 0
+    digest: str = ""  # sha1 of the file's bytes, from the one read that parsed it
 
 
 def load_coco(path: str) -> CocoIndex:
@@ -120,6 +121,7 @@ def load_coco(path: str) -> CocoIndex:
         licenses_raw=raw.licenses,
         problems=problems + ann_problems,
         num_images_in_file=len(raw.images),
+        digest=hashlib.sha1(data).hexdigest(),
     )
 
 
@@ -181,12 +183,12 @@ def _images(raws: list[msgspec.Raw]) -> tuple[list[Image], list[msgspec.Raw], li
         try:
             h = decoder.decode(raw)
         except msgspec.MsgspecError:
-            problems.append({"image_id": None, "reason": f"image record #{i} is not an object"})
+            problems.append(Problem(f"image record #{i} is not an object"))
             continue
         reason = _image_problem(h, seen)
         if reason:
             image_id = h.id if _is_int(h.id) else None
-            problems.append({"image_id": image_id, "reason": reason})
+            problems.append(Problem(reason, image_id=image_id))
             continue
         seen.add(h.id)
         images.append(Image(h.id, h.file_name, h.height, h.width))
@@ -242,30 +244,26 @@ def _annotation_heads(
             if bad_image[i]
             else f"category_id {cat[i]} is not in 'categories'"
         )
-        problems.append({"image_id": int(img[i]), "annotation_id": int(ann_ids[i]), "reason": what})
+        problems.append(Problem(what, image_id=int(img[i]), annotation_id=int(ann_ids[i])))
     img[bad_image | bad_cat] = -1
     cat[bad_image | bad_cat] = -1
     return img, cat, problems
 
 
-def _malformed_problem(i: int, raw: msgspec.Raw) -> dict[str, Any]:
+def _malformed_problem(i: int, raw: msgspec.Raw) -> Problem:
     try:
         h = msgspec.json.decode(raw, type=_LenientAnnHead)
     except msgspec.MsgspecError:
-        return {"image_id": None, "reason": f"annotation record #{i} is not an object"}
+        return Problem(f"annotation record #{i} is not an object")
     for key in ("id", "image_id", "category_id"):
         value = getattr(h, key)
         if not _is_int(value):
-            return {
-                "image_id": h.image_id if _is_int(h.image_id) else None,
-                "annotation_id": h.id if _is_int(h.id) else None,
-                "reason": f"annotation #{i}: {key} is {value!r}, expected an integer",
-            }
-    return {
-        "image_id": h.image_id,
-        "annotation_id": h.id,
-        "reason": f"annotation #{i} is malformed",
-    }
+            return Problem(
+                f"annotation #{i}: {key} is {value!r}, expected an integer",
+                image_id=h.image_id if _is_int(h.image_id) else None,
+                annotation_id=h.id if _is_int(h.id) else None,
+            )
+    return Problem(f"annotation #{i} is malformed", image_id=h.image_id, annotation_id=h.id)
 
 
 def _read_bytes(path: str) -> bytes:
@@ -291,147 +289,3 @@ def annotations_by_image(index: CocoIndex) -> dict[int, list[int]]:
     return {
         int(u): order[s:e].tolist() for u, s, e in zip(unique, starts, ends, strict=True) if u >= 0
     }
-
-
-def select_images(
-    index: CocoIndex,
-    *,
-    num_images: int,
-    seed: int,
-    available_files: set[str] | None = None,
-    min_annotations: int = 0,
-    categories: list[int] | None = None,
-) -> tuple[list[int], dict[str, int]]:
-    """Deterministic choice of image ids; returns (ids in file order, eligibility counts)."""
-    valid = index.ann_image_ids >= 0
-    counted_ids, counted = np.unique(index.ann_image_ids[valid], return_counts=True)
-    ann_count = dict(zip(counted_ids.tolist(), counted.tolist(), strict=True))
-    wanted = None
-    if categories:
-        unknown = set(categories) - {c.id for c in index.categories}
-        if unknown:
-            raise RaysegError(f"--categories: ids {sorted(unknown)} are not in {index.path}")
-        in_cats = valid & np.isin(index.ann_category_ids, categories)
-        wanted = set(index.ann_image_ids[in_cats].tolist())
-    counts = {
-        "images": len(index.images),
-        "missing_files": 0,
-        "too_few_annotations": 0,
-        "without_categories": 0,
-    }
-    eligible = []
-    for im in index.images:
-        if available_files is not None and im.file_name not in available_files:
-            counts["missing_files"] += 1
-        elif ann_count.get(im.id, 0) < min_annotations:
-            counts["too_few_annotations"] += 1
-        elif wanted is not None and im.id not in wanted:
-            counts["without_categories"] += 1
-        else:
-            eligible.append(im.id)
-    counts["eligible"] = len(eligible)
-    rng = np.random.default_rng(seed)
-    ids = np.array(sorted(eligible), dtype=np.int64)
-    chosen = set(rng.permutation(ids)[: max(0, num_images)].tolist())
-    return [im.id for im in index.images if im.id in chosen], counts
-
-
-def subset_chunks(index: CocoIndex, image_ids: list[int]) -> list[bytes | msgspec.Raw]:
-    """The subset file as pieces: the original bytes of info, licenses, chosen images, their
-    annotations, categories. Raw records are views into the input, so nothing is copied."""
-    chosen = set(image_ids)
-    images = [raw for im, raw in zip(index.images, index.image_raw, strict=True) if im.id in chosen]
-    keep = np.isin(index.ann_image_ids, np.array(image_ids, dtype=np.int64))
-    anns = [index.ann_raw[i] for i in np.flatnonzero(keep)]
-    return [
-        b'{"info":',
-        index.info_raw,
-        b',"licenses":',
-        index.licenses_raw,
-        b',"images":[',
-        *_separated(images),
-        b'],"annotations":[',
-        *_separated(anns),
-        b'],"categories":[',
-        *_separated(index.categories_raw),
-        b"]}\n",
-    ]
-
-
-def subset_bytes(index: CocoIndex, image_ids: list[int]) -> bytes:
-    return b"".join(subset_chunks(index, image_ids))
-
-
-def _separated(raws: list[msgspec.Raw]) -> list[bytes | msgspec.Raw]:
-    out: list[bytes | msgspec.Raw] = [b","] * (2 * len(raws) - 1) if raws else []
-    out[::2] = raws
-    return out
-
-
-def _write_chunks(path: str, chunks: list[bytes | msgspec.Raw]) -> None:
-    if "://" in path:
-        from rayseg import storage
-
-        storage.write_bytes(storage.locate(path), b"".join(chunks))
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.writelines(chunks)
-    os.replace(tmp, path)
-
-
-def list_image_files(images_dir: str) -> set[str]:
-    if "://" not in images_dir:
-        if not os.path.isdir(images_dir):
-            raise RaysegError(f"{images_dir}: images folder not found")
-        return set(os.listdir(images_dir))
-    from rayseg import storage
-
-    return set(storage.list_files(storage.locate(images_dir)))
-
-
-def run_subset(cfg: SubsetConfig) -> dict[str, Any]:
-    _check_local_parent(cfg.out)
-    index = load_coco(cfg.annotations)
-    available = list_image_files(cfg.images_dir) if cfg.images_dir else None
-    ids, counts = select_images(
-        index,
-        num_images=cfg.num_images,
-        seed=cfg.seed,
-        available_files=available,
-        min_annotations=cfg.min_annotations,
-        categories=cfg.categories,
-    )
-    summary = {
-        "out": cfg.out,
-        "images": len(ids),
-        "eligible": counts["eligible"],
-        "images_in_file": index.num_images_in_file,
-        "annotations": int(np.isin(index.ann_image_ids, ids).sum()),
-        "missing_files": counts["missing_files"],
-        "problems": len(index.problems),
-    }
-    # Streamed from views into the input: no second copy of the output in memory.
-    _write_chunks(cfg.out, subset_chunks(index, ids))
-    _write_chunks(cfg.out + ".config.yaml", [dump_yaml(cfg).encode()])
-    if available is not None:
-        print(
-            f"subset: {counts['missing_files']} of {counts['images']} images have no file "
-            f"in {cfg.images_dir}; they were not eligible"
-        )
-    if len(ids) < cfg.num_images:
-        print(f"subset: only {len(ids)} images eligible, fewer than --num-images {cfg.num_images}")
-    print(
-        f"subset: wrote {summary['images']} images, {summary['annotations']} annotations "
-        f"to {cfg.out}"
-    )
-    return summary
-
-
-def _check_local_parent(path: str) -> None:
-    """Fail before parsing a large file when the output folder cannot be written."""
-    if "://" in path:
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise RaysegError(f"{path}: output location is not writable (no writable folder {parent})")

@@ -167,10 +167,10 @@ def write_rows(data: str, image_ids: list[int], dest: str) -> int:
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage; OUT/metrics.json holds the held-out evaluation, mIoU first."""
     from rayseg.checkpoint import SPLIT_NAME
-    from rayseg.coco import run_subset
     from rayseg.evaluate import run_evaluate
+    from rayseg.masks import run_masks
     from rayseg.predict import run_predict
-    from rayseg.shard import run_masks
+    from rayseg.subset import run_subset
     from rayseg.synth import run_synth
     from rayseg.train import run_train
 

@@ -1,15 +1,15 @@
-"""Stage 3: plan shards of images, render them as Ray tasks, resume, report.
+"""Stage 3 (the Ray part of `rayseg masks`): plan shards of images, render them as Ray tasks.
 
-Input: a COCO instances file (parsed once, by the driver). Output under OUT (local or s3://):
-`masks/*.png`, `parquet/part-NNNNN.parquet` (one per shard), `_shards/` (plan + one record per
-finished shard), `manifest.json` and `config.yaml`. A shard counts as done only once its record
-is written, after its PNGs and Parquet part, so a rerun redoes exactly the unfinished shards.
-`render_shard` is plain Python; the Ray task is a thin wrapper around it.
+Input: a parsed instances file (rayseg.coco). plan_jobs cuts it into ShardJobs that carry only
+their images' annotation bytes; render_shard (plain Python) renders one and writes under OUT
+`masks/*.png`, `parquet/part-NNNNN.parquet` and, last, `_shards/shard-NNNNN.json` (the commit
+point: a rerun redoes exactly the shards without a record). run_jobs runs them as Ray tasks with
+progress; rayseg.masks is the command around it (resume, manifest).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 import socket
 import time
@@ -21,23 +21,12 @@ import cv2
 import numpy as np
 
 from rayseg import storage
-from rayseg.coco import CocoIndex, annotations_by_image, decode_annotation, load_coco
-from rayseg.config import MasksConfig, dump_yaml, to_dict
+from rayseg.coco import CocoIndex, annotations_by_image, decode_annotation
+from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
-from rayseg.render import Shape, ValueScheme, render_mask, value_scheme
-from rayseg.runtime import Progress, connect_ray
-
-# Settings that change what is written; a resumed run must match them all.
-_OUTPUT_KEYS = (
-    "rasterizer",
-    "overlap",
-    "values",
-    "crowd",
-    "naming",
-    "palette",
-    "images_dir",
-    "shard_size",
-)
+from rayseg.records import Problem
+from rayseg.render import Shape, ValueScheme, render_mask
+from rayseg.runtime import Progress, connect_ray, forwarded_env
 
 
 @dataclass(frozen=True)
@@ -87,14 +76,15 @@ def scheme_meta(scheme: ValueScheme, names: dict[int, str]) -> dict[str, Any]:
     }
 
 
-def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[Problem]]:
     """One image's mask and its per-annotation problems."""
-    shapes, problems = [], []
+    shapes: list[Shape] = []
+    problems: list[Problem] = []
     for raw in rec.annotations:
         try:
             ann = decode_annotation(raw)
         except Exception as e:  # noqa: BLE001 - one malformed record must not stop the image
-            problems.append({"image_id": rec.id, "reason": f"malformed annotation ({e})"})
+            problems.append(Problem(f"malformed annotation ({e})", image_id=rec.id))
             continue
         shapes.append(
             Shape(ann.id, job.scheme.values[ann.category_id], ann.segmentation, bool(ann.iscrowd))
@@ -109,12 +99,7 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[dict
         ignore_value=job.scheme.ignore_value,
         dtype=job.scheme.dtype,
     )
-    for p in render_problems:
-        entry: dict[str, Any] = {"image_id": rec.id}
-        if p.annotation_id is not None:
-            entry["annotation_id"] = p.annotation_id
-        entry["reason"] = p.reason
-        problems.append(entry)
+    problems += [dataclasses.replace(p, image_id=rec.id) for p in render_problems]
     return mask, problems
 
 
@@ -142,8 +127,7 @@ def read_image(rec: ImageRecord, images_dir: str) -> tuple[bytes | None, str | N
         return None, f"image file {loc.uri} is missing"
     except OSError as e:
         return None, f"image file {loc.uri} is unreadable ({e})"
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    img = storage.decode_image(data)
     if img is None:
         return None, f"image file {loc.uri} does not decode"
     if img.shape[:2] != (rec.height, rec.width):
@@ -167,7 +151,7 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         if job.images_dir:
             image_bytes, reason = read_image(rec, job.images_dir)
             if reason:
-                problems.append({"image_id": rec.id, "reason": reason})
+                problems.append(Problem(reason, image_id=rec.id))
                 failed.append(rec.id)
                 continue
         mask, image_problems = render_image(rec, job)
@@ -198,7 +182,7 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         "images": len(job.images),
         "written": [r["image_id"] for r in rows],
         "failed": failed,
-        "problems": problems,
+        "problems": [p.to_dict() for p in problems],
         "class_pixels": {str(v): n for v, n in sorted(pixels.items())},
         "node": socket.gethostname(),
         "node_id": _node_id(),
@@ -263,80 +247,6 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
     ]
 
 
-def fingerprint(index_digest: str, cfg: MasksConfig) -> dict[str, Any]:
-    settings = {k: getattr(cfg, k) for k in _OUTPUT_KEYS}
-    return {"annotations_sha1": index_digest, **settings}
-
-
-def file_digest(path: str) -> str:
-    return hashlib.sha1(storage.read_bytes(storage.locate(path))).hexdigest()
-
-
-def prepare_output(out: storage.Location, plan: dict[str, Any], *, overwrite: bool) -> set[int]:
-    """Check or start the output folder; returns the shards already done."""
-    storage.check_writable(out)
-    plan_loc = out.join("_shards", "plan.json")
-    if overwrite:
-        for sub in ("masks", "parquet", "_shards"):
-            storage.delete_dir(out.join(sub))
-        storage.delete(out.join("manifest.json"))
-    elif storage.exists(plan_loc):
-        previous = storage.read_json(plan_loc)
-        changed = [k for k in plan if previous.get(k) != plan[k]]
-        if changed:
-            raise RaysegError(
-                f"{out.uri} holds masks made with other settings ({', '.join(changed)} differ); "
-                "rerun with --overwrite or choose another --out"
-            )
-    for sub in ("masks", "parquet", "_shards"):
-        storage.make_dirs(out.join(sub))
-        storage.remove_stray_temporaries(out.join(sub))
-    storage.write_json(plan_loc, plan)
-    done = set()
-    for name in storage.list_files(out.join("_shards")):
-        if name.startswith("shard-") and name.endswith(".json"):
-            done.add(int(name[len("shard-") : -len(".json")]))
-    return done
-
-
-def run_masks(cfg: MasksConfig) -> dict[str, Any]:
-    start = time.monotonic()
-    index = load_coco(cfg.annotations)
-    scheme = value_scheme([c.id for c in index.categories], cfg.values)
-    if cfg.palette and scheme.dtype != "uint8":
-        raise RaysegError(f"--palette needs 8-bit values; --values {cfg.values} gives 16-bit masks")
-    if (
-        cfg.images_dir
-        and storage.locate(cfg.images_dir).is_local
-        and not os.path.isdir(cfg.images_dir)
-    ):
-        raise RaysegError(f"{cfg.images_dir}: images folder not found")
-    out = storage.locate(cfg.out)
-    plan = fingerprint(file_digest(cfg.annotations), cfg)
-    jobs = plan_jobs(index, cfg, scheme)
-    done = prepare_output(out, {**plan, "num_shards": len(jobs)}, overwrite=cfg.overwrite)
-    todo = [j for j in jobs if j.shard not in done]
-    new_records, errors = run_jobs(todo, cfg, total_images=len(index.images))
-    for sub in ("masks", "parquet", "_shards"):
-        # A worker killed mid-write (and retried by Ray) leaves its temporary behind.
-        storage.remove_stray_temporaries(out.join(sub))
-    records = {r["shard"]: r for r in new_records}
-    for k in sorted(done):
-        records[k] = storage.read_json(out.join("_shards", shard_record_name(k)))
-    manifest = build_manifest(cfg, index, scheme, jobs, records, new_shards=set(records) - done)
-    manifest["counts"]["seconds"] = round(time.monotonic() - start, 2)
-    storage.write_json(out.join("manifest.json"), manifest)
-    storage.write_bytes(out.join("config.yaml"), dump_yaml(cfg).encode())
-    print(summary_line(manifest, out.uri))
-    if errors:
-        first = errors[0]
-        raise RaysegError(
-            f"{len(errors)} of {len(jobs)} shards failed (first: shard {first[0]}: {first[1]}); "
-            "the finished ones are kept: rerun the same command to retry the rest"
-        )
-    return manifest
-
-
 def run_jobs(
     jobs: list[ShardJob], cfg: MasksConfig, *, total_images: int
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
@@ -347,7 +257,7 @@ def run_jobs(
 
     connect_ray(cfg.address, cfg.num_cpus)
     options: dict[str, Any] = {"name": "render_shard", "num_cpus": 1, "max_retries": 3}
-    if env := _forwarded_env(cfg.out):
+    if env := forwarded_env(cfg.out):
         options["runtime_env"] = env
     task = ray.remote(render_shard).options(**options)
     pending = {task.remote(job): job for job in jobs}
@@ -366,74 +276,6 @@ def run_jobs(
     return records, errors
 
 
-def _forwarded_env(out: str) -> dict[str, Any] | None:
-    """Workers on other nodes need the driver's object-store credentials and endpoint."""
-    if not out.startswith("s3://"):
-        return None
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return {"env_vars": env} if env else None
-
-
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__
-
-
-def build_manifest(
-    cfg: MasksConfig,
-    index: CocoIndex,
-    scheme: ValueScheme,
-    jobs: list[ShardJob],
-    records: dict[int, dict],
-    *,
-    new_shards: set[int],
-) -> dict[str, Any]:
-    pixels: Counter[int] = Counter()
-    problems = list(index.problems)
-    written = resumed = failed = 0
-    for k in sorted(records):
-        r = records[k]
-        pixels.update({int(v): n for v, n in r["class_pixels"].items()})
-        problems.extend(r["problems"])
-        if k in new_shards:
-            written += len(r["written"])
-        else:
-            resumed += len(r["written"])
-        failed += len(r["failed"])
-    names = {c.id: c.name for c in index.categories}
-    meta = scheme_meta(scheme, names)
-    class_pixels = {
-        "background": pixels.get(scheme.background_value, 0),
-        "ignore": pixels.get(scheme.ignore_value, 0),
-    }
-    for c in meta["classes"]:
-        class_pixels[c["name"]] = pixels.get(c["value"], 0)
-    rendered_images = {i for r in records.values() for i in r["written"]}
-    return {
-        "config": to_dict(cfg),
-        "value_scheme": meta,
-        "counts": {
-            "images_in": index.num_images_in_file,
-            "images_valid": len(index.images),
-            "masks_written": written,
-            "resumed": resumed,
-            "failed": failed + index.num_images_in_file - len(index.images),
-            "rendered_total": len(rendered_images),
-            "shards": len(jobs),
-            "shards_done": len(records),
-            "shards_run": len(new_shards),
-            "problems": len(problems),
-        },
-        "class_pixels": class_pixels,
-        "problems": problems,
-    }
-
-
-def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
-    c = manifest["counts"]
-    return (
-        f"masks: {c['images_valid']} images -> {c['masks_written']} written, "
-        f"{c['resumed']} resumed, {c['failed']} failed, {c['problems']} problems "
-        f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
-        f"(masks/, parquet/, manifest.json)"
-    )

@@ -121,8 +121,8 @@ def test_subset_reports_missing_image_files(tmp_path):
 
 DISPATCH = [
     ("synth", "rayseg.synth.run_synth", ["--out", "o"], SynthConfig),
-    ("subset", "rayseg.coco.run_subset", ["--annotations", "a", "--out", "o"], SubsetConfig),
-    ("masks", "rayseg.shard.run_masks", ["--annotations", "a", "--out", "o"], MasksConfig),
+    ("subset", "rayseg.subset.run_subset", ["--annotations", "a", "--out", "o"], SubsetConfig),
+    ("masks", "rayseg.masks.run_masks", ["--annotations", "a", "--out", "o"], MasksConfig),
     ("train", "rayseg.train.run_train", ["--data", "d", "--out", "o"], TrainConfig),
     (
         "evaluate",

@@ -4,8 +4,9 @@ import pytest
 from pycocotools.coco import COCO
 from tiny_coco import tiny_coco, write_coco
 
-from rayseg.coco import annotations_by_image, load_coco, select_images, subset_bytes
+from rayseg.coco import annotations_by_image, load_coco
 from rayseg.errors import RaysegError
+from rayseg.subset import select_images, subset_bytes
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_per_record_problems_are_listed(tmp_path):
         {"id": 91, "image_id": 1, "category_id": 95, "segmentation": [[0, 0, 1, 0, 1, 1]]}
     )
     index = load_coco(str(write_coco(tmp_path / "bad.json", data)))
-    reasons = {(p.get("image_id"), p.get("annotation_id")): p["reason"] for p in index.problems}
+    reasons = {(p.image_id, p.annotation_id): p.reason for p in index.problems}
     assert "height is 0" in reasons[(6, None)]
     assert "no height" in reasons[(7, None)]
     assert "image_id 999" in reasons[(999, 90)]

@@ -15,7 +15,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from rayseg.config import MasksConfig
-from rayseg.shard import run_masks
+from rayseg.masks import run_masks
 
 NODES = ("node_a", "node_b")
 

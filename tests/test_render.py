@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
 from rayseg.errors import RaysegError
-from rayseg.render import Problem, Shape, ValueScheme, render_mask, value_scheme
+from rayseg.records import Problem
+from rayseg.render import Shape, ValueScheme, render_mask, value_scheme
 
 RASTERIZERS = ("coco", "opencv")
 

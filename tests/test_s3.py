@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from rayseg.config import MasksConfig
-from rayseg.shard import run_masks
+from rayseg.masks import run_masks
 
 BUCKET = "rayseg-test"
 

@@ -12,8 +12,9 @@ from rayseg import storage
 from rayseg.coco import load_coco
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
+from rayseg.masks import run_masks
 from rayseg.render import value_scheme
-from rayseg.shard import plan_jobs, render_shard, run_masks
+from rayseg.shard import plan_jobs, render_shard
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_sample"
 

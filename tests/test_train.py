@@ -195,9 +195,9 @@ def test_rerun_with_more_epochs_resumes(trained, masks, capsys):
 
 @pytest.mark.skipif(not COCO_SAMPLE.exists(), reason="../shared/data/coco_sample not present")
 def test_real_coco_images_end_to_end(ray_local, tmp_path):
-    from rayseg.coco import run_subset
     from rayseg.config import MasksConfig, SubsetConfig
-    from rayseg.shard import run_masks
+    from rayseg.masks import run_masks
+    from rayseg.subset import run_subset
 
     images = str(COCO_SAMPLE / "images")
     subset = tmp_path / "subset.json"
