@@ -31,7 +31,7 @@ from rayseg.infer import check_parquet_images, load_checkpoint, predict_labels
 from rayseg.ingest import SampleError, decode_sample
 from rayseg.models import ClassMap
 from rayseg.records import Problem
-from rayseg.runtime import check_gpus, connect_ray, forwarded_env, worker_uri
+from rayseg.runtime import check_gpus, connect_ray, forwarded_env, map_with_actors, worker_uri
 
 METRICS_NAME = "metrics.json"
 CONFUSION_IMAGE_NAME = "confusion_matrix.png"
@@ -233,16 +233,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
     env = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
-    remote_args = {"runtime_env": env} if env else {}
     ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
     ds = ds.select_columns(["image_id", "image", "mask"])
-    ds = ds.map_batches(
+    ds = map_with_actors(
+        ds,
         Scorer,
-        fn_constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
+        constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
         batch_size=cfg.batch_size,
-        concurrency=cfg.num_actors,
-        num_gpus=1 if cfg.use_gpu else 0,
-        **remote_args,
+        num_actors=cfg.num_actors,
+        use_gpu=cfg.use_gpu,
+        env=env,
     )
     k = class_map.num_classes
     cm = np.zeros((k, k), np.int64)

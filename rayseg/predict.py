@@ -34,7 +34,7 @@ from rayseg.infer import (
 )
 from rayseg.models import ClassMap
 from rayseg.records import Problem
-from rayseg.runtime import check_gpus, connect_ray, forwarded_env, worker_uri
+from rayseg.runtime import check_gpus, connect_ray, forwarded_env, map_with_actors, worker_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.5
@@ -219,16 +219,17 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
     env = forwarded_env(cfg.checkpoint, cfg.images, cfg.out)
-    remote_args = {"runtime_env": env} if env else {}
     ds = image_dataset(inputs, batch_size=cfg.batch_size)
-    ds = ds.map_batches(
+    ds = map_with_actors(
+        ds,
         Predictor,
-        fn_constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
+        constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
         batch_size=cfg.batch_size,
-        concurrency=cfg.num_actors,
-        num_gpus=1 if cfg.use_gpu else 0,
-        **remote_args,
+        num_actors=cfg.num_actors,
+        use_gpu=cfg.use_gpu,
+        env=env,
     )
+    remote_args = {"runtime_env": env} if env else {}
     ds = ds.map_batches(write_outputs, fn_kwargs={"out": worker_uri(cfg.out)}, **remote_args)
     rows = ds.take_all()
 

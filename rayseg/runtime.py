@@ -60,6 +60,33 @@ def forwarded_env(*uris: str | None) -> dict[str, Any]:
     return {"env_vars": env} if env else {}
 
 
+def map_with_actors(
+    ds: Any,
+    actor: type,
+    *,
+    constructor_kwargs: dict[str, Any],
+    batch_size: int,
+    num_actors: int,
+    use_gpu: bool,
+    env: dict[str, Any],
+) -> Any:
+    """ds.map_batches through a fixed pool of `num_actors` `actor`s (a GPU each with use_gpu).
+
+    `ds` is a ray.data.Dataset; each actor is built once (a model loaded once per replica).
+    `env` is a runtime_env (forwarded_env), {} for none.
+    """
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0,
+        **({"runtime_env": env} if env else {}),
+    )
+
+
 def worker_uri(uri: str) -> str:
     """Local paths made absolute: Ray workers need not share the driver's working directory."""
     from rayseg import storage

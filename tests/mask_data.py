@@ -9,17 +9,20 @@ import numpy as np
 
 from rayseg import storage
 
+
+def category_meta(names: dict[int, str]) -> dict:
+    """The masks' value scheme (storage.read_mask_meta) for `values=category_id`, uint8."""
+    return {
+        "values": "category_id",
+        "dtype": "uint8",
+        "ignore_value": 255,
+        "background_value": 0,
+        "classes": [{"value": c, "category_id": c, "name": n} for c, n in sorted(names.items())],
+    }
+
+
 # Two classes with a gap in category ids, as COCO has: value = category id.
-META = {
-    "values": "category_id",
-    "dtype": "uint8",
-    "ignore_value": 255,
-    "background_value": 0,
-    "classes": [
-        {"value": 1, "category_id": 1, "name": "square"},
-        {"value": 3, "category_id": 3, "name": "disc"},
-    ],
-}
+META = category_meta({1: "square", 3: "disc"})
 
 
 def make_sample(index: int, *, height: int = 48, width: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -11,22 +11,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from mask_data import category_meta
 
 from rayseg import checkpoint, loop, storage
 from rayseg.config import TrainConfig
 from rayseg.errors import RaysegError
 from rayseg.models import class_map_from_meta, forward_logits
 
-META = {
-    "values": "category_id",
-    "dtype": "uint8",
-    "ignore_value": 255,
-    "background_value": 0,
-    "classes": [
-        {"value": 1, "category_id": 1, "name": "square"},
-        {"value": 2, "category_id": 2, "name": "disc"},
-    ],
-}
+META = category_meta({1: "square", 2: "disc"})
 CLASS_MAP = class_map_from_meta(META)
 CFG = TrainConfig(data="d", out="o", model="lraspp_mobilenet_v3_large", epochs=3)
 X = torch.randn(1, 3, 32, 32)

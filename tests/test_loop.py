@@ -10,22 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from mask_data import category_meta
 
 from rayseg import ingest, loop
 from rayseg.config import TrainConfig
 from rayseg.models import build_model, class_map_from_meta
 from rayseg.records import TRAIN_IGNORE
 
-META = {
-    "values": "category_id",
-    "dtype": "uint8",
-    "ignore_value": 255,
-    "background_value": 0,
-    "classes": [
-        {"value": 1, "category_id": 1, "name": "square"},
-        {"value": 2, "category_id": 2, "name": "disc"},
-    ],
-}
+META = category_meta({1: "square", 2: "disc"})
 CPU = torch.device("cpu")
 
 

@@ -5,21 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mask_data import category_meta
 
 from rayseg import checkpoint, models
 from rayseg.errors import RaysegError
 
-META = {
-    "values": "category_id",
-    "dtype": "uint8",
-    "ignore_value": 255,
-    "background_value": 0,
-    "classes": [
-        {"value": 1, "category_id": 1, "name": "person"},
-        {"value": 3, "category_id": 3, "name": "car"},
-        {"value": 18, "category_id": 18, "name": "dog"},
-    ],
-}
+META = category_meta({1: "person", 3: "car", 18: "dog"})
 
 
 @pytest.mark.parametrize("name", list(models.MODEL_BUILDERS))
