@@ -211,6 +211,18 @@ def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: 
     return buf.getvalue()
 
 
+def sum_partials(rows, k: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    """Scorer rows -> (the (K, K) confusion matrix, images scored, problems by image id)."""
+    cm = np.zeros((k, k), np.int64)
+    scored, problems = 0, []
+    for row in rows:
+        cm += np.asarray(row["confusion"], np.int64).reshape(k, k)
+        scored += int(row["scored"])
+        problems += json.loads(row["problems"])
+    problems.sort(key=lambda p: p["image_id"])
+    return cm, scored, problems
+
+
 def plot_title(metrics: dict[str, Any], model: str) -> str:
     miou = "-" if metrics["miou"] is None else f"{metrics['miou']:.3f}"
     return f"{model}: mIoU {miou}, pixel accuracy {metrics['pixel_accuracy']:.3f}"
@@ -244,14 +256,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         use_gpu=cfg.use_gpu,
         env=env,
     )
-    k = class_map.num_classes
-    cm = np.zeros((k, k), np.int64)
-    scored, problems = 0, []
-    for row in ds.iter_rows():
-        cm += np.asarray(row["confusion"], np.int64).reshape(k, k)
-        scored += int(row["scored"])
-        problems += json.loads(row["problems"])
-    problems.sort(key=lambda p: p["image_id"])
+    cm, scored, problems = sum_partials(ds.iter_rows(), class_map.num_classes)
     counts = {
         "rows": scored + len(problems),
         "scored": scored,
