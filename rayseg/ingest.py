@@ -1,4 +1,4 @@
-"""Ingest: masks Parquet (docs/CONTRACTS.md) -> Ray Data datasets of decoded, augmented batches.
+"""Ingest: masks Parquet (docs/ARCHITECTURE.md) -> Ray Data datasets of decoded, augmented batches.
 
 scan_data(data) reads only the small columns (image ids, sizes) on the driver, to split, size and
 check the data before any worker starts. The per-image work is pure numpy/cv2 (decode_pair,
