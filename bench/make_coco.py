@@ -35,88 +35,39 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# COCO's 80 thing classes by their real ids; ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused.
-COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
-    (1, "person", "person"),
-    (2, "bicycle", "vehicle"),
-    (3, "car", "vehicle"),
-    (4, "motorcycle", "vehicle"),
-    (5, "airplane", "vehicle"),
-    (6, "bus", "vehicle"),
-    (7, "train", "vehicle"),
-    (8, "truck", "vehicle"),
-    (9, "boat", "vehicle"),
-    (10, "traffic light", "outdoor"),
-    (11, "fire hydrant", "outdoor"),
-    (13, "stop sign", "outdoor"),
-    (14, "parking meter", "outdoor"),
-    (15, "bench", "outdoor"),
-    (16, "bird", "animal"),
-    (17, "cat", "animal"),
-    (18, "dog", "animal"),
-    (19, "horse", "animal"),
-    (20, "sheep", "animal"),
-    (21, "cow", "animal"),
-    (22, "elephant", "animal"),
-    (23, "bear", "animal"),
-    (24, "zebra", "animal"),
-    (25, "giraffe", "animal"),
-    (27, "backpack", "accessory"),
-    (28, "umbrella", "accessory"),
-    (31, "handbag", "accessory"),
-    (32, "tie", "accessory"),
-    (33, "suitcase", "accessory"),
-    (34, "frisbee", "sports"),
-    (35, "skis", "sports"),
-    (36, "snowboard", "sports"),
-    (37, "sports ball", "sports"),
-    (38, "kite", "sports"),
-    (39, "baseball bat", "sports"),
-    (40, "baseball glove", "sports"),
-    (41, "skateboard", "sports"),
-    (42, "surfboard", "sports"),
-    (43, "tennis racket", "sports"),
-    (44, "bottle", "kitchen"),
-    (46, "wine glass", "kitchen"),
-    (47, "cup", "kitchen"),
-    (48, "fork", "kitchen"),
-    (49, "knife", "kitchen"),
-    (50, "spoon", "kitchen"),
-    (51, "bowl", "kitchen"),
-    (52, "banana", "food"),
-    (53, "apple", "food"),
-    (54, "sandwich", "food"),
-    (55, "orange", "food"),
-    (56, "broccoli", "food"),
-    (57, "carrot", "food"),
-    (58, "hot dog", "food"),
-    (59, "pizza", "food"),
-    (60, "donut", "food"),
-    (61, "cake", "food"),
-    (62, "chair", "furniture"),
-    (63, "couch", "furniture"),
-    (64, "potted plant", "furniture"),
-    (65, "bed", "furniture"),
-    (67, "dining table", "furniture"),
-    (70, "toilet", "furniture"),
-    (72, "tv", "electronic"),
-    (73, "laptop", "electronic"),
-    (74, "mouse", "electronic"),
-    (75, "remote", "electronic"),
-    (76, "keyboard", "electronic"),
-    (77, "cell phone", "electronic"),
-    (78, "microwave", "appliance"),
-    (79, "oven", "appliance"),
-    (80, "toaster", "appliance"),
-    (81, "sink", "appliance"),
-    (82, "refrigerator", "appliance"),
-    (84, "book", "indoor"),
-    (85, "clock", "indoor"),
-    (86, "vase", "indoor"),
-    (87, "scissors", "indoor"),
-    (88, "teddy bear", "indoor"),
-    (89, "hair drier", "indoor"),
-    (90, "toothbrush", "indoor"),
+# COCO's 80 thing classes by their real ids and supercategories; ids 12, 26, 29, 30, 45, 66, 68,
+# 69, 71, 83 are unused.
+_CATEGORIES_BY_SUPERCATEGORY = {
+    "person": "1 person",
+    "vehicle": "2 bicycle, 3 car, 4 motorcycle, 5 airplane, 6 bus, 7 train, 8 truck, 9 boat",
+    "outdoor": "10 traffic light, 11 fire hydrant, 13 stop sign, 14 parking meter, 15 bench",
+    "animal": (
+        "16 bird, 17 cat, 18 dog, 19 horse, 20 sheep, 21 cow, 22 elephant, 23 bear, 24 zebra, "
+        "25 giraffe"
+    ),
+    "accessory": "27 backpack, 28 umbrella, 31 handbag, 32 tie, 33 suitcase",
+    "sports": (
+        "34 frisbee, 35 skis, 36 snowboard, 37 sports ball, 38 kite, 39 baseball bat, "
+        "40 baseball glove, 41 skateboard, 42 surfboard, 43 tennis racket"
+    ),
+    "kitchen": "44 bottle, 46 wine glass, 47 cup, 48 fork, 49 knife, 50 spoon, 51 bowl",
+    "food": (
+        "52 banana, 53 apple, 54 sandwich, 55 orange, 56 broccoli, 57 carrot, 58 hot dog, "
+        "59 pizza, 60 donut, 61 cake"
+    ),
+    "furniture": "62 chair, 63 couch, 64 potted plant, 65 bed, 67 dining table, 70 toilet",
+    "electronic": "72 tv, 73 laptop, 74 mouse, 75 remote, 76 keyboard, 77 cell phone",
+    "appliance": "78 microwave, 79 oven, 80 toaster, 81 sink, 82 refrigerator",
+    "indoor": (
+        "84 book, 85 clock, 86 vase, 87 scissors, 88 teddy bear, 89 hair drier, 90 toothbrush"
+    ),
+}
+COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = tuple(
+    sorted(
+        (int(number), name, supercategory)
+        for supercategory, entries in _CATEGORIES_BY_SUPERCATEGORY.items()
+        for number, name in (entry.split(" ", 1) for entry in entries.split(", "))
+    )
 )
 
 # (width, height) and how often; COCO is mostly 640x480 landscape.
@@ -263,15 +214,42 @@ def make_annotations(
     crowd = np.zeros(n, bool)
     crowd[first[rng.random(first.size) < CROWD_FRACTION * n / max(first.size, 1)]] = True
     cats = rng.choice(category_ids, size=n, p=category_p)
+    heads = {"image_id": image_ids[owner].tolist(), "category_id": cats.tolist()}
+    polygons = polygon_parts(rng, sizes[owner], np.flatnonzero(~crowd))
+    records = polygon_records(n, *polygons, ids=ann_ids.tolist(), heads=heads)
+    for a in np.flatnonzero(crowd).tolist():
+        width, height = sizes[owner[a]].astype(int).tolist()
+        rle, area, bbox = crowd_rle(rng, width, height)
+        image_id = heads["image_id"][a]
+        records[a] = {
+            "segmentation": rle,
+            "area": area,
+            "iscrowd": 1,
+            "image_id": image_id,
+            "bbox": bbox,
+            "category_id": heads["category_id"][a],
+            "id": CROWD_ID_BASE + image_id,
+        }
+    order = rng.permutation(n)
+    return [records[i] for i in order.tolist()]
 
-    poly_ann = np.flatnonzero(~crowd)
+
+def polygon_parts(
+    rng: np.random.Generator, ann_sizes: np.ndarray, poly_ann: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The polygons of annotations `poly_ann`: 1-3 parts each, the later ones beside the first.
+
+    ann_sizes (N, 2) = image (width, height) per annotation. Returns poly_ann, parts per
+    annotation, the annotation of each polygon, x and y of all vertices, vertices per polygon.
+    """
+    n = len(ann_sizes)
     parts = rng.choice(3, size=poly_ann.size, p=PART_COUNT_P) + 1
     poly_owner = np.repeat(poly_ann, parts)  # annotation index per polygon
     is_first_part = np.ones(poly_owner.size, bool)
     is_first_part[1:] = poly_owner[1:] != poly_owner[:-1]
-    img_size = sizes[owner[poly_owner]]
-    ann_radius = np.exp(rng.uniform(np.log(4), np.log(0.3 * sizes[owner].min(axis=1))))
-    ann_center = rng.uniform(0, 1, (n, 2)) * sizes[owner]
+    img_size = ann_sizes[poly_owner]
+    ann_radius = np.exp(rng.uniform(np.log(4), np.log(0.3 * ann_sizes.min(axis=1))))
+    ann_center = rng.uniform(0, 1, (n, 2)) * ann_sizes
     radius = ann_radius[poly_owner] * np.where(
         is_first_part, 1.0, rng.uniform(0.3, 0.7, poly_owner.size)
     )
@@ -290,7 +268,22 @@ def make_annotations(
         MAX_VERTICES,
     ).astype(np.int64)
     x, y = polygon_vertices(rng, center, radius, aspect, img_size, num_vertices)
+    return poly_ann, parts, poly_owner, x, y, num_vertices
 
+
+def polygon_records(
+    n: int,
+    poly_ann: np.ndarray,
+    parts: np.ndarray,
+    poly_owner: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_vertices: np.ndarray,
+    *,
+    ids: list[int],
+    heads: dict[str, list[int]],
+) -> list[dict[str, Any]]:
+    """n record slots, the polygon annotations' filled in (area, bbox from their vertices)."""
     areas = np.zeros(n)
     np.add.at(areas, poly_owner, shoelace_areas(x, y, num_vertices))
     ann_vertices = np.bincount(poly_owner, weights=num_vertices, minlength=n).astype(np.int64)[
@@ -300,14 +293,10 @@ def make_annotations(
     x0, y0 = np.minimum.reduceat(x, vstarts), np.minimum.reduceat(y, vstarts)
     x1, y1 = np.maximum.reduceat(x, vstarts), np.maximum.reduceat(y, vstarts)
     bboxes = np.round(np.stack([x0, y0, x1 - x0, y1 - y0], 1), 2).tolist()
-
     coords = np.stack([x, y], 1).ravel().tolist()
     poly_bounds = np.concatenate(([0], np.cumsum(num_vertices) * 2)).tolist()
     parts_list = parts.tolist()
     area_list = np.round(areas, 4).tolist()
-    image_id_list = image_ids[owner].tolist()
-    cat_list = cats.tolist()
-    ids = ann_ids.tolist()
     records: list[dict[str, Any]] = [{}] * n
     p = 0
     for k, a in enumerate(poly_ann.tolist()):
@@ -319,25 +308,12 @@ def make_annotations(
             "segmentation": segmentation,
             "area": area_list[a],
             "iscrowd": 0,
-            "image_id": image_id_list[a],
+            "image_id": heads["image_id"][a],
             "bbox": bboxes[k],
-            "category_id": cat_list[a],
+            "category_id": heads["category_id"][a],
             "id": ids[a],
         }
-    for a in np.flatnonzero(crowd).tolist():
-        width, height = sizes[owner[a]].astype(int).tolist()
-        rle, area, bbox = crowd_rle(rng, width, height)
-        records[a] = {
-            "segmentation": rle,
-            "area": area,
-            "iscrowd": 1,
-            "image_id": image_id_list[a],
-            "bbox": bbox,
-            "category_id": cat_list[a],
-            "id": CROWD_ID_BASE + image_id_list[a],
-        }
-    order = rng.permutation(n)
-    return [records[i] for i in order.tolist()]
+    return records
 
 
 def encode_chunks(

@@ -304,7 +304,14 @@ def print_report(
             continue
         r = run.result
         print(f"{r.label:<40} {r.images:>7} {r.seconds:>9.2f} {r.rate:>9.1f}  {r.note}")
+    phase_rates = print_capacity(runs, capacities)
+    print_ratios(results, runs, capacities, phase_rates)
 
+
+def print_capacity(
+    runs: dict[str, RaysegRun], capacities: dict[str, tuple[float, str]]
+) -> dict[str, float]:
+    """One process's capacity per rasterizer, and each run's rendering-phase rate (returned)."""
     print("\ncapacity (a render task's whole job, rayseg.shard.render_shard, in one process):")
     phase_rates: dict[str, float] = {}
     for rasterizer, (rate, note) in capacities.items():
@@ -324,7 +331,15 @@ def print_report(
             f"{run.phase_seconds:.2f} s = {phase_rates[rasterizer]:.1f} images/s "
             f"(tasks busy {run.task_seconds:.1f} s in all)"
         )
+    return phase_rates
 
+
+def print_ratios(
+    results: list[Result],
+    runs: dict[str, RaysegRun],
+    capacities: dict[str, tuple[float, str]],
+    phase_rates: dict[str, float],
+) -> None:
     print("\nratios:")
     base = next((r for r in results if r.label.startswith("(a)")), None)
     opencv, coco = runs.get("opencv"), runs.get("coco")

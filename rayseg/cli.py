@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 
 from rayseg import config as C
 from rayseg.errors import RaysegError
+from rayseg.runtime import VERBOSE_ENV
 
 
 def _synth(cfg: C.SynthConfig) -> Any:
@@ -87,14 +89,61 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayseg", description=__doc__.splitlines()[0])
+    # allow_abbrev=False: `--num-cpu` is an error, not a silent `--num-cpus`.
+    parser = argparse.ArgumentParser(
+        prog="rayseg", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        p = sub.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
         p.add_argument("--config", help="YAML file with the same settings (flags override it)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Ray's own warnings and log lines (default: only in Ray's log files)",
+        )
         add_config_flags(p, command.config)
     return parser
+
+
+def model_names() -> list[str]:
+    """--model's choices; rayseg.models imports torch, so only `--help` asks for them."""
+    from rayseg.models import MODEL_BUILDERS
+
+    return list(MODEL_BUILDERS)
+
+
+class _Help(str):
+    """A help text that appends lazily computed choices when argparse formats it."""
+
+    def __new__(cls, text: str, choices: Callable[[], list[str]]) -> _Help:
+        help = super().__new__(cls, text)
+        help.choices = choices
+        return help
+
+    def __mod__(self, params: Any) -> str:
+        return f"{str.__mod__(self, params)} (one of: {', '.join(self.choices())})"
+
+
+# Fields whose allowed values live outside rayseg.config (a module too heavy for every command).
+LAZY_CHOICES: dict[str, Callable[[], list[str]]] = {"model": model_names}
+
+
+def flag_help(f: dataclasses.Field) -> str | None:
+    """The field's help text with its default, e.g. `images per Ray task (default: 200)`."""
+    text = f.metadata.get("help")
+    if text is None:
+        return None
+    if f.metadata.get("required") or "default" in text:
+        pass
+    elif f.default is not dataclasses.MISSING:
+        text += f" (default: {'none' if f.default is None else f.default})".replace("%", "%%")
+    elif f.default_factory is not dataclasses.MISSING:
+        text += f" (default: {f.default_factory()})".replace("%", "%%")
+    if f.name in LAZY_CHOICES:
+        return _Help(text, LAZY_CHOICES[f.name])
+    return text
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -104,7 +153,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("flag", True) is False:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help")}
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": flag_help(f)}
         if hints[f.name] is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif f.metadata.get("choices"):
@@ -118,6 +167,8 @@ def run_command(name: str, cfg: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Read by rayseg.runtime on the driver and, inherited, in local Ray workers.
+    os.environ[VERBOSE_ENV] = "1" if args.verbose else "0"
     cls = COMMANDS[args.command].config
     overrides = {
         f.name: getattr(args, f.name)

@@ -176,7 +176,7 @@ def _categories(path: str, raws: list[msgspec.Raw]) -> list[Category]:
     return sorted(cats, key=lambda c: c.id)
 
 
-def _images(raws: list[msgspec.Raw]) -> tuple[list[Image], list[msgspec.Raw], list[dict]]:
+def _images(raws: list[msgspec.Raw]) -> tuple[list[Image], list[msgspec.Raw], list[Problem]]:
     decoder = msgspec.json.Decoder(_ImageHead)
     images, kept, problems, seen = [], [], [], set()
     for i, raw in enumerate(raws):
@@ -218,7 +218,7 @@ def _is_int(v: Any) -> bool:
 
 def _annotation_heads(
     raws: list[msgspec.Raw], image_ids: set[int], category_ids: set[int]
-) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
     """(image id, category id) per annotation, -1 where rejected, and the rejections."""
     n = len(raws)
     ann_ids = np.zeros(n, dtype=np.int64)

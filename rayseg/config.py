@@ -23,10 +23,29 @@ from rayseg.errors import RaysegError
 
 # Allowed values of the choice settings: the CLI, validation and the stages read them from here.
 RASTERIZERS = ("opencv", "coco")
-OVERLAPS = ("max", "smallest_on_top", "last", "ignore")
+OVERLAPS = ("max", "smallest_on_top", "last", "ignore", "ignore_any")
 VALUE_SCHEMES = ("category_id", "train_id", "scaled")
 CROWD_MODES = ("class", "ignore", "skip")
 NAMINGS = ("cats", "stem")
+LAYOUTS = ("rayseg", "voc")
+# The validation split of `rayseg train`, also written by `rayseg masks --layout voc`.
+VAL_FRACTION = 0.1
+SPLIT_SEED = 0
+
+# Named bundles of `rayseg masks` settings; settings given explicitly (file or flag) win.
+MASK_PRESETS = {
+    # torchvision references/segmentation's COCO target: the 20 VOC categories as 1..20 in
+    # CAT_LIST order, 255 where two or more kept objects overlap, crowds painted as their class,
+    # pycocotools rasterisation, <stem>.png.
+    "torchvision-voc": {
+        "classes": "voc",
+        "values": "train_id",
+        "overlap": "ignore_any",
+        "crowd": "class",
+        "rasterizer": "coco",
+        "naming": "stem",
+    },
+}
 OPTIMIZERS = ("sgd", "adamw")
 
 # Limits a field's metadata may carry: key -> (test of value against the limit, how it reads).
@@ -69,18 +88,48 @@ class SubsetConfig:
     categories: list[int] | None = opt(None, "only images with one of these category ids")
 
 
+def _preset_help(presets: dict[str, dict[str, Any]]) -> str:
+    bundles = "; ".join(
+        f"{name} = " + ", ".join(f"{k} {v}" for k, v in bundle.items())
+        for name, bundle in presets.items()
+    )
+    return f"named bundle of settings, explicit ones override it ({bundles})"
+
+
 @dataclass
 class MasksConfig(RayConfig):
     annotations: str = required("COCO instances JSON (e.g. the subset file)")
     out: str = required("output directory or s3://bucket/prefix")
+    preset: str | None = opt(
+        None, _preset_help(MASK_PRESETS), choices=tuple(MASK_PRESETS), presets=MASK_PRESETS
+    )
+    classes: str = opt("all", "all | voc | comma-separated category ids (others are not drawn)")
     rasterizer: str = opt("opencv", "polygon fill", choices=RASTERIZERS)
-    overlap: str = opt("max", "how overlapping objects resolve", choices=OVERLAPS)
+    overlap: str = opt(
+        "max",
+        "how overlapping objects resolve (ignore: different classes -> ignore; ignore_any: "
+        "two or more objects -> ignore)",
+        choices=OVERLAPS,
+    )
     values: str = opt("category_id", "pixel value scheme", choices=VALUE_SCHEMES)
     crowd: str = opt("class", "how iscrowd=1 objects are painted", choices=CROWD_MODES)
     naming: str = opt("cats", "mask file names", choices=NAMINGS)
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
     shard_size: int = opt(200, "images per Ray task / Parquet file", min=1)
+    layout: str = opt(
+        "rayseg",
+        "voc: also a VOCdevkit/VOC2012 folder (JPEGImages, SegmentationClass, ImageSets, "
+        "classes.json) for torchvision / mmseg; needs --images-dir",
+        choices=LAYOUTS,
+    )
+    val_fraction: float = opt(
+        VAL_FRACTION,
+        "--layout voc: fraction of image ids in val.txt (as rayseg train)",
+        min=0,
+        below=1,
+    )
+    seed: int = opt(SPLIT_SEED, "--layout voc: split seed (as rayseg train --seed)")
     overwrite: bool = opt(False, "redo everything instead of resuming")
 
 
@@ -105,7 +154,9 @@ class TrainConfig(RayConfig):
     use_gpu: bool = opt(False, "one GPU per worker")
     val_data: str | None = opt(None, "separate validation Parquet (default: split by image id)")
     # 0 is allowed: with val_data the fraction is unused (train refuses 0 without it).
-    val_fraction: float = opt(0.1, "fraction of image ids held out for validation", min=0, below=1)
+    val_fraction: float = opt(
+        VAL_FRACTION, "fraction of image ids held out for validation", min=0, below=1
+    )
     lr: float = opt(0.02, "base learning rate", above=0)
     optimizer: str = opt("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = opt(0.9, "SGD momentum", min=0)
@@ -113,8 +164,16 @@ class TrainConfig(RayConfig):
     warmup_epochs: float = opt(0.0, "linear LR warmup length in epochs", min=0)
     classes: str = opt("all", "all | voc | comma-separated category ids")
     aux_loss: bool = opt(True, "auxiliary loss where the model has an aux head")
-    weights: str | None = opt(None, "local file of full-model weights")
-    weights_backbone: str | None = opt(None, "local file of backbone weights")
+    weights: str | None = opt(
+        None,
+        "full-model weights: a local file, s3:// URI or torchvision weight name "
+        "(e.g. DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1)",
+    )
+    weights_backbone: str | None = opt(
+        None,
+        "backbone weights: a local file, s3:// URI or torchvision weight name "
+        "(e.g. ResNet50_Weights.IMAGENET1K_V1)",
+    )
     amp: bool = opt(True, "bf16 autocast + channels_last on GPU")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(True, "SyncBatchNorm across GPU workers (PyTorch has none on CPU)")
@@ -123,7 +182,7 @@ class TrainConfig(RayConfig):
     cpus_per_worker: float | None = opt(
         None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)", above=0
     )
-    seed: int = opt(0, "random seed (model init; the validation split)")
+    seed: int = opt(SPLIT_SEED, "random seed (model init; the validation split)")
 
 
 @dataclass
@@ -187,12 +246,24 @@ def build(cls: type, values: dict[str, Any], *, where: str, partial: bool = Fals
         if name not in fields:
             raise RaysegError(f"{where}: unknown key '{key}'{_suggest(name, fields)}")
         kwargs[name] = _coerce(value, hints[name], f"{where}: '{key}'")
+    _expand_presets(kwargs, fields, hints, where)
     for name, f in fields.items():
         if kwargs.get(name) is not None:
             _check_allowed(name, kwargs[name], f.metadata, where)
         elif not partial and f.metadata.get("required"):
             raise RaysegError(f"{where}: missing required setting '{name}' (--{_flag(name)})")
     return cls(**kwargs)
+
+
+def _expand_presets(kwargs: dict[str, Any], fields: dict, hints: dict, where: str) -> None:
+    """Fill settings not given explicitly from the chosen preset of any `presets` field."""
+    for name, f in fields.items():
+        bundles = f.metadata.get("presets")
+        if not bundles or kwargs.get(name) is None or kwargs[name] not in bundles:
+            continue
+        for key, value in bundles[kwargs[name]].items():
+            if kwargs.get(key) is None:
+                kwargs[key] = _coerce(value, hints[key], f"{where}: preset {kwargs[name]!r}")
 
 
 def _check_allowed(name: str, value: Any, meta: Any, where: str) -> None:

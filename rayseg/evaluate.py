@@ -27,11 +27,17 @@ from rayseg import metrics as M
 from rayseg import storage
 from rayseg.config import EvaluateConfig, to_dict
 from rayseg.errors import RaysegError
-from rayseg.infer import check_parquet_images, load_checkpoint, predict_labels
-from rayseg.ingest import SampleError, decode_sample
+from rayseg.infer import check_parquet_images, load_checkpoint, map_with_model, predict_labels
+from rayseg.ingest import SampleError, decode_pair
 from rayseg.models import ClassMap
 from rayseg.records import Problem
-from rayseg.runtime import check_gpus, connect_ray, forwarded_env, map_with_actors, worker_uri
+from rayseg.runtime import (
+    check_gpus,
+    connect_ray,
+    forwarded_env,
+    rows_with_progress,
+    worker_uri,
+)
 
 METRICS_NAME = "metrics.json"
 CONFUSION_IMAGE_NAME = "confusion_matrix.png"
@@ -108,23 +114,15 @@ def score_images(
     problems: list[Problem] = []
     images, masks = [], []
     for row in rows:
-        image, mask, reason = decode_pair(row.get("image"), row.get("mask"))
-        if reason:
-            problems.append(Problem(reason, image_id=int(row["image_id"])))
+        try:
+            image, mask = decode_pair(row.get("image"), row.get("mask"))
+        except SampleError as e:
+            problems.append(Problem(e.reason, image_id=int(row["image_id"])))
             continue
         images.append(image)
         masks.append(mask)
     labels = predict_labels(model, images, device=device)
     return score(masks, labels, class_map), len(images), problems
-
-
-def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None):
-    """-> (RGB image, (H, W) mask, "") or (None, None, reason): rayseg.ingest's rules."""
-    try:
-        image, mask = decode_sample(image_bytes, mask_bytes)
-    except SampleError as e:
-        return None, None, e.reason
-    return image, mask, ""
 
 
 # ---- Ray Data stage ------------------------------------------------------------------------------
@@ -211,15 +209,15 @@ def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: 
     return buf.getvalue()
 
 
-def sum_partials(rows, k: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+def sum_partials(rows, k: int) -> tuple[np.ndarray, int, list[Problem]]:
     """Scorer rows -> (the (K, K) confusion matrix, images scored, problems by image id)."""
     cm = np.zeros((k, k), np.int64)
     scored, problems = 0, []
     for row in rows:
         cm += np.asarray(row["confusion"], np.int64).reshape(k, k)
         scored += int(row["scored"])
-        problems += json.loads(row["problems"])
-    problems.sort(key=lambda p: p["image_id"])
+        problems += [Problem.from_dict(p) for p in json.loads(row["problems"])]
+    problems.sort(key=lambda p: p.image_id)
     return cm, scored, problems
 
 
@@ -228,55 +226,66 @@ def plot_title(metrics: dict[str, Any], model: str) -> str:
     return f"{model}: mIoU {miou}, pixel accuracy {metrics['pixel_accuracy']:.3f}"
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    import ray
-
-    start = time.monotonic()
-    _, info = load_checkpoint(cfg.checkpoint)
-    class_map: ClassMap = info["class_map"]
+def check_inputs(
+    cfg: EvaluateConfig, class_map: ClassMap
+) -> tuple[storage.Location, list[storage.Location]]:
+    """(the Parquet folder, its parts), once its classes fit the model's and rows carry images."""
     parquet = storage.parquet_location(cfg.data)
     meta = storage.read_mask_meta(cfg.data)
     check_class_map(class_map, meta, checkpoint=cfg.checkpoint, data=cfg.data)
     parts = storage.parquet_files(parquet)
     check_parquet_images(parts, cfg.data)
-    out = storage.locate(cfg.out)
-    storage.check_writable(out)
+    return parquet, parts
+
+
+def score_on_ray(
+    cfg: EvaluateConfig,
+    parquet: storage.Location,
+    parts: list[storage.Location],
+    *,
+    checkpoint: str,
+    k: int,
+) -> tuple[np.ndarray, int, list[Problem]]:
+    """Parquet rows -> Scorer actors -> (the summed (K, K) confusion, images scored, problems)."""
+    import ray
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
     env = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
     ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
+    total = ds.count()  # from the Parquet footers, before any scoring
     ds = ds.select_columns(["image_id", "image", "mask"])
-    ds = map_with_actors(
-        ds,
-        Scorer,
-        constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
-        batch_size=cfg.batch_size,
-        num_actors=cfg.num_actors,
-        use_gpu=cfg.use_gpu,
-        env=env,
+    ds = map_with_model(ds, Scorer, checkpoint=worker_uri(checkpoint), cfg=cfg, env=env)
+    return sum_partials(rows_with_progress(ds, total=total, label="evaluate"), k)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    start = time.monotonic()
+    _, info = load_checkpoint(cfg.checkpoint)
+    class_map: ClassMap = info["class_map"]
+    parquet, parts = check_inputs(cfg, class_map)
+    out = storage.locate(cfg.out)
+    storage.check_writable(out)
+
+    cm, scored, problems = score_on_ray(
+        cfg, parquet, parts, checkpoint=info["source"], k=class_map.num_classes
     )
-    cm, scored, problems = sum_partials(ds.iter_rows(), class_map.num_classes)
+    if scored == 0:
+        first = f"{problems[0].image_id}: {problems[0].reason}" if problems else "-: no rows"
+        raise RaysegError(f"{cfg.data}: no image could be scored (first: image {first})")
     counts = {
         "rows": scored + len(problems),
         "scored": scored,
         "skipped": len(problems),
         "pixels": int(cm.sum()),
     }
-    if scored == 0:
-        first = problems[0] if problems else {"image_id": "-", "reason": "no rows"}
-        raise RaysegError(
-            f"{cfg.data}: no image could be scored "
-            f"(first: image {first['image_id']}: {first['reason']})"
-        )
-
     metrics = metrics_from_confusion(cm, class_map.names)
     report = {
         **metrics,
         "counts": counts,
         "class_names": list(class_map.names),
         "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted class
-        "skipped": problems,
+        "skipped": [p.to_dict() for p in problems],
         "checkpoint": info["source"],
         "model": info["model"],
         "data": parquet.uri,

@@ -2,7 +2,8 @@
 
 Input: a model export or run directory (rayseg.checkpoint), encoded images (JPEG/PNG bytes,
 decoded by rayseg.storage.decode_image) or masks Parquet parts. Output: (H, W) uint8 class-index
-maps at each image's full resolution. Pure torch + numpy; no Ray (evaluate and predict wrap it).
+maps at each image's full resolution. Pure torch + numpy; the one Ray line is map_with_model,
+the model-actor stage that evaluate (Scorer) and predict (Predictor) both run.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from rayseg import storage
 from rayseg.checkpoint import load_model
+from rayseg.config import EvaluateConfig, PredictConfig
 from rayseg.errors import RaysegError
+from rayseg.ingest import image_counts
 from rayseg.models import forward_logits, normalize
+from rayseg.runtime import map_with_actors
 
 
 def load_checkpoint(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -58,6 +61,29 @@ def predict_labels(
     return labels
 
 
+def map_with_model(
+    ds: Any,
+    actor: type,
+    *,
+    checkpoint: str,
+    cfg: EvaluateConfig | PredictConfig,
+    env: dict[str, Any],
+) -> Any:
+    """ds (a ray.data.Dataset) through cfg.num_actors `actor(checkpoint, use_gpu)` replicas.
+
+    `checkpoint` must be valid on every worker (runtime.worker_uri); `env` is a runtime_env.
+    """
+    return map_with_actors(
+        ds,
+        actor,
+        constructor_kwargs={"checkpoint": checkpoint, "use_gpu": cfg.use_gpu},
+        batch_size=cfg.batch_size,
+        num_actors=cfg.num_actors,
+        use_gpu=cfg.use_gpu,
+        env=env,
+    )
+
+
 def image_stem(file_name: str) -> str:
     return PurePosixPath(file_name).stem
 
@@ -71,21 +97,11 @@ def objects(items: list[bytes]) -> np.ndarray:
 
 def check_parquet_images(parts: list[storage.Location], data: str) -> int:
     """Fail fast, from the footers alone, when no row carries image bytes; -> the row count."""
-    rows = with_image = 0
-    for part in parts:
-        with part.fs.open_input_file(part.path) as f:
-            meta = pq.ParquetFile(f).metadata
-        names = meta.schema.names  # leaf columns, in the order of group.column(i)
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            rows += group.num_rows
-            if "image" in names:
-                stats = group.column(names.index("image")).statistics
-                nulls = stats.null_count if stats is not None and stats.has_null_count else 0
-                with_image += group.num_rows - nulls
+    counts = [image_counts(part) for part in parts]
+    rows = sum(n for n, _ in counts)
     if rows == 0:
         raise RaysegError(f"{data}: the Parquet parts hold no rows")
-    if with_image == 0:
+    if sum(with_image for _, with_image in counts) == 0:
         raise RaysegError(
             f"{data}: no row carries image bytes; rerun `rayseg masks` with --images-dir "
             "to embed the images"

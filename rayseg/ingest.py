@@ -81,7 +81,7 @@ def scan_data(data: str) -> DataSummary:
     dupes = np.unique(ids)[np.unique(ids, return_counts=True)[1] > 1]
     if len(dupes):
         raise RaysegError(f"{loc.uri}: image id {int(dupes[0])} appears in more than one row")
-    missing = sum(_null_images(p) for p in parts)
+    missing = sum(rows - with_image for rows, with_image in map(image_counts, parts))
     if missing == len(ids):
         raise RaysegError(
             f"{loc.uri}: rows carry no images; rerun `rayseg masks` with --images-dir"
@@ -89,19 +89,25 @@ def scan_data(data: str) -> DataSummary:
     return DataSummary(loc, tuple(p.path for p in parts), meta, ids, heights, widths, missing)
 
 
-def _null_images(part: storage.Location) -> int:
-    """Rows of one part whose `image` is null, from the Parquet statistics when present."""
+def image_counts(part: storage.Location) -> tuple[int, int]:
+    """(rows, rows with image bytes) of one Parquet part, from its footer statistics when present.
+
+    Parts without statistics for `image` have that column read; a part without it has no images.
+    """
     md = pq.ParquetFile(part.path, filesystem=part.fs).metadata
     # Parquet column indices count leaves of nested columns, so find "image" by its path.
-    col = [md.schema.column(i).path for i in range(md.num_columns)].index("image")
-    counts = []
+    paths = [md.schema.column(i).path for i in range(md.num_columns)]
+    if "image" not in paths:
+        return md.num_rows, 0
+    col = paths.index("image")
+    nulls = 0
     for g in range(md.num_row_groups):
         stats = md.row_group(g).column(col).statistics
         if stats is None or not stats.has_null_count:
             table = pq.read_table(part.path, columns=["image"], filesystem=part.fs)
-            return table["image"].null_count
-        counts.append(stats.null_count)
-    return int(sum(counts))
+            return md.num_rows, md.num_rows - table["image"].null_count
+        nulls += stats.null_count
+    return md.num_rows, md.num_rows - nulls
 
 
 def split_ids(ids: np.ndarray, val_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,19 +160,23 @@ def val_canvas(summary: DataSummary, ids: np.ndarray) -> tuple[int, int]:
 # ---- per image (pure) ---------------------------------------------------------------------
 
 
-class SampleError(ValueError):
-    """A row whose image or mask cannot be used: `code` for batches, `reason` for people."""
+class SampleError(Exception):
+    """A row whose image or mask cannot be used: `code` (a PROBLEMS key) for batches, `reason`
+    (the PROBLEMS text, or a more precise one) for people."""
 
     def __init__(self, code: int, detail: str | None = None) -> None:
-        super().__init__(code)
         self.code = code
         self.reason = detail or PROBLEMS[code]
+        super().__init__(self.reason)
 
 
-def decode_sample(
+def decode_pair(
     image_bytes: bytes | None, mask_bytes: bytes | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) mask values; else SampleError."""
+    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) mask values; else SampleError.
+
+    The one row decoder: training (here) and evaluation (rayseg.evaluate) skip the same rows.
+    """
     if not image_bytes:
         raise SampleError(1)
     image = storage.decode_image(image_bytes)
@@ -182,14 +192,6 @@ def decode_sample(
         (h, w), (mh, mw) = image.shape[:2], mask.shape
         raise SampleError(4, f"mask is {mw}x{mh} but the image is {w}x{h}")
     return image, mask
-
-
-def decode_pair(
-    image_bytes: bytes | None, mask_bytes: bytes, lut: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded image + mask PNG -> (H, W, 3) uint8 RGB, (H, W) uint8 train ids (SampleError)."""
-    image, mask = decode_sample(image_bytes, mask_bytes)
-    return image, lut[mask]
 
 
 def augment(
@@ -259,11 +261,11 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
     problem = np.zeros(n, np.uint8)
     for i in range(n):
         try:
-            image, mask = decode_pair(batch["image"][i], batch["mask"][i], lut)
+            image, mask = decode_pair(batch["image"][i], batch["mask"][i])
         except SampleError as e:
             problem[i] = e.code
             continue
-        images[i], masks[i] = transform(image, mask)
+        images[i], masks[i] = transform(image, lut[mask])  # mask values -> train ids
     return {
         "image": images,
         "mask": masks,

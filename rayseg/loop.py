@@ -50,6 +50,10 @@ class EpochStats:
     problems: dict[int, int] = field(default_factory=dict)  # image id -> ingest.PROBLEMS code
 
 
+# Called after each training step with the epoch's stats so far and the step's loss (0-d tensor).
+StepHook = Callable[[EpochStats, torch.Tensor], None]
+
+
 # ---- schedule, loss, optimizer ---------------------------------------------------------------
 
 
@@ -198,8 +202,12 @@ def train_one_epoch(
     *,
     device: torch.device,
     amp: bool,
+    on_step: StepHook | None = None,
 ) -> EpochStats:
-    """One pass over this worker's batches; per-iteration LR steps. Returns local sums."""
+    """One pass over this worker's batches; per-iteration LR steps. Returns local sums.
+
+    `on_step(stats, loss)` runs after each step (stats.seconds so far; loss a 0-d tensor).
+    """
     model.train()
     stats = EpochStats()
     loss_sum = torch.zeros((), device=device)
@@ -217,6 +225,9 @@ def train_one_epoch(
         loss_sum += loss.detach()
         stats.steps += 1
         stats.images += len(target)
+        if on_step is not None:
+            stats.seconds = time.perf_counter() - start
+            on_step(stats, loss.detach())
     stats.loss_sum = float(loss_sum)
     stats.seconds = time.perf_counter() - start
     return stats
@@ -338,17 +349,27 @@ def fit_epochs(
     amp: bool,
     world_size: int,
     on_epoch: Callable[[dict[str, Any]], None],
+    on_step: Callable[[int], StepHook | None] | None = None,
 ) -> None:
     """Each epoch: train, validate, sum across workers, hand the epoch_record to on_epoch.
 
     `train_model` is `state`'s model, possibly wrapped (DDP, torch.compile); validation runs the
-    plain one. The next epoch's train_batches() is called before validation, so a pipeline that
-    starts fetching at once (Prefetched) starts up while this epoch validates.
+    plain one. `on_step(epoch)`, if given, returns that epoch's train_one_epoch hook. The next
+    epoch's train_batches() is called before validation, so a pipeline that starts fetching at
+    once (Prefetched) starts up while this epoch validates.
     """
     model, optimizer, scheduler = state
     batches = train_batches() if len(epochs) else None
     for epoch in epochs:
-        stats = train_one_epoch(train_model, batches, optimizer, scheduler, device=device, amp=amp)
+        stats = train_one_epoch(
+            train_model,
+            batches,
+            optimizer,
+            scheduler,
+            device=device,
+            amp=amp,
+            on_step=on_step(epoch) if on_step else None,
+        )
         if epoch < epochs[-1]:
             batches = train_batches()
         val_start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Input: MasksConfig. Output under OUT (local or s3://): `masks/*.png`, `parquet/part-NNNNN.parquet`
 (one per shard), `_shards/` (plan.json + one record per finished shard), `manifest.json` (counts,
-pixels per class, every problem) and `config.yaml`. The output's plan fingerprints the input and
+pixels per class, every problem), `config.yaml`, `README.md` (the Hugging Face dataset card) and,
+with `--layout voc`, `VOCdevkit/` (rayseg.export). The output's plan fingerprints the input and
 every setting that changes what is written, so a rerun resumes only a run with the same ones; the
 rendering itself is rayseg.shard's.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
-from rayseg import storage
+from rayseg import export, storage
+from rayseg.classes import mask_classes
 from rayseg.coco import CocoIndex, load_coco
 from rayseg.config import MasksConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
@@ -23,6 +26,7 @@ from rayseg.shard import ShardJob, plan_jobs, run_jobs, scheme_meta, shard_recor
 
 # Settings that change what is written; a resumed run must match them all.
 _OUTPUT_KEYS = (
+    "classes",
     "rasterizer",
     "overlap",
     "values",
@@ -31,11 +35,15 @@ _OUTPUT_KEYS = (
     "palette",
     "images_dir",
     "shard_size",
+    "layout",
 )
+# Settings that change only the --layout voc split files.
+_VOC_KEYS = ("val_fraction", "seed")
 
 
 def fingerprint(index_digest: str, cfg: MasksConfig) -> dict[str, Any]:
-    settings = {k: getattr(cfg, k) for k in _OUTPUT_KEYS}
+    keys = _OUTPUT_KEYS + (_VOC_KEYS if cfg.layout == "voc" else ())
+    settings = {k: getattr(cfg, k) for k in keys}
     return {"annotations_sha1": index_digest, **settings}
 
 
@@ -44,9 +52,10 @@ def prepare_output(out: storage.Location, plan: dict[str, Any], *, overwrite: bo
     storage.check_writable(out)
     plan_loc = out.join("_shards", "plan.json")
     if overwrite:
-        for sub in ("masks", "parquet", "_shards"):
+        for sub in ("masks", "parquet", "_shards", export.VOC_DIR[0]):
             storage.delete_dir(out.join(sub))
         storage.delete(out.join("manifest.json"))
+        storage.delete(out.join("README.md"))
     elif storage.exists(plan_loc):
         previous = storage.read_json(plan_loc)
         changed = [k for k in plan if previous.get(k) != plan[k]]
@@ -66,22 +75,46 @@ def prepare_output(out: storage.Location, plan: dict[str, Any], *, overwrite: bo
     return done
 
 
-def run_masks(cfg: MasksConfig) -> dict[str, Any]:
-    start = time.monotonic()
+@dataclass(frozen=True)
+class MasksPlan:
+    """What a `rayseg masks` run draws, before any pixels: input, kept classes, scheme, shards."""
+
+    index: CocoIndex
+    names: dict[int, str]  # drawn category id -> name, in pixel-value order
+    scheme: ValueScheme
+    jobs: list[ShardJob]
+
+
+def plan_masks(cfg: MasksConfig) -> MasksPlan:
+    """Read the input, check the settings against it and cut it into shards (no Ray, no output)."""
     index = load_coco(cfg.annotations)
-    scheme = value_scheme([c.id for c in index.categories], cfg.values)
-    if cfg.palette and scheme.dtype != "uint8":
-        raise RaysegError(f"--palette needs 8-bit values; --values {cfg.values} gives 16-bit masks")
+    names = mask_classes(cfg.classes, {c.id: c.name for c in index.categories})
+    scheme = value_scheme(names, cfg.values, keep_order=True)
+    for flag, wanted in (("--palette", cfg.palette), ("--layout voc", cfg.layout == "voc")):
+        if wanted and scheme.dtype != "uint8":
+            raise RaysegError(
+                f"{flag} needs 8-bit values; --values {cfg.values} gives 16-bit masks"
+            )
+    if cfg.layout == "voc" and not cfg.images_dir:
+        raise RaysegError("--layout voc needs --images-dir (the VOC folder holds the images)")
     if (
         cfg.images_dir
         and storage.locate(cfg.images_dir).is_local
         and not os.path.isdir(cfg.images_dir)
     ):
         raise RaysegError(f"{cfg.images_dir}: images folder not found")
+    return MasksPlan(index, names, scheme, plan_jobs(index, cfg, scheme, names))
+
+
+def run_masks(cfg: MasksConfig) -> dict[str, Any]:
+    start = time.monotonic()
+    planned = plan_masks(cfg)
+    index, scheme, jobs = planned.index, planned.scheme, planned.jobs
     out = storage.locate(cfg.out)
     plan = fingerprint(index.digest, cfg)
-    jobs = plan_jobs(index, cfg, scheme)
     done = prepare_output(out, {**plan, "num_shards": len(jobs)}, overwrite=cfg.overwrite)
+    if cfg.layout == "voc":
+        export.prepare_voc(out)
     todo = [j for j in jobs if j.shard not in done]
     new_records, errors = run_jobs(todo, cfg, total_images=len(index.images))
     for sub in ("masks", "parquet", "_shards"):
@@ -90,7 +123,18 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     records = {r["shard"]: r for r in new_records}
     for k in sorted(done):
         records[k] = storage.read_json(out.join("_shards", shard_record_name(k)))
-    manifest = build_manifest(cfg, index, scheme, jobs, records, new_shards=set(records) - done)
+    manifest = build_manifest(
+        cfg, index, scheme, jobs, records, new_shards=set(records) - done, names=planned.names
+    )
+    if cfg.layout == "voc":
+        stems = {im.id: export.stem(im.file_name) for im in index.images}
+        written = {i: stems[i] for r in records.values() for i in r["written"]}
+        manifest["voc"] = export.write_voc_lists(
+            out, written, manifest["value_scheme"], val_fraction=cfg.val_fraction, seed=cfg.seed
+        )
+    storage.write_bytes(
+        out.join("README.md"), export.dataset_card(manifest["value_scheme"]).encode()
+    )
     manifest["counts"]["seconds"] = round(time.monotonic() - start, 2)
     storage.write_json(out.join("manifest.json"), manifest)
     storage.write_bytes(out.join("config.yaml"), dump_yaml(cfg).encode())
@@ -112,6 +156,7 @@ def build_manifest(
     records: dict[int, dict],
     *,
     new_shards: set[int],
+    names: dict[int, str],
 ) -> dict[str, Any]:
     pixels: Counter[int] = Counter()
     problems = [p.to_dict() for p in index.problems]
@@ -125,7 +170,6 @@ def build_manifest(
         else:
             resumed += len(r["written"])
         failed += len(r["failed"])
-    names = {c.id: c.name for c in index.categories}
     meta = scheme_meta(scheme, names)
     class_pixels = {
         "background": pixels.get(scheme.background_value, 0),
@@ -156,9 +200,10 @@ def build_manifest(
 
 def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
     c = manifest["counts"]
+    voc = ", VOCdevkit/" if "voc" in manifest else ""
     return (
         f"masks: {c['images_valid']} images -> {c['masks_written']} written, "
         f"{c['resumed']} resumed, {c['failed']} failed, {c['problems']} problems "
         f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
-        f"(masks/, parquet/, manifest.json)"
+        f"(masks/, parquet/, manifest.json{voc})"
     )

@@ -11,16 +11,20 @@ carry them are rayseg.checkpoint's. No Ray.
 from __future__ import annotations
 
 import io
+import os
+import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision.models
 from torch import nn
 from torchvision.models import segmentation as tvseg
 
 from rayseg import storage
+from rayseg.classes import chosen_category_ids
 from rayseg.errors import RaysegError
 from rayseg.records import TRAIN_IGNORE
 
@@ -38,9 +42,6 @@ NO_AUX = frozenset({"lraspp_mobilenet_v3_large"})
 # ImageNet statistics for RGB in [0, 1]; every torchvision backbone was trained with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# COCO category ids of the 20 PASCAL VOC classes, in VOC order (torchvision's CAT_LIST).
-VOC_CATEGORY_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def class_map_from_meta(meta: dict[str, Any], classes: str = "all") -> ClassMap:
     or comma-separated COCO category ids, kept in the order given.
     """
     by_cat = {int(c["category_id"]): c for c in meta["classes"]}
-    wanted = _chosen_category_ids(classes, list(by_cat))
+    wanted = chosen_category_ids(classes, list(by_cat))
     missing = [c for c in wanted if c not in by_cat]
     if missing and classes.strip().lower() != "voc":
         raise RaysegError(
@@ -132,21 +133,6 @@ def class_map_from_meta(meta: dict[str, Any], classes: str = "all") -> ClassMap:
     )
 
 
-def _chosen_category_ids(classes: str, known: list[int]) -> list[int]:
-    text = classes.strip().lower()
-    if text == "all":
-        return sorted(known)
-    if text == "voc":
-        return list(VOC_CATEGORY_IDS)
-    try:
-        ids = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise RaysegError(
-            f"classes: {classes!r} is not 'all', 'voc' or comma-separated category ids"
-        ) from None
-    return list(dict.fromkeys(ids))
-
-
 def check_model_name(name: str) -> None:
     """RaysegError unless `name` is one of MODEL_BUILDERS."""
     if name not in MODEL_BUILDERS:
@@ -161,10 +147,10 @@ def build_model(
     weights: str | None = None,
     weights_backbone: str | None = None,
 ) -> nn.Module:
-    """A freshly initialised torchvision model; nothing is downloaded.
+    """A torchvision model, freshly initialised unless weights are given.
 
-    `weights` / `weights_backbone` are local files (a state dict, or a dict holding one under
-    "model" / "state_dict") loaded where names and shapes match.
+    `weights` / `weights_backbone` are files (a state dict, or a dict holding one under "model" /
+    "state_dict") or torchvision weight names (weight_file), loaded where names and shapes match.
     """
     check_model_name(name)
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
@@ -172,10 +158,44 @@ def build_model(
         kwargs["aux_loss"] = aux_loss
     model = MODEL_BUILDERS[name](**kwargs)
     if weights_backbone:
-        _load_backbone(model, weights_backbone)
+        _load_backbone(model, weight_file(weights_backbone))
     if weights:
-        _load_pretrained(model, weights)
+        _load_pretrained(model, weight_file(weights))
     return model
+
+
+def is_weight_name(spec: str) -> bool:
+    """`ResNet50_Weights.IMAGENET1K_V1` style (torchvision's enum.member), not a path."""
+    return "_Weights." in spec and "/" not in spec and not os.path.exists(spec)
+
+
+def weight_file(spec: str) -> str:
+    """A weights file for `spec`: a path as given, or a torchvision weight name's file.
+
+    A name is looked up in the torch hub cache (torch.hub.get_dir()/checkpoints, as torchvision
+    does) and downloaded there when missing; offline, a RaysegError names the file to place.
+    """
+    if not is_weight_name(spec):
+        return spec
+    try:
+        weight = torchvision.models.get_weight(spec)
+    except (ValueError, KeyError, AttributeError):
+        raise RaysegError(
+            f"weights {spec!r}: not a file and not a torchvision weight name "
+            "(e.g. ResNet50_Weights.IMAGENET1K_V1)"
+        ) from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weight.url))
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(weight.url, path, progress=False)
+    except (OSError, urllib.error.URLError) as e:
+        raise RaysegError(
+            f"weights {spec}: {path} is missing and {weight.url} cannot be downloaded ({e}); "
+            "download it elsewhere and place it at that path"
+        ) from None
+    return path
 
 
 def has_aux(name: str, aux_loss: bool) -> bool:

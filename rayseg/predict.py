@@ -29,32 +29,88 @@ from rayseg.infer import (
     check_parquet_images,
     image_stem,
     load_checkpoint,
+    map_with_model,
     objects,
     predict_labels,
 )
 from rayseg.models import ClassMap
 from rayseg.records import Problem
-from rayseg.runtime import check_gpus, connect_ray, forwarded_env, map_with_actors, worker_uri
+from rayseg.runtime import (
+    check_gpus,
+    connect_ray,
+    forwarded_env,
+    rows_with_progress,
+    worker_uri,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-OVERLAY_ALPHA = 0.5
+OVERLAY_ALPHA = 0.35  # a light tint: the outline and legend carry the class
 SUMMARY_NAME = "predict_summary.json"
 
 
 # ---- pure core -----------------------------------------------------------------------------------
 
 
-def overlay_palette(num_classes: int) -> np.ndarray:
-    """(K, 3) uint8 RGB colours for class indices; background black (left unblended)."""
-    return storage.label_palette(256)[:num_classes]
+def overlay_palette(class_map: ClassMap) -> np.ndarray:
+    """(K, 3) uint8 RGB per model class: the `rayseg masks --palette` colour of its mask value.
+
+    Background black (left untinted). Values above 255 (16-bit schemes) wrap into the palette.
+    """
+    pal = storage.label_palette(256)
+    values = np.asarray((0, *class_map.mask_values), np.int64) % 256
+    return pal[values]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB image + (H, W) class indices -> RGB with non-background pixels tinted."""
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: np.ndarray,
+    names: tuple[str, ...] | None = None,
+) -> np.ndarray:
+    """(H, W, 3) RGB + (H, W) class indices -> RGB: regions tinted and outlined, a legend.
+
+    Each predicted region gets a light tint and a solid outline in its palette colour; with
+    `names`, a legend of the classes present is drawn in the top-left corner.
+    """
     colours = palette[labels]  # (H, W, 3)
+    fg = (labels > 0)[..., None]
     blended = image * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA
-    out = np.where((labels > 0)[..., None], blended, image)
-    return out.round().astype(np.uint8)
+    out = np.where(fg, blended, image).round().astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    lab = labels.astype(np.uint8)
+    # Inner boundary: a pixel whose 3x3 neighbourhood holds another class (or the image edge).
+    padded = cv2.copyMakeBorder(lab, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    grown = cv2.dilate(padded, kernel)[1:-1, 1:-1]
+    shrunk = cv2.erode(padded, kernel)[1:-1, 1:-1]
+    edge = ((grown != lab) | (shrunk != lab)) & (labels > 0)
+    out[edge] = colours[edge]
+    if names is not None:
+        present = [int(k) for k in np.unique(labels) if 0 < k < len(names)]
+        draw_legend(out, [(names[k], palette[k]) for k in present])
+    return out
+
+
+def draw_legend(rgb: np.ndarray, entries: list[tuple[str, np.ndarray]]) -> None:
+    """In place: a dark box in the top-left corner, one colour swatch + class name per line."""
+    if not entries:
+        return
+    height = rgb.shape[0]
+    scale = max(0.35, height / 900)
+    thick = max(1, round(scale * 2))
+    (_, text_h), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    line = text_h + base + 4
+    width = max(
+        cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] for n, _ in entries
+    )
+    box_w, box_h = min(rgb.shape[1], width + line + 12), min(height, line * len(entries) + 6)
+    rgb[:box_h, :box_w] = (rgb[:box_h, :box_w] * 0.35).astype(np.uint8)
+    for i, (name, colour) in enumerate(entries):
+        y = 3 + i * line
+        cv2.rectangle(rgb, (4, y + 2), (line, y + line - 2), tuple(int(c) for c in colour), -1)
+        org = (line + 6, y + text_h + 2)
+        cv2.putText(
+            rgb, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA
+        )
 
 
 def render_outputs(
@@ -62,7 +118,7 @@ def render_outputs(
 ) -> tuple[bytes, bytes]:
     """-> (label PNG in the masks' value scheme, JPEG overlay)."""
     mask_png = storage.encode_png(class_map.to_mask_values(labels))
-    bgr = cv2.cvtColor(overlay(image, labels, palette), cv2.COLOR_RGB2BGR)
+    bgr = cv2.cvtColor(overlay(image, labels, palette, class_map.names), cv2.COLOR_RGB2BGR)
     ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise ValueError("JPEG encoding failed")
@@ -102,7 +158,7 @@ class Predictor:
         self.device = "cuda" if use_gpu else "cpu"
         self.model, info = load_checkpoint(checkpoint, device=self.device)
         self.class_map: ClassMap = info["class_map"]
-        self.palette = overlay_palette(self.class_map.num_classes)
+        self.palette = overlay_palette(self.class_map)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons = [str(r) for r in batch["reason"]]
@@ -220,18 +276,10 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     check_gpus(cfg.use_gpu)
     env = forwarded_env(cfg.checkpoint, cfg.images, cfg.out)
     ds = image_dataset(inputs, batch_size=cfg.batch_size)
-    ds = map_with_actors(
-        ds,
-        Predictor,
-        constructor_kwargs={"checkpoint": worker_uri(info["source"]), "use_gpu": cfg.use_gpu},
-        batch_size=cfg.batch_size,
-        num_actors=cfg.num_actors,
-        use_gpu=cfg.use_gpu,
-        env=env,
-    )
+    ds = map_with_model(ds, Predictor, checkpoint=worker_uri(info["source"]), cfg=cfg, env=env)
     remote_args = {"runtime_env": env} if env else {}
     ds = ds.map_batches(write_outputs, fn_kwargs={"out": worker_uri(cfg.out)}, **remote_args)
-    rows = ds.take_all()
+    rows = list(rows_with_progress(ds, total=inputs.count, label="predict"))
 
     num_inputs = inputs.count
     written = [r for r in rows if not r["reason"]]

@@ -57,9 +57,17 @@ class _Layer:
     overrides: bool = False
 
 
-def value_scheme(category_ids: Iterable[int], name: str) -> ValueScheme:
-    """The pixel value of each category id under scheme `name`; background is 0."""
-    ids = sorted({_category_id(c) for c in category_ids})
+def value_scheme(
+    category_ids: Iterable[int], name: str, *, keep_order: bool = False
+) -> ValueScheme:
+    """The pixel value of each category id under scheme `name`; background is 0.
+
+    train_id numbers the ids 1..K in sorted order, or in the order given with `keep_order`
+    (e.g. VOC order).
+    """
+    ids = list(dict.fromkeys(_category_id(c) for c in category_ids))
+    if not keep_order:
+        ids.sort()
     if name == "category_id":
         values = {c: c for c in ids}
     elif name == "train_id":
@@ -105,7 +113,8 @@ def render_mask(
     rasterizer: "opencv" (cv2.fillPoly) or "coco" (bit-identical to pycocotools' annToMask).
     overlap: "max" keeps the larger value, "smallest_on_top" lets objects with fewer pixels win,
       "last" lets later shapes win, "ignore" turns pixels claimed by two different values into
-      ignore_value.
+      ignore_value, "ignore_any" turns pixels covered by two or more objects (same value or not)
+      into ignore_value (torchvision's COCO target).
     crowd: "class" paints crowds like any object, "ignore" paints them ignore_value (above every
       class pixel), "skip" leaves them out.
     Bad records are skipped or repaired and reported as Problems; a non-positive image size or an
@@ -211,14 +220,30 @@ def _compose(
     if overlap == "smallest_on_top":
         # Largest painted first; a stable sort keeps input order (later wins) among equal sizes.
         objects.sort(key=lambda layer: -int(np.count_nonzero(layer.mask)))
-    for layer in objects:
-        _paint(_region(canvas, layer), layer.mask, layer.value, overlap, ignore_value)
+    if overlap == "ignore_any":
+        _paint_counting(canvas, objects, ignore_value)
+    else:
+        for layer in objects:
+            _paint(_region(canvas, layer), layer.mask, layer.value, overlap, ignore_value)
     # Crowd-ignore regions override class pixels in every overlap mode: a crowd region holds
     # unlabelled instances, so no class label inside it can be trusted.
     for layer in layers:
         if layer.overrides:
             np.copyto(_region(canvas, layer), ignore_value, where=layer.mask.view(bool))
     return canvas
+
+
+def _paint_counting(canvas: np.ndarray, objects: list[_Layer], ignore_value: int) -> None:
+    """Each object's value where it alone covers a pixel; ignore_value where two or more do."""
+    claimed = np.zeros(canvas.shape, bool)
+    shared = np.zeros(canvas.shape, bool)
+    for layer in objects:
+        inside = layer.mask.view(bool)
+        region_claimed = _region(claimed, layer)
+        _region(shared, layer)[...] |= inside & region_claimed
+        region_claimed |= inside
+        np.copyto(_region(canvas, layer), layer.value, where=inside)
+    canvas[shared] = ignore_value
 
 
 def _region(canvas: np.ndarray, layer: _Layer) -> np.ndarray:

@@ -3,14 +3,22 @@
 connect_ray joins or starts a cluster; forwarded_env is the runtime_env that gives Ray workers the
 driver's object-store settings; worker_uri makes a location valid on any worker; check_gpus refuses
 a GPU run on a cluster without GPUs. Ray is imported inside the functions that use it.
+
+Quiet by default: Ray's own warnings, error-level lines of its processes and deprecation warnings
+stay in Ray's log files (RAY_TMPDIR/ray/session_*/logs); `rayseg --verbose` (RAYSEG_VERBOSE=1)
+shows them. A Ray worker talks to the user with say() / StepReporter: lines marked WORKER_LINE /
+WORKER_PROGRESS, which the driver prints bare or turns into a Progress bar.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rayseg.errors import RaysegError
@@ -31,9 +39,13 @@ def connect_ray(
 
     if ray.is_initialized():
         return
-    common = {"logging_level": logging.WARNING, "log_to_driver": True}
+    loud = verbose()
+    if not loud:
+        quiet_ray()
+    common = {"logging_level": logging.WARNING if loud else logging.ERROR, "log_to_driver": True}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **common)
+        quiet_driver(loud)
         return
     # Embedded Ray of our own ("local": never silently join another cluster on this machine).
     # No metrics exporter (nothing reads it) and no dashboard unless asked: start-up stays at
@@ -46,6 +58,165 @@ def connect_ray(
         _system_config={"enable_metrics_collection": False},
         **common,
     )
+    quiet_driver(loud)
+
+
+def quiet_driver(loud: bool) -> None:
+    filter_worker_output(show_ray=loud)
+    if not loud:
+        native_stderr_to_ray_logs()
+
+
+# ---- quiet output ----------------------------------------------------------------------------
+
+VERBOSE_ENV = "RAYSEG_VERBOSE"
+# Prefixes of the lines a Ray worker writes for the user (say, StepReporter); anything else a
+# worker prints is Ray's or a library's and reaches the terminal only with --verbose.
+WORKER_LINE = "rayseg| "
+WORKER_PROGRESS = "rayseg-progress| "
+
+
+def verbose() -> bool:
+    """True under `rayseg --verbose` (the CLI sets RAYSEG_VERBOSE=1; Ray workers inherit it)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def native_stderr_to_ray_logs() -> None:
+    """Under the quiet CLI (RAYSEG_VERBOSE=0): the process's fd 2 goes to Ray's logs dir.
+
+    The driver's C++ core worker prints its error-level lines to fd 2 as well as to its log
+    file there (python-core-driver-*.log); Python's sys.stderr keeps the terminal.
+    """
+    import ray
+
+    if os.environ.get(VERBOSE_ENV) != "0":
+        return
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    sys.stderr = open(terminal, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    with open(os.path.join(logs, f"rayseg-driver-{os.getpid()}.err"), "ab") as log:
+        os.dup2(log.fileno(), 2)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's INFO lines and progress logs stay in ray-data.log (after importing ray.data)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = verbose()
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+
+def quiet_ray() -> None:
+    """Keep Ray's driver-side warnings off the terminal (before ray.init)."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    # The token-auth notice of every new local cluster, and Ray Data's per-dataset INFO lines.
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")
+
+
+def filter_worker_output(*, show_ray: bool) -> None:
+    """Pass what Ray prints from its processes through forward_worker_lines (after ray.init).
+
+    Ray prints two streams on the driver, both through ray._private.worker.print_to_stdstream:
+    the output of its processes (log_to_driver, a dispatcher handler named "ray_print_logs")
+    and the raylet's error messages. Ours replaces both; Ray's own printer stays for `show_ray`.
+    """
+    from ray._private import ray_logging
+    from ray._private import worker as ray_worker
+
+    ray_print = getattr(ray_worker.print_to_stdstream, "ray_print", ray_worker.print_to_stdstream)
+    bars = WorkerBars()
+
+    def forward(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        forward_worker_lines(data, show_ray=show_ray, bars=bars, ray_print=ray_print)
+
+    forward.ray_print = ray_print  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = forward
+    dispatcher = ray_logging.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward)
+
+
+def forward_worker_lines(
+    data: dict[str, Any], *, show_ray: bool, bars: WorkerBars, ray_print: Callable[..., None]
+) -> None:
+    """One batch of streamed lines: rayseg's printed bare, the rest by Ray only if `show_ray`."""
+    other = []
+    for line in data.get("lines", []):
+        if line.startswith(WORKER_PROGRESS):
+            bars.show(json.loads(line[len(WORKER_PROGRESS) :]))
+        elif line.startswith(WORKER_LINE):
+            bars.close()
+            print(line[len(WORKER_LINE) :], flush=True)
+        else:
+            other.append(line)
+    if show_ray and other:
+        ray_print({**data, "lines": other}, ignore_prefix=False)
+
+
+def say(line: str) -> None:
+    """One line for the user from a Ray worker (the driver prints it without Ray's prefix).
+
+    Ray Train patches print() in workers to write both to its logger and to stdout (the driver
+    would show it twice); the process's own stdout shows it once.
+    """
+    print(WORKER_LINE + line, file=sys.__stdout__, flush=True)
+
+
+class StepReporter:
+    """From a worker: progress of `total` steps of `label`, at most once per `interval` seconds.
+
+    The driver's WorkerBars shows it as a Progress (a bar on a terminal, periodic lines otherwise).
+    Callers check due() first, so values that cost a device sync are read only when shown.
+    """
+
+    def __init__(self, label: str, total: int, *, unit: str = "steps", interval: float = 1.0):
+        self.label, self.total, self.unit, self.interval = label, total, unit, interval
+        self._last = float("-inf")
+
+    def due(self, done: int) -> bool:
+        return done >= self.total or time.monotonic() - self._last >= self.interval
+
+    def report(self, done: int, **postfix: str) -> None:
+        self._last = time.monotonic()
+        message = {"label": self.label, "total": self.total, "unit": self.unit, "done": done}
+        line = WORKER_PROGRESS + json.dumps({**message, "postfix": postfix})
+        print(line, file=sys.__stdout__, flush=True)
+
+
+class WorkerBars:
+    """Driver side of StepReporter: one Progress per label, the previous one closed."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self.label: str | None = None
+        self.progress: Progress | None = None
+
+    def show(self, message: dict[str, Any]) -> None:
+        progress = self.progress
+        if progress is None or message["label"] != self.label:
+            self.close()
+            self.label = message["label"]
+            progress = self.progress = Progress(
+                message["total"], message["label"], unit=message["unit"], stream=self.stream
+            )
+        progress.update(message["done"] - progress.done, postfix=message["postfix"])
+        if message["done"] >= message["total"]:
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.label = self.progress = None
 
 
 def forwarded_env(*uris: str | None) -> dict[str, Any]:
@@ -85,6 +256,18 @@ def map_with_actors(
         num_gpus=1 if use_gpu else 0,
         **({"runtime_env": env} if env else {}),
     )
+
+
+def rows_with_progress(ds: Any, *, total: int, label: str) -> Iterator[dict[str, Any]]:
+    """ds.iter_rows() with a Progress of rows done (Ray Data's own bars only with --verbose)."""
+    quiet_ray_data()
+    progress = Progress(total, label)
+    try:
+        for row in ds.iter_rows():
+            progress.update(1)
+            yield row
+    finally:
+        progress.close()
 
 
 def worker_uri(uri: str) -> str:
@@ -167,6 +350,7 @@ class Progress:
         self.total, self.label, self.unit, self.interval = total, label, unit, interval
         self.stream = stream or sys.stderr
         self.done = 0
+        self.postfix: dict[str, Any] = {}
         self.start = self._last = time.monotonic()
         self._bar = None
         if self.stream.isatty():
@@ -180,9 +364,13 @@ class Progress:
                 dynamic_ncols=True,
             )
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, *, postfix: dict[str, Any] | None = None) -> None:
+        """`n` more done; `postfix` (e.g. {"loss": 0.41}) is shown after the count."""
         self.done += n
+        self.postfix = postfix or self.postfix
         if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(n)
             return
         now = time.monotonic()
@@ -195,7 +383,11 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-        return f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta_text})"
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        return (
+            f"{self.label}: {self.done}/{self.total} {self.unit} "
+            f"({rate:.1f}/s, ETA {eta_text}{extra})"
+        )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from rayseg import storage
+from rayseg import export, storage
 from rayseg.coco import CocoIndex, annotations_by_image, decode_annotation
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
@@ -53,10 +53,11 @@ class ShardJob:
     naming: str
     palette: bool
     images_dir: str | None
+    layout: str = "rayseg"
 
 
 def mask_file_name(file_name: str, categories: list[int], naming: str) -> str:
-    stem = os.path.splitext(os.path.basename(file_name))[0]
+    stem = export.stem(file_name)
     if naming == "stem":
         return f"{stem}.png"
     return f"{stem}_mask_cats_{'_'.join(str(c) for c in categories)}.png"
@@ -86,9 +87,10 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[Prob
         except Exception as e:  # noqa: BLE001 - one malformed record must not stop the image
             problems.append(Problem(f"malformed annotation ({e})", image_id=rec.id))
             continue
-        shapes.append(
-            Shape(ann.id, job.scheme.values[ann.category_id], ann.segmentation, bool(ann.iscrowd))
-        )
+        value = job.scheme.values.get(ann.category_id)
+        if value is None:  # a category left out by --classes: not drawn, by request
+            continue
+        shapes.append(Shape(ann.id, value, ann.segmentation, bool(ann.iscrowd)))
     mask, render_problems = render_mask(
         rec.height,
         rec.width,
@@ -162,14 +164,16 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         name = mask_file_name(rec.file_name, categories, job.naming)
         png = storage.encode_png(mask, palette=palette)
         storage.write_bytes(out.join("masks", name), png)
+        if job.layout == "voc":
+            export.write_voc_pair(out, export.stem(rec.file_name), image_bytes, mask)
         rows.append(
             {
                 "image_id": rec.id,
                 "file_name": rec.file_name,
                 "height": rec.height,
                 "width": rec.width,
-                "categories": categories,
-                "class_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
+                "category_ids": categories,
+                "value_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
                 "mask_path": f"masks/{name}",
                 "mask": png,
                 "image": image_bytes,
@@ -212,8 +216,15 @@ def shard_record_name(shard: int) -> str:
     return f"shard-{shard:05d}.json"
 
 
-def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[ShardJob]:
-    """Deterministic shards of `shard_size` images, in the file's image order."""
+def plan_jobs(
+    index: CocoIndex,
+    cfg: MasksConfig,
+    scheme: ValueScheme,
+    names: dict[int, str] | None = None,
+) -> list[ShardJob]:
+    """Deterministic shards of `shard_size` images, in the file's image order.
+
+    `names`: category id -> name of the drawn classes (default: the file's categories)."""
     if cfg.shard_size <= 0:
         raise RaysegError(f"--shard-size must be positive, got {cfg.shard_size}")
     groups = annotations_by_image(index)
@@ -227,7 +238,8 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
         )
         for im in index.images
     ]
-    names = {c.id: c.name for c in index.categories}
+    if names is None:
+        names = {c.id: c.name for c in index.categories}
     out = storage.locate(cfg.out).uri  # absolute: tasks may run in another directory
     return [
         ShardJob(
@@ -242,6 +254,7 @@ def plan_jobs(index: CocoIndex, cfg: MasksConfig, scheme: ValueScheme) -> list[S
             naming=cfg.naming,
             palette=cfg.palette,
             images_dir=storage.locate(cfg.images_dir).uri if cfg.images_dir else None,
+            layout=cfg.layout,
         )
         for k, s in enumerate(range(0, len(records), cfg.shard_size))
     ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -28,7 +27,12 @@ import torch
 from rayseg import checkpoint, ingest, loop, runtime, storage
 from rayseg.config import TrainConfig, to_dict
 from rayseg.errors import RaysegError
-from rayseg.models import ClassMap, build_model, check_model_name, class_map_from_meta
+from rayseg.models import (
+    ClassMap,
+    build_model,
+    check_model_name,
+    class_map_from_meta,
+)
 
 PREFETCH_BATCHES = 2
 
@@ -69,16 +73,11 @@ class Checked:
 # ---- Ray Train worker ------------------------------------------------------------------------
 
 
-def say(line: str) -> None:
-    """One progress line from a worker. Ray Train patches print() in workers to write both to
-    its logger and to stdout (the driver shows it twice); the process's own stdout shows it once.
-    """
-    print(line, file=sys.__stdout__, flush=True)
-
-
 def quiet_logs() -> None:
     # Ray Data logs a few INFO lines per dataset execution, i.e. per epoch and worker.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not runtime.verbose():
+        runtime.quiet_ray()
     # MobileNet's depthwise weight grads come out in another stride order on CPU; DDP copes.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
@@ -106,7 +105,7 @@ def report_epoch(
         return
     history.append(record)
     checkpoint.write_history(storage.locate(plan.run_uri), history)
-    say(loop.epoch_line(record, cfg.epochs))
+    runtime.say(loop.epoch_line(record, cfg.epochs))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.write_checkpoint(folder, state, record, cfg=cfg, class_map=plan.class_map)
         # Ray Train: persists the folder as RUN/epoch_NNNN, keeps the best num_to_keep + latest.
@@ -124,8 +123,29 @@ def resume(state: loop.TrainingState, *, plan: Plan, rank: int) -> int:
     with saved.as_directory() as folder:
         done = checkpoint.restore(folder, state, name=plan.cfg.model, class_map=plan.class_map)
     if rank == 0:
-        say(f"resumed from epoch {done} ({saved.path})")
+        runtime.say(f"resumed from epoch {done} ({saved.path})")
     return done
+
+
+def step_progress(plan: Plan, *, rank: int, world: int):
+    """Rank 0's loop.fit_epochs on_step: steps, loss and images/s within each epoch."""
+    if rank != 0:
+        return None
+
+    def for_epoch(epoch: int) -> loop.StepHook:
+        label = f"epoch {epoch}/{plan.cfg.epochs}"
+        reporter = runtime.StepReporter(label, plan.steps_per_epoch)
+
+        def hook(stats: loop.EpochStats, loss: torch.Tensor) -> None:
+            if reporter.due(stats.steps):
+                rate = world * stats.images / max(stats.seconds, 1e-9)  # every worker's images
+                reporter.report(
+                    stats.steps, loss=f"{float(loss):.4f}", **{"images/s": f"{rate:.1f}"}
+                )
+
+        return hook
+
+    return for_epoch
 
 
 def train_batches(shard, cfg: TrainConfig, device: torch.device) -> loop.Prefetched:
@@ -179,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         amp=amp,
         world_size=world,
         on_epoch=lambda rec: report_epoch(rec, state, plan=plan, rank=rank, history=history),
+        on_step=step_progress(plan, rank=rank, world=world),
     )
 
 

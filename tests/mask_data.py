@@ -1,4 +1,5 @@
-"""A tiny `rayseg masks`-shaped dataset made in code: Parquet parts with embedded images."""
+"""A tiny `rayseg masks`-shaped dataset made in code: Parquet parts with embedded images, and
+the hand-computed labels a model should give (reference_labels)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,30 @@ def make_sample(index: int, *, height: int = 48, width: int = 64) -> tuple[np.nd
     return image, mask
 
 
+def random_rgb(height: int, width: int, seed: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB noise."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def encode_rgb(rgb: np.ndarray, ext: str = ".png") -> bytes:
+    """(H, W, 3) RGB -> encoded bytes (PNG keeps pixels exact)."""
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+def reference_labels(model, rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB -> (H, W) class indices, normalised by hand (ImageNet mean/std): the
+    oracle that rayseg.infer.predict_labels, evaluate and predict are checked against."""
+    import torch  # only the model tests need it
+
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model((x - mean) / std)["out"].argmax(1)[0].numpy()
+
+
 def sample_row(
     image_id: int, image: np.ndarray | None, mask: np.ndarray, *, image_bytes: bytes | None = None
 ) -> dict:
@@ -56,8 +81,8 @@ def sample_row(
         "file_name": f"{image_id:012d}.jpg",
         "height": mask.shape[0],
         "width": mask.shape[1],
-        "categories": [int(v) for v in values if v not in (0, 255)],
-        "class_pixels": [
+        "category_ids": [int(v) for v in values if v not in (0, 255)],
+        "value_pixels": [
             {"value": int(v), "pixels": int(n)} for v, n in zip(values, counts, strict=True)
         ],
         "mask_path": f"masks/{image_id:012d}.png",

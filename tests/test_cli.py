@@ -200,3 +200,27 @@ def test_config_errors_exit_2_before_running(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         "rayseg train: error: config: 'epochs' is 0, expected epochs >= 1"
     )
+
+
+def test_help_shows_defaults_and_model_names():
+    result = rayseg("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert (
+        "--epochs EPOCHS total epochs (rerun with more to resume and continue) (default: 10)"
+        in (text)
+    )
+    assert "(default: lraspp_mobilenet_v3_large)" in text
+    for name in ("fcn_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"):
+        assert name in text
+    assert "{sgd,adamw}" in text and "--verbose" in text
+
+
+@pytest.mark.parametrize("flag", ["--num-cpu", "--annot", "--over"])
+def test_abbreviated_flags_are_rejected(tmp_path, flag):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["masks", "--annotations", "a.json", "--out", "o", flag, "2"])
+    # The full spelling of the first one parses.
+    args = parser.parse_args(["masks", "--annotations", "a.json", "--out", "o", "--num-cpus", "2"])
+    assert args.num_cpus == "2"

@@ -1,12 +1,12 @@
-import json
+"""rayseg.coco: loading and validating an instances file (no pixels)."""
+
+import hashlib
 
 import pytest
-from pycocotools.coco import COCO
 from tiny_coco import tiny_coco, write_coco
 
 from rayseg.coco import annotations_by_image, load_coco
 from rayseg.errors import RaysegError
-from rayseg.subset import select_images, subset_bytes
 
 
 @pytest.fixture
@@ -23,36 +23,9 @@ def test_load_groups_annotations(tiny):
     assert index.problems == []
 
 
-def test_subset_is_deterministic_and_loads_with_pycocotools(tiny, tmp_path):
-    index = load_coco(str(tiny))
-    ids_a, _ = select_images(index, num_images=3, seed=1)
-    ids_b, _ = select_images(index, num_images=3, seed=1)
-    assert ids_a == ids_b and len(ids_a) == 3
-    out = tmp_path / "sub.json"
-    out.write_bytes(subset_bytes(index, ids_a))
-    assert subset_bytes(load_coco(str(tiny)), ids_a) == out.read_bytes()
-    coco = COCO(str(out))
-    assert sorted(coco.imgs) == sorted(ids_a)
-    expected = {a["id"] for a in tiny_coco()["annotations"] if a["image_id"] in ids_a}
-    assert set(coco.anns) == expected
-    data = json.loads(out.read_text())
-    assert data["categories"] == tiny_coco()["categories"]
-    assert data["info"] == {"description": "tiny"}
-
-
-def test_subset_filters(tiny):
-    index = load_coco(str(tiny))
-    ids, counts = select_images(index, num_images=10, seed=0, min_annotations=2)
-    assert ids == [2, 3] and counts["too_few_annotations"] == 3
-    ids, _ = select_images(index, num_images=10, seed=0, categories=[7])
-    assert ids == [2, 5]
-    ids, counts = select_images(index, num_images=10, seed=0, available_files={"000000000001.jpg"})
-    assert ids == [1] and counts["missing_files"] == 4
-
-
-def test_unknown_category_filter_is_error(tiny):
-    with pytest.raises(RaysegError, match=r"ids \[99\]"):
-        select_images(load_coco(str(tiny)), num_images=1, seed=0, categories=[99])
+def test_digest_is_the_sha1_of_the_file_bytes(tiny):
+    # masks fingerprints its input with it: the value must stay the file's plain sha1.
+    assert load_coco(str(tiny)).digest == hashlib.sha1(tiny.read_bytes()).hexdigest()
 
 
 def test_per_record_problems_are_listed(tmp_path):
@@ -73,6 +46,17 @@ def test_per_record_problems_are_listed(tmp_path):
     assert "category_id 95" in reasons[(1, 91)]
     assert len(index.images) == 5
     assert sum(len(v) for v in annotations_by_image(index).values()) == 6
+
+
+def test_problems_keep_the_manifest_shape(tmp_path):
+    data = tiny_coco()
+    data["images"].append(17)
+    data["annotations"].append({"id": 92, "image_id": 1, "category_id": 95, "segmentation": []})
+    index = load_coco(str(write_coco(tmp_path / "bad.json", data)))
+    assert [p.to_dict() for p in index.problems] == [
+        {"image_id": None, "reason": "image record #5 is not an object"},
+        {"image_id": 1, "annotation_id": 92, "reason": "category_id 95 is not in 'categories'"},
+    ]
 
 
 @pytest.mark.parametrize(

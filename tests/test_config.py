@@ -131,3 +131,34 @@ def test_pipeline_ray_section(tmp_path):
     path.write_text("out: run\nray:\n  adress: auto\n")
     with pytest.raises(RaysegError, match="'ray': unknown key 'adress'; did you mean 'address'"):
         load_config(PipelineConfig, str(path))
+
+
+def test_preset_fills_unset_keys_and_file_or_flag_values_win(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("annotations: a\nout: o\npreset: torchvision-voc\ncrowd: skip\n")
+    cfg = load_config(MasksConfig, str(path), {"naming": "cats"})
+    assert (cfg.classes, cfg.values, cfg.overlap, cfg.rasterizer) == (
+        "voc",
+        "train_id",
+        "ignore_any",
+        "coco",
+    )
+    assert (cfg.crowd, cfg.naming) == ("skip", "cats")
+    plain = load_config(MasksConfig, None, {"annotations": "a", "out": "o"})
+    assert (plain.classes, plain.overlap, plain.preset) == ("all", "max", None)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(RaysegError, match="'preset' is 'voc', expected one of torchvision-voc"):
+        load_config(MasksConfig, None, {"annotations": "a", "out": "o", "preset": "voc"})
+
+
+def test_preset_help_shows_the_bundle():
+    (f,) = [f for f in dataclasses.fields(MasksConfig) if f.name == "preset"]
+    assert "torchvision-voc = classes voc, values train_id" in f.metadata["help"]
+
+
+def test_split_defaults_are_shared_with_train():
+    masks = {f.name: f.default for f in dataclasses.fields(MasksConfig)}
+    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert (masks["val_fraction"], masks["seed"]) == (train["val_fraction"], train["seed"])

@@ -7,7 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-import torch
+from mask_data import category_meta, encode_rgb, random_rgb, reference_labels, sample_row
 from tiny_models import tiny_model
 
 from rayseg import storage
@@ -16,25 +16,17 @@ from rayseg.config import EvaluateConfig
 from rayseg.errors import RaysegError
 from rayseg.evaluate import (
     check_class_map,
-    decode_pair,
     metrics_from_confusion,
     run_evaluate,
     score,
+    score_images,
+    sum_partials,
 )
 from rayseg.models import ClassMap
+from rayseg.records import Problem
 
 # The data has three categories; the model knows two of them (train, value 7, is background).
-META = {
-    "values": "category_id",
-    "dtype": "uint8",
-    "ignore_value": 255,
-    "background_value": 0,
-    "classes": [
-        {"value": 1, "category_id": 1, "name": "person"},
-        {"value": 3, "category_id": 3, "name": "car"},
-        {"value": 7, "category_id": 7, "name": "train"},
-    ],
-}
+META = category_meta({1: "person", 3: "car", 7: "train"})
 CLASS_MAP = ClassMap(
     mask_values=(1, 3),
     category_ids=(1, 3),
@@ -94,43 +86,47 @@ def test_class_map_must_match_the_data():
         check_class_map(wide, META, checkpoint="ck", data="d")
 
 
-def test_decode_pair_reasons():
-    image = encode_png_rgb(np.zeros((4, 6, 3), np.uint8))
-    mask = storage.encode_png(np.zeros((4, 6), np.uint8))
-    assert decode_pair(image, mask)[2] == ""
-    assert decode_pair(None, mask)[2].startswith("row has no image bytes")
-    assert decode_pair(b"junk", mask)[2] == "image does not decode"
-    assert decode_pair(image, b"junk")[2].startswith("mask does not decode")
-    small = storage.encode_png(np.zeros((4, 5), np.uint8))
-    assert decode_pair(image, small)[2] == "mask is 5x4 but the image is 6x4"
+def test_score_images_skips_bad_rows_as_problems():
+    model = tiny_model(CLASS_MAP.num_classes)
+    rgb, mask = tiny_masks(12, 10, seed=0)
+    good = {"image_id": 1, "image": encode_rgb(rgb), "mask": storage.encode_png(mask)}
+    rows = [
+        good,
+        {**good, "image_id": 2, "image": None},
+        {**good, "image_id": 3, "mask": storage.encode_png(mask[:5])},
+    ]
+    cm, scored, problems = score_images(model, rows, CLASS_MAP)
+    expected = score([mask], [reference_labels(model, rgb)], CLASS_MAP)
+    np.testing.assert_array_equal(cm, expected)
+    assert scored == 1 and cm.sum() == (mask != 255).sum()
+    assert [p.image_id for p in problems] == [2, 3]
+    assert problems[0].reason.startswith("row has no image bytes")
+    assert problems[1].reason == "mask is 10x5 but the image is 10x12"
+
+
+def test_sum_partials_adds_matrices_and_sorts_problems():
+    def partial(cm, scored, problems):
+        return {
+            "confusion": np.asarray(cm).reshape(1, -1)[0],
+            "scored": scored,
+            "problems": json.dumps([p.to_dict() for p in problems]),
+        }
+
+    rows = [
+        partial([[1, 0], [0, 2]], 2, [Problem("late", image_id=9)]),
+        partial([[0, 3], [4, 0]], 1, [Problem("early", image_id=2)]),
+    ]
+    cm, scored, problems = sum_partials(rows, 2)
+    assert cm.tolist() == [[1, 3], [4, 2]] and scored == 3
+    assert problems == [Problem("early", image_id=2), Problem("late", image_id=9)]
 
 
 # ---- run_evaluate on Ray -------------------------------------------------------------------------
 
 
-def encode_png_rgb(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    return buf.tobytes()
-
-
-def row(image_id: int, image: bytes | None, mask: bytes, h: int, w: int) -> dict:
-    return {
-        "image_id": image_id,
-        "file_name": f"{image_id:06d}.jpg",
-        "height": h,
-        "width": w,
-        "categories": [],
-        "class_pixels": [],
-        "mask_path": "",
-        "mask": mask,
-        "image": image,
-    }
-
-
 def tiny_masks(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) random RGB and an (H, W) mask: person, car, train, ignore and background bands."""
-    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgb = random_rgb(h, w, seed)
     mask = np.zeros((h, w), np.uint8)
     mask[: h // 4] = 1
     mask[h // 4 : h // 2, : w // 2] = 3
@@ -152,14 +148,11 @@ def dataset(tmp_path_factory):
         aux_loss=False,
     )
     good = {1: tiny_masks(40, 48, 1), 2: tiny_masks(36, 52, 2), 3: tiny_masks(44, 30, 3)}
-    rows = {
-        i: row(i, encode_png_rgb(rgb), storage.encode_png(m), *m.shape)
-        for i, (rgb, m) in good.items()
-    }
+    rows = {i: sample_row(i, None, m, image_bytes=encode_rgb(rgb)) for i, (rgb, m) in good.items()}
     rgb, mask = good[1]
-    rows[4] = row(4, b"not an image", storage.encode_png(mask), *mask.shape)
-    rows[5] = row(5, encode_png_rgb(rgb), b"not a png", *mask.shape)
-    rows[6] = row(6, encode_png_rgb(rgb), storage.encode_png(mask[:10]), *mask.shape)
+    rows[4] = sample_row(4, None, mask, image_bytes=b"not an image")
+    rows[5] = {**sample_row(5, None, mask, image_bytes=encode_rgb(rgb)), "mask": b"not a png"}
+    rows[6] = {**rows[5], "image_id": 6, "mask": storage.encode_png(mask[:10])}
     parquet = root / "masks" / "parquet"
     parquet.mkdir(parents=True)
     for part, ids in enumerate([(1, 2, 4), (3, 5, 6)]):
@@ -171,14 +164,10 @@ def dataset(tmp_path_factory):
 def hand_confusion(model_file: str, good: dict) -> np.ndarray:
     """The expected matrix: each image alone through the model, counted one class pair at a time."""
     model, _ = load_model(model_file)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     true_of_value = {0: 0, 1: 1, 3: 2, 7: 0}  # train (7) is not a model class: background
     cm = np.zeros((3, 3), np.int64)
     for rgb, mask in good.values():
-        x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
-        with torch.no_grad():
-            pred = model((x - mean) / std)["out"].argmax(1)[0].numpy()
+        pred = reference_labels(model, rgb)
         for value, t in true_of_value.items():
             for p in range(3):
                 cm[t, p] += int(((mask == value) & (pred == p)).sum())
@@ -250,7 +239,7 @@ def test_evaluate_without_images_fails_before_any_work(dataset, tmp_path):
     parquet.mkdir()
     storage.write_parquet(
         storage.locate(str(parquet / "part-00000.parquet")),
-        storage.mask_table([row(1, None, storage.encode_png(mask), *mask.shape)], META),
+        storage.mask_table([sample_row(1, None, mask)], META),
     )
     cfg = EvaluateConfig(checkpoint=dataset["model"], data=str(tmp_path), out=str(tmp_path / "o"))
     with pytest.raises(RaysegError, match="no row carries image bytes.*--images-dir"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,11 @@ def shard_records(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "_shards").glob("shard-*.json"))
 
 
+def record_pids(out: Path) -> dict[str, int]:
+    """Shard record name -> pid of the worker that wrote it."""
+    return {n: json.loads((out / "_shards" / n).read_text())["pid"] for n in shard_records(out)}
+
+
 def check_every_image_once(out: Path, num_images: int) -> dict:
     """Manifest, Parquet parts and PNGs all account for each image exactly once, none cut short."""
     leftovers = [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
@@ -163,16 +169,22 @@ def test_killed_render_worker_is_retried(big_coco, tmp_path):
                 killed = pid
                 break
         time.sleep(0.01)
-    done_at_kill = len(shard_records(out))
+    done_at_kill = record_pids(out)
     finish(proc, log)
 
     assert killed is not None, "no render worker was seen running"
-    assert done_at_kill < 6, "the kill came after every shard had finished"
+    assert len(done_at_kill) < 6, "the kill came after every shard had finished"
+    # Ray reports the dead worker and resubmits its task (ray 2.x's driver messages).
+    text = log.read_text()
+    assert f"Worker PID: {killed}" in text, text[-4000:]
+    assert re.search(r"Task render_shard failed\. .* the task will be retried", text), text[-4000:]
     counts = check_every_image_once(out, NUM_IMAGES)
-    # The killed worker's shard was redone by another process: no record names the killed pid.
-    pids = {json.loads((out / "_shards" / n).read_text())["pid"] for n in shard_records(out)}
-    assert killed not in pids and len(shard_records(out)) == 6
     assert counts["masks_written"] == NUM_IMAGES and counts["shards_run"] == 6
+    # Shards finished before the kill were not redone, and the killed worker finished nothing
+    # after it: its shard was rendered again, once, by another worker.
+    done = record_pids(out)
+    assert {n: done[n] for n in done_at_kill} == done_at_kill
+    assert killed not in {pid for n, pid in done.items() if n not in done_at_kill}
 
 
 @pytest.mark.slow

@@ -51,7 +51,9 @@ def test_shard_ids_round_robin():
 def test_decode_maps_values_to_train_ids():
     image, mask = make_sample(0)
     row = sample_row(1, image, mask)
-    rgb, ids = ingest.decode_pair(row["image"], row["mask"], CLASS_MAP.train_lut())
+    rgb, values = ingest.decode_pair(row["image"], row["mask"])
+    np.testing.assert_array_equal(values, mask)  # the mask's own values
+    ids = CLASS_MAP.train_lut()[values]
     assert rgb.shape == (48, 64, 3) and ids.dtype == np.uint8
     assert set(np.unique(ids)) == {0, 1, 2, 255}
     assert (ids == 2).sum() == (mask == 3).sum()  # category 3 is model class 2
@@ -60,20 +62,32 @@ def test_decode_maps_values_to_train_ids():
 
 
 @pytest.mark.parametrize(
-    ("image_bytes", "mask_bytes", "code"),
+    ("image_bytes", "mask_bytes", "code", "reason"),
     [
-        (None, storage.encode_png(np.zeros((4, 4), np.uint8)), 1),
-        (b"junk", storage.encode_png(np.zeros((4, 4), np.uint8)), 2),
-        ("jpeg", b"junk", 3),
-        ("jpeg", storage.encode_png(np.zeros((5, 4), np.uint8)), 4),
+        (None, storage.encode_png(np.zeros((4, 6), np.uint8)), 1, "row has no image bytes"),
+        (b"junk", storage.encode_png(np.zeros((4, 6), np.uint8)), 2, "image does not decode"),
+        ("jpeg", b"junk", 3, "mask does not decode"),
+        ("jpeg", None, 3, "mask does not decode"),
+        ("jpeg", storage.encode_png(np.zeros((4, 6, 3), np.uint8)), 3, "mask does not decode"),
+        (
+            "jpeg",
+            storage.encode_png(np.zeros((4, 5), np.uint8)),
+            4,
+            "mask is 5x4 but the image is 6x4",
+        ),
     ],
 )
-def test_decode_problems_have_codes(image_bytes, mask_bytes, code):
+def test_decode_problems_have_codes_and_reasons(image_bytes, mask_bytes, code, reason):
     if image_bytes == "jpeg":
-        image_bytes = cv2.imencode(".jpg", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+        image_bytes = cv2.imencode(".jpg", np.zeros((4, 6, 3), np.uint8))[1].tobytes()
     with pytest.raises(ingest.SampleError) as e:
-        ingest.decode_pair(image_bytes, mask_bytes, CLASS_MAP.train_lut())
+        ingest.decode_pair(image_bytes, mask_bytes)
     assert e.value.code == code and code in ingest.PROBLEMS
+    assert e.value.reason.startswith(reason) and str(e.value) == e.value.reason
+    assert ingest.problem_record(7, code).to_dict() == {
+        "image_id": 7,
+        "reason": ingest.PROBLEMS[code],
+    }
 
 
 def test_augment_shapes_and_padding_with_ignore():
@@ -126,6 +140,14 @@ def test_scan_reads_ids_sizes_and_meta(tmp_path):
         assert sorted(summary.image_ids.tolist()) == [100, 101, 102, 103, 104]
         assert set(summary.heights) == {48} and set(summary.widths) == {64}
         assert summary.meta["values"] == "category_id" and summary.rows_without_image == 0
+
+
+def test_image_counts_from_footers(tmp_path):
+    _, mask = make_sample(0)
+    rows = [sample_row(1, None, mask), sample_row(2, None, mask, image_bytes=b"x")]
+    loc = storage.locate(str(tmp_path / "part.parquet"))
+    storage.write_parquet(loc, storage.mask_table(rows, META))
+    assert ingest.image_counts(loc) == (2, 1)
 
 
 def test_scan_rejects_empty_dataset(tmp_path):

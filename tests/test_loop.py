@@ -149,3 +149,15 @@ def test_fit_epochs_trains_validates_and_hands_over_each_record():
     assert calls == ["train", "train"] and [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["steps"] == 2 and records[-1]["lr"] == pytest.approx(0.0)
     assert records[1]["loss"] < records[0]["loss"]
+
+
+def test_on_step_sees_each_step_with_its_loss():
+    model, optimizer, scheduler = training()
+    seen = []
+
+    def hook(stats: loop.EpochStats, loss: torch.Tensor) -> None:
+        seen.append((stats.steps, stats.images, float(loss), stats.seconds > 0))
+
+    loop.train_one_epoch(model, BATCHES, optimizer, scheduler, device=CPU, amp=False, on_step=hook)
+    assert [s[:2] for s in seen] == [(1, 2), (2, 4)]
+    assert all(math.isfinite(s[2]) and s[2] > 0 and s[3] for s in seen)

@@ -157,3 +157,70 @@ def test_weights_of_another_model_are_refused(tmp_path):
     )
     with pytest.raises(RaysegError, match="no weights match|lack"):
         models.build_model("fcn_resnet50", 4, aux_loss=False, weights=str(path))
+
+
+# ---- weights by torchvision name, from a pre-seeded torch hub cache (no network) -------------
+
+FULL = "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1"
+BACKBONE = "MobileNet_V3_Large_Weights.IMAGENET1K_V1"
+
+
+def seed_cache(torch_home, name: str, module: torch.nn.Module):
+    """Save `module`'s weights where torchvision keeps `name`'s file; returns the path."""
+    import os
+
+    import torchvision
+
+    url = torchvision.models.get_weight(name).url
+    path = torch_home / "hub" / "checkpoints" / os.path.basename(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path
+
+
+def test_full_weights_by_name_load_from_the_hub_cache(torch_home):
+    from torchvision.models import segmentation as tvseg
+
+    torch.manual_seed(1)
+    source = tvseg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
+    seed_cache(torch_home, FULL, source)
+    # 3 classes, not VOC's 21: the class layers stay fresh, everything else is loaded.
+    model = models.build_model("lraspp_mobilenet_v3_large", 3, aux_loss=False, weights=FULL)
+    got, want = model.state_dict(), source.state_dict()
+    assert torch.equal(got["backbone.0.0.weight"], want["backbone.0.0.weight"])
+    assert got["classifier.low_classifier.weight"].shape[0] == 3
+
+
+def test_backbone_weights_by_name(torch_home):
+    from torchvision.models import mobilenet_v3_large
+
+    torch.manual_seed(2)
+    source = mobilenet_v3_large(weights=None)
+    seed_cache(torch_home, BACKBONE, source)
+    model = models.build_model(
+        "lraspp_mobilenet_v3_large", 3, aux_loss=False, weights_backbone=BACKBONE
+    )
+    assert torch.equal(model.backbone["0"][0].weight, source.features[0][0].weight)
+
+
+def test_missing_weights_offline_name_the_file_to_place(torch_home):
+    with pytest.raises(RaysegError) as e:
+        models.weight_file(BACKBONE)
+    expected = torch_home / "hub" / "checkpoints" / "mobilenet_v3_large-8738ca79.pth"
+    assert str(expected) in str(e.value) and "cannot be downloaded" in str(e.value)
+
+
+def test_unknown_weight_name_is_one_clear_error(torch_home):
+    with pytest.raises(RaysegError, match="not a torchvision weight name"):
+        models.weight_file("ResNet50_Weights.NOPE")

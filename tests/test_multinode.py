@@ -16,6 +16,7 @@ from ray.cluster_utils import Cluster
 
 from rayseg.config import MasksConfig
 from rayseg.masks import run_masks
+from rayseg.shard import part_name
 
 NODES = ("node_a", "node_b")
 
@@ -67,12 +68,17 @@ def test_shards_spread_over_both_nodes(cluster, make_synth, tmp_path):
     assert sorted(names.values()) == sorted(NODES)
     records = [json.loads(p.read_text()) for p in sorted((out / "_shards").glob("shard-*.json"))]
     assert len(records) == 10
-    per_node = Counter(names[r["node_id"]] for r in records)
+    # Every record names a live node of the cluster, and both nodes rendered shards.
+    per_node = Counter(names.get(r["node_id"]) for r in records)
     assert set(per_node) == set(NODES), per_node
-    # Across both nodes, every image was rendered by exactly one shard.
+    # Across both nodes, every image was rendered by exactly one shard, and each shard's
+    # Parquet part holds exactly the images its record says it wrote.
     written = [i for r in records for i in r["written"]]
     assert sorted(written) == list(range(1, 41))
-
-    ids = pq.read_table(out / "parquet", columns=["image_id"]).column("image_id").to_pylist()
-    assert sorted(ids) == list(range(1, 41))
+    parts = sorted(p.name for p in (out / "parquet").iterdir())
+    assert parts == [part_name(r["shard"]) for r in records]
+    for r in records:
+        part = out / "parquet" / part_name(r["shard"])
+        ids = pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()
+        assert ids == r["written"], (r["shard"], names.get(r["node_id"]))
     assert len(list((out / "masks").glob("*.png"))) == 40

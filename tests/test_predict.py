@@ -1,4 +1,7 @@
-"""rayseg.predict: the pure inference core without Ray, then run_predict on one local Ray."""
+"""rayseg.predict: overlays and output files without Ray, then run_predict on one local Ray.
+
+The shared inference core (decoding, predict_labels) is tested in test_infer.py.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from mask_data import category_meta, encode_rgb, random_rgb, reference_labels, sample_row
 from tiny_models import tiny_model
 
 from rayseg import storage
 from rayseg.checkpoint import load_model, save_model
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
-from rayseg.infer import predict_labels
 from rayseg.models import ClassMap
 from rayseg.predict import overlay, overlay_palette, render_outputs, run_predict
 from rayseg.storage import decode_image
@@ -29,17 +32,6 @@ CLASS_MAP = ClassMap(
 )
 # (height, width) of the test images: all different, and none a multiple of 32.
 SIZES = [(40, 48), (36, 52), (44, 30)]
-
-
-def random_image(height: int, width: int, seed: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def encode(rgb: np.ndarray, ext: str) -> bytes:
-    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -58,48 +50,53 @@ def model_file(tmp_path_factory) -> str:
 # ---- pure core -----------------------------------------------------------------------------------
 
 
-def test_decode_image_is_rgb_and_rejects_garbage():
-    rgb = np.zeros((4, 5, 3), np.uint8)
-    rgb[..., 0] = 200  # pure red
-    decoded = decode_image(encode(rgb, ".png"))
-    assert decoded.shape == (4, 5, 3)
-    assert decoded[0, 0].tolist() == [200, 0, 0]
-    assert decode_image(b"not an image") is None
-    assert decode_image(b"") is None
-    assert decode_image(None) is None
-
-
-def test_predict_labels_full_size_and_independent_of_batch():
-    model = tiny_model(CLASS_MAP.num_classes)
-    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
-    images.append(random_image(*SIZES[0], seed=9))  # same size as the first: one shared pass
-    labels = predict_labels(model, images)
-    assert [lab.shape for lab in labels] == [im.shape[:2] for im in images]
-    assert all(lab.dtype == np.uint8 and lab.max() < CLASS_MAP.num_classes for lab in labels)
-    assert len(np.unique(np.concatenate([lab.ravel() for lab in labels]))) > 1
-    for image, lab in zip(images, labels, strict=True):
-        np.testing.assert_array_equal(predict_labels(model, [image])[0], lab)
-
-
 def test_overlay_tints_only_foreground():
     image = np.full((2, 2, 3), 100, np.uint8)
     labels = np.array([[0, 1], [2, 0]], np.uint8)
     palette = np.array([[0, 0, 0], [200, 0, 0], [0, 0, 200]], np.uint8)
     out = overlay(image, labels, palette)
-    assert out[0, 0].tolist() == [100, 100, 100]
-    assert out[0, 1].tolist() == [150, 50, 50]
-    assert out[1, 0].tolist() == [50, 50, 150]
+    assert out[0, 0].tolist() == [100, 100, 100] and out[1, 1].tolist() == [100, 100, 100]
+    # One-pixel regions are all outline: their exact palette colour.
+    assert out[0, 1].tolist() == [200, 0, 0]
+    assert out[1, 0].tolist() == [0, 0, 200]
+
+
+def test_overlay_outline_and_legend_use_the_palette_colours_of_mask_values():
+    palette = overlay_palette(CLASS_MAP)
+    pal = storage.label_palette(256)
+    # Class 1 is mask value 1, class 2 mask value 3: the colours `rayseg masks --palette` uses.
+    assert palette[1].tolist() == pal[1].tolist() and palette[2].tolist() == pal[3].tolist()
+    assert palette[0].tolist() == [0, 0, 0]
+    image = np.full((120, 160, 3), 128, np.uint8)
+    labels = np.zeros((120, 160), np.uint8)
+    labels[60:100, 20:60] = 1  # a 40x40 square of class 1 (person)
+    labels[60:100, 100:140] = 2  # and one of class 2 (car)
+    plain = overlay(image, labels, palette)
+    assert plain[60, 40].tolist() == pal[1].tolist()  # top edge of the square: outline
+    assert plain[99, 120].tolist() == pal[3].tolist()
+    inside = plain[80, 40]
+    assert inside.tolist() not in (pal[1].tolist(), image[0, 0].tolist())  # tinted, not solid
+    with_legend = overlay(image, labels, palette, CLASS_MAP.names)
+    corner = np.abs(with_legend[:30, :60].astype(int) - plain[:30, :60]).sum(-1) > 0
+    assert corner.mean() > 0.3  # the legend box darkens the corner and writes on it
+    np.testing.assert_array_equal(with_legend[60:, :], plain[60:, :])  # the regions untouched
+    # A legend of classes present only: no car, a smaller box.
+    person_only = overlay(image, np.where(labels == 2, 0, labels), palette, CLASS_MAP.names)
+    rows_changed = (np.abs(person_only.astype(int) - image).sum(-1) > 0)[:60].any(1).sum()
+    assert (
+        0 < rows_changed < (np.abs(with_legend.astype(int) - image).sum(-1) > 0)[:60].any(1).sum()
+    )
 
 
 def test_render_outputs_uses_the_masks_value_scheme():
     labels = np.array([[0, 1], [2, 2]], np.uint8)
-    image = random_image(2, 2, seed=0)
-    mask_png, jpg = render_outputs(image, labels, CLASS_MAP, overlay_palette(3))
+    image = random_rgb(2, 2, seed=0)
+    mask_png, jpg = render_outputs(image, labels, CLASS_MAP, overlay_palette(CLASS_MAP))
     np.testing.assert_array_equal(storage.decode_png(mask_png), [[0, 1], [3, 3]])
     assert decode_image(jpg).shape == (2, 2, 3)
     # 16-bit schemes (ignore 65535) give 16-bit PNGs with the same values.
     wide = ClassMap((1, 300), (1, 300), ("background", "a", "b"), 65535, "category_id")
-    mask_png, _ = render_outputs(image, labels, wide, overlay_palette(3))
+    mask_png, _ = render_outputs(image, labels, wide, overlay_palette(wide))
     decoded = storage.decode_png(mask_png)
     assert decoded.dtype == np.uint16
     np.testing.assert_array_equal(decoded, [[0, 1], [300, 300]])
@@ -111,12 +108,7 @@ def test_render_outputs_uses_the_masks_value_scheme():
 def expected_mask(model_file: str, rgb: np.ndarray) -> np.ndarray:
     """What predict must write for one image, computed here from the model directly."""
     model, info = load_model(model_file)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        pred = model((x - mean) / std)["out"].argmax(1)[0].numpy()
-    return info["class_map"].to_mask_values(pred)
+    return info["class_map"].to_mask_values(reference_labels(model, rgb))
 
 
 def test_predict_image_folder(ray_local, model_file, tmp_path):
@@ -124,9 +116,9 @@ def test_predict_image_folder(ray_local, model_file, tmp_path):
     images.mkdir()
     rgbs = {}
     for i, (h, w) in enumerate(SIZES):
-        rgbs[f"img{i}"] = random_image(h, w, seed=i)
+        rgbs[f"img{i}"] = random_rgb(h, w, seed=i)
         ext = ".png" if i % 2 else ".jpg"  # PNG keeps pixels exact; JPEG is decoded as stored
-        (images / f"img{i}{ext}").write_bytes(encode(rgbs[f"img{i}"], ext))
+        (images / f"img{i}{ext}").write_bytes(encode_rgb(rgbs[f"img{i}"], ext))
     (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     (images / "notes.txt").write_text("not an image, not listed")
     out = tmp_path / "out"
@@ -153,32 +145,12 @@ def test_predict_image_folder(ray_local, model_file, tmp_path):
 
 
 def test_predict_parquet_rows(ray_local, model_file, tmp_path):
-    meta = {
-        "values": "category_id",
-        "dtype": "uint8",
-        "ignore_value": 255,
-        "background_value": 0,
-        "classes": [
-            {"value": 1, "category_id": 1, "name": "person"},
-            {"value": 3, "category_id": 3, "name": "car"},
-        ],
-    }
+    meta = category_meta({1: "person", 3: "car"})
     rows = []
     for i, (h, w) in enumerate(SIZES):
-        image = encode(random_image(h, w, seed=i), ".png")
-        rows.append(
-            {
-                "image_id": i,
-                "file_name": f"train/{i:06d}.jpg",
-                "height": h,
-                "width": w,
-                "categories": [],
-                "class_pixels": [],
-                "mask_path": "",
-                "mask": storage.encode_png(np.zeros((h, w), np.uint8)),
-                "image": image,
-            }
-        )
+        image = encode_rgb(random_rgb(h, w, seed=i))
+        row = sample_row(i, None, np.zeros((h, w), np.uint8), image_bytes=image)
+        rows.append({**row, "file_name": f"train/{i:06d}.jpg"})
     rows.append({**rows[0], "image_id": 7, "file_name": "no_bytes.jpg", "image": None})
     parquet = tmp_path / "masks" / "parquet"
     parquet.mkdir(parents=True)
@@ -200,7 +172,7 @@ def test_predict_parquet_rows(ray_local, model_file, tmp_path):
 def test_bad_checkpoint_is_one_clear_error(model_file, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(encode(random_image(8, 8, seed=0), ".png"))
+    (images / "a.png").write_bytes(encode_rgb(random_rgb(8, 8, seed=0), ".png"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
     for checkpoint, expected in [

@@ -1,29 +1,16 @@
-"""rayseg.render: hand-countable masks, value schemes, bad records, and properties (no Ray)."""
+"""rayseg.render: overlaps, crowds, value schemes, bad values and options, properties (no Ray)."""
 
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
+from tiny_coco import pixel_counts as counts
+from tiny_coco import square
 
+from rayseg.config import CROWD_MODES, OVERLAPS, RASTERIZERS
 from rayseg.errors import RaysegError
-from rayseg.records import Problem
 from rayseg.render import Shape, ValueScheme, render_mask, value_scheme
-
-RASTERIZERS = ("coco", "opencv")
-
-
-def square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
-    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
-
-
-def counts(mask: np.ndarray) -> dict[int, int]:
-    values, n = np.unique(mask, return_counts=True)
-    return {int(v): int(c) for v, c in zip(values, n, strict=True)}
-
-
-def reasons(problems: list[Problem], annotation_id: int) -> str:
-    return " | ".join(p.reason for p in problems if p.annotation_id == annotation_id)
 
 
 def coco_reference(height: int, width: int, shapes: list[Shape]) -> np.ndarray:
@@ -41,112 +28,10 @@ def coco_reference(height: int, width: int, shapes: list[Shape]) -> np.ndarray:
     return out
 
 
-# ---- polygons ----------------------------------------------------------------------------------
-
-
-def test_square_is_100_pixels_with_coco_and_121_with_opencv():
-    # A 10x10 square covers pixel centres 2.5 .. 11.5: rows and columns 2..11. fillPoly also
-    # paints the boundary pixels, so opencv adds row and column 12.
-    shapes = [Shape(1, 7, square(2, 2, 12, 12))]
-    coco, problems = render_mask(20, 20, shapes, rasterizer="coco")
-    assert problems == []
-    assert counts(coco) == {0: 300, 7: 100}
-    assert np.array_equal(np.argwhere(coco == 7).min(0), [2, 2])
-    assert np.array_equal(np.argwhere(coco == 7).max(0), [11, 11])
-    opencv, _ = render_mask(20, 20, shapes, rasterizer="opencv")
-    assert counts(opencv) == {0: 400 - 121, 7: 121}
-    assert np.array_equal(np.argwhere(opencv == 7).max(0), [12, 12])
-
-
-@pytest.mark.parametrize("rasterizer", RASTERIZERS)
-def test_multi_part_polygon_is_the_union_of_its_parts(rasterizer):
-    # Two disjoint 4x4 squares plus one overlapping the first: 16 + 16 + 12 new pixels (coco).
-    parts = [*square(0, 0, 4, 4), *square(10, 10, 14, 14), *square(2, 2, 6, 6)]
-    mask, _ = render_mask(20, 20, [Shape(1, 2, parts)], rasterizer=rasterizer)
-    expected = {"coco": 44, "opencv": 66}[rasterizer]
-    assert counts(mask)[2] == expected
-    assert mask[3, 3] == 2, "overlapping parts of one object are not an even-odd hole"
-
-
-@pytest.mark.parametrize("rasterizer", RASTERIZERS)
-def test_image_without_shapes_is_background(rasterizer):
-    mask, problems = render_mask(3, 4, [], rasterizer=rasterizer, dtype="uint16")
-    assert mask.shape == (3, 4) and mask.dtype == np.uint16
-    assert not mask.any() and problems == []
-
-
-@pytest.mark.parametrize("rasterizer", RASTERIZERS)
-def test_polygon_past_the_border_is_clipped_and_reported_once(rasterizer):
-    shape = Shape(9, 4, [[-30.0, 2.0, 5.0, 2.0, 5.0, 6.0, -30.0, 6.0, -40.0, 4.0]])
-    mask, problems = render_mask(10, 10, [shape], rasterizer=rasterizer)
-    assert len(problems) == 1 and problems[0].annotation_id == 9
-    assert "(-40, 4)" in problems[0].reason and "outside the 10x10 image" in problems[0].reason
-    # coco: columns 0..4 of rows 2..5; opencv adds boundary row 6 and column 5
-    assert counts(mask)[4] == {"coco": 20, "opencv": 30}[rasterizer]
-
-
-def test_coordinates_a_fraction_outside_the_image_are_not_problems():
-    # COCO polygons may end a fraction of a pixel past the image edge (float rounding).
-    shape = Shape(1, 3, [[-0.6, -0.2, 20.9, -0.4, 20.7, 10.8, -0.3, 10.5]])
-    for rasterizer in RASTERIZERS:
-        _, problems = render_mask(10, 20, [shape], rasterizer=rasterizer)
-        assert problems == []
-
-
-def test_coco_rasterizer_survives_a_shift_sensitive_edge():
-    # On the object's window, which starts at row 5, one edge of this polygon reaches a half step
-    # where (int)(first + s * t + .5) rounds differently than on the full image: a plain shift of
-    # the coordinates moves pixel (17, 16). render_mask lowers the window's top until the
-    # rounding provably agrees.
-    height, width = 24, 33
-    polygon = [32.2, 7.0, 0.9, 28.0, 12.75, 6.0, 32.35, 20.0, 2.85, 26.0]
-    reference = mask_utils.decode(mask_utils.frPyObjects([polygon], height, width)[0])
-    top = 5
-    shifted = np.asarray(polygon).reshape(-1, 2) - (0, top)
-    naive = np.zeros_like(reference)
-    naive[top:] = mask_utils.decode(
-        mask_utils.frPyObjects([shifted.ravel()], height - top, width)[0]
-    )
-    assert np.argwhere(naive != reference).tolist() == [[17, 16]]
-    mask, _ = render_mask(height, width, [Shape(1, 1, [polygon])], rasterizer="coco")
-    assert np.array_equal(mask, reference)
-
-
-# ---- RLE ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("rasterizer", RASTERIZERS)
-def test_uncompressed_rle_is_column_major(rasterizer):
-    # 4 rows x 5 columns: 5 zeros (column 0 and the top of column 1), 3 ones, 12 zeros.
-    rle = {"size": [4, 5], "counts": [5, 3, 12]}
-    mask, problems = render_mask(4, 5, [Shape(1, 6, rle, iscrowd=True)], rasterizer=rasterizer)
-    assert problems == []
-    assert np.argwhere(mask == 6).tolist() == [[1, 1], [2, 1], [3, 1]]
-
-
-@pytest.mark.parametrize("as_text", [False, True])
-def test_compressed_rle_round_trips_a_known_array(as_text):
-    known = np.zeros((6, 7), np.uint8)
-    known[1:5, 2:4] = 1
-    known[5, 6] = 1
-    rle = mask_utils.encode(np.asfortranarray(known))
-    if as_text:
-        rle = {"size": rle["size"], "counts": rle["counts"].decode()}
-    mask, problems = render_mask(6, 7, [Shape(1, 9, rle)])
-    assert problems == []
-    assert np.array_equal(mask, known * 9)
-
-
-def test_uncompressed_rle_may_start_with_an_empty_zero_run():
-    # COCO counts always begin with the zeros run; a mask starting with a one has 0 there.
-    mask, _ = render_mask(2, 2, [Shape(1, 5, {"size": [2, 2], "counts": [0, 1, 3]})])
-    assert mask.tolist() == [[5, 0], [0, 0]]
-
-
 # ---- overlaps and crowds -----------------------------------------------------------------------
 
 # A 12x12 square of value 2 (144 px) listed after a 4x4 square of value 7 inside it (16 px).
-INNER_FIRST = [Shape(1, 7, square(4, 4, 8, 8)), Shape(2, 2, square(0, 0, 12, 12))]
+INNER_FIRST = [Shape(1, 7, [square(4, 4, 8, 8)]), Shape(2, 2, [square(0, 0, 12, 12)])]
 
 
 @pytest.mark.parametrize(
@@ -156,6 +41,7 @@ INNER_FIRST = [Shape(1, 7, square(4, 4, 8, 8)), Shape(2, 2, square(0, 0, 12, 12)
         ("last", {0: 256, 2: 144}),
         ("smallest_on_top", {0: 256, 2: 128, 7: 16}),
         ("ignore", {0: 256, 2: 128, 255: 16}),
+        ("ignore_any", {0: 256, 2: 128, 255: 16}),
     ],
 )
 def test_overlap_modes_on_nested_squares(overlap, expected):
@@ -171,22 +57,34 @@ def test_overlap_modes_on_nested_squares(overlap, expected):
         # equal sizes: the later shape wins, as with "last"
         ("smallest_on_top", {0: 225, 3: 100, 5: 75}),
         ("ignore", {0: 225, 3: 75, 5: 75, 255: 25}),
+        ("ignore_any", {0: 225, 3: 75, 5: 75, 255: 25}),
     ],
 )
 def test_overlap_modes_on_crossing_squares(overlap, expected):
-    shapes = [Shape(1, 5, square(0, 0, 10, 10)), Shape(2, 3, square(5, 5, 15, 15))]
+    shapes = [Shape(1, 5, [square(0, 0, 10, 10)]), Shape(2, 3, [square(5, 5, 15, 15)])]
     mask, _ = render_mask(20, 20, shapes, rasterizer="coco", overlap=overlap)
     assert counts(mask) == expected
 
 
 def test_ignore_overlap_keeps_same_class_overlaps():
-    shapes = [Shape(1, 5, square(0, 0, 10, 10)), Shape(2, 5, square(5, 5, 15, 15))]
+    shapes = [Shape(1, 5, [square(0, 0, 10, 10)]), Shape(2, 5, [square(5, 5, 15, 15)])]
     mask, _ = render_mask(20, 20, shapes, rasterizer="coco", overlap="ignore")
     assert counts(mask) == {0: 225, 5: 175}
 
 
+def test_ignore_any_overlap_also_ignores_same_class_overlaps():
+    # Two 10x10 squares of one class sharing a 5x5 corner, and a multi-part object whose own
+    # parts overlap: only different objects count (torchvision's COCO target rule).
+    same = [Shape(1, 4, [square(0, 0, 10, 10)]), Shape(2, 4, [square(5, 5, 15, 15)])]
+    mask, _ = render_mask(20, 20, same, rasterizer="coco", overlap="ignore_any")
+    assert counts(mask) == {0: 225, 4: 150, 255: 25}
+    parts = [Shape(3, 4, [square(0, 0, 10, 10), square(5, 5, 15, 15)])]
+    mask, _ = render_mask(20, 20, parts, rasterizer="coco", overlap="ignore_any")
+    assert counts(mask) == {0: 225, 4: 175}
+
+
 def test_ignore_overlap_with_uint16():
-    shapes = [Shape(1, 500, square(0, 0, 10, 10)), Shape(2, 300, square(5, 5, 15, 15))]
+    shapes = [Shape(1, 500, [square(0, 0, 10, 10)]), Shape(2, 300, [square(5, 5, 15, 15)])]
     mask, _ = render_mask(
         20, 20, shapes, rasterizer="coco", overlap="ignore", ignore_value=65535, dtype="uint16"
     )
@@ -196,7 +94,7 @@ def test_ignore_overlap_with_uint16():
 
 # Crowd: the left 3 columns of a 4x6 image (12 px); a class-9 square over columns 2..4, rows 0..1.
 CROWD = Shape(1, 4, {"size": [4, 6], "counts": [0, 12, 12]}, iscrowd=True)
-OBJECT = Shape(2, 9, square(2, 0, 5, 2))
+OBJECT = Shape(2, 9, [square(2, 0, 5, 2)])
 
 
 @pytest.mark.parametrize(
@@ -212,7 +110,7 @@ def test_crowd_modes(crowd, expected):
     assert counts(mask) == expected
 
 
-@pytest.mark.parametrize("overlap", ["max", "last", "smallest_on_top", "ignore"])
+@pytest.mark.parametrize("overlap", OVERLAPS)
 def test_crowd_ignore_overrides_class_pixels_in_every_overlap_mode(overlap):
     # The object comes last and is larger than nothing else; the crowd still wins its pixels.
     mask, _ = render_mask(4, 6, [CROWD, OBJECT], rasterizer="coco", crowd="ignore", overlap=overlap)
@@ -249,6 +147,11 @@ def test_train_id_scheme_is_contiguous_in_category_order():
     assert (wide.dtype, wide.ignore_value, wide.values[255]) == ("uint16", 65535, 255)
 
 
+def test_train_id_scheme_can_keep_the_given_order():
+    assert value_scheme([5, 2, 16], "train_id", keep_order=True).values == {5: 1, 2: 2, 16: 3}
+    assert value_scheme([5, 2, 16], "train_id").values == {2: 1, 5: 2, 16: 3}
+
+
 def test_scaled_scheme_is_uint16():
     assert value_scheme([1, 90], "scaled") == ValueScheme(
         "scaled", {1: 100, 90: 9000}, "uint16", 65535
@@ -277,71 +180,9 @@ def test_unknown_scheme_is_an_error():
         value_scheme([1], "ids")
 
 
-# ---- bad records -------------------------------------------------------------------------------
+# ---- bad values and options ------------------------------------------------------------------
 
-GOOD = square(0, 0, 4, 4)
-
-
-@pytest.mark.parametrize("rasterizer", RASTERIZERS)
-@pytest.mark.parametrize(
-    ("segmentation", "expected", "rendered"),
-    [
-        (
-            [[0, 0, 4, 0, 4, 4, 0]],
-            ["polygon 0 has 7 coordinates (odd length)", "empty segmentation"],
-            False,
-        ),
-        ([[0, 0, 4, 0]], ["polygon 0 has 2 points", "empty segmentation"], False),
-        (
-            [[0, 0, 4, 0, 4]] + GOOD,
-            ["polygon 0 has 5 coordinates (odd length); part dropped"],
-            True,
-        ),
-        ([], ["empty segmentation"], False),
-        ([[]], ["empty segmentation"], False),
-        ([[0, 0, 4, 0, float("nan"), 4]], ["polygon 0 has a non-finite coordinate (nan)"], False),
-        ([[0, 0, float("inf"), 0, 4, 4]] + GOOD, ["non-finite coordinate (inf)"], True),
-        (
-            [[0, 0, 1e7, 0, 4, 4]],
-            [
-                "coordinate 1e+07 is beyond 100000; clamped",
-                "(100000, 0) lies 99995 px outside the 5x5 image",
-            ],
-            True,
-        ),
-        ([["0", "0", "4", "0", "4", "4"]], ["polygon 0 is not a flat list of numbers"], False),
-        ([[0, 0, [4], 0, 4, 4]], ["polygon 0 is not a flat list of numbers"], False),
-        ([7, GOOD[0]], ["polygon 0 has type int, expected a list"], True),
-        ([0, 0, 4, 0, 4, 4], ["flat list of numbers, expected a list of polygons"], False),
-        ("0 0 4 0 4 4", ["segmentation has type str"], False),
-        (None, ["segmentation has type NoneType"], False),
-        ({"size": [5, 5], "counts": []}, ["empty segmentation: RLE has no counts"], False),
-        ({"size": [5, 5], "counts": ""}, ["empty segmentation: RLE has no counts"], False),
-        (
-            {"size": [6, 5], "counts": [30]},
-            ["RLE size [6, 5] differs from the image size [5, 5]"],
-            False,
-        ),
-        ({"size": [5, 5], "counts": [3, 4]}, ["RLE counts sum to 7", "expected 5 * 5 = 25"], False),
-        ({"size": [5, 5], "counts": [30, -5]}, ["min -5"], False),
-        ({"size": [5, 5], "counts": [3.5, 21.5]}, ["RLE counts hold non-integers"], False),
-        ({"size": [5, 5], "counts": "~~~"}, ["not valid COCO RLE text"], False),
-        ({"size": [5, 5], "counts": "61"}, ["RLE counts sum to 7"], False),
-        ({"size": [5, 5], "counts": 25}, ["RLE counts have type int"], False),
-        ({"counts": [25]}, ["RLE size None is not [height, width]"], False),
-    ],
-)
-def test_bad_records_become_problems_and_rendering_goes_on(
-    rasterizer, segmentation, expected, rendered
-):
-    shapes = [Shape(41, 3, segmentation), Shape(42, 8, square(1, 1, 3, 3))]
-    mask, problems = render_mask(5, 5, shapes, rasterizer=rasterizer)
-    found = reasons(problems, 41)
-    for text in expected:
-        assert text in found
-    assert all(p.annotation_id == 41 for p in problems)
-    assert (mask == 8).sum() > 0, "the good annotation is still painted"
-    assert ((mask == 3).sum() > 0) == rendered
+GOOD = [square(0, 0, 4, 4)]
 
 
 @pytest.mark.parametrize(
@@ -444,8 +285,8 @@ def test_coco_rasterizer_equals_pycocotools_on_the_full_image(scene):
 @given(
     scene=scenes(crowds=True),
     rasterizer=st.sampled_from(RASTERIZERS),
-    overlap=st.sampled_from(["max", "smallest_on_top", "last", "ignore"]),
-    crowd=st.sampled_from(["class", "ignore", "skip"]),
+    overlap=st.sampled_from(OVERLAPS),
+    crowd=st.sampled_from(CROWD_MODES),
     dtype=st.sampled_from(["uint8", "uint16"]),
     ignore_value=st.sampled_from([255, 254, 7]),
     scale=st.sampled_from([1, 2]),

@@ -1,5 +1,6 @@
 """`rayseg masks` end to end on a local 2-CPU Ray cluster: outputs, resume, problems."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_full_run_writes_masks_parquet_manifest(dataset, tmp_path):
         assert np.array_equal(from_parquet, from_png)
         assert from_png.shape == (row["height"], row["width"])
         assert row["image"] == (images / row["file_name"]).read_bytes()
-        counts = {c["value"]: c["pixels"] for c in row["class_pixels"]}
+        counts = {c["value"]: c["pixels"] for c in row["value_pixels"]}
         assert sum(counts.values()) == row["height"] * row["width"]
     meta = storage.read_mask_meta(str(out))
     assert [c["category_id"] for c in meta["classes"]] == [1, 3, 7]
@@ -68,6 +69,22 @@ def test_full_run_writes_masks_parquet_manifest(dataset, tmp_path):
     assert saved["config"]["shard_size"] == 2
     assert saved["class_pixels"]["background"] > 0
     assert not [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
+    assert (out / "README.md").read_text().startswith("---\nconfigs:")  # the HF dataset card
+
+
+def test_preset_run_writes_stem_named_voc_index_masks(dataset, tmp_path):
+    annotations, _ = dataset
+    out = tmp_path / "out"
+    run_masks(masks_config(annotations, out, preset="torchvision-voc"))
+    names = sorted(p.name for p in (out / "masks").iterdir())
+    assert names == [f"{i:012d}.png" for i in range(1, 6)]
+    mask = storage.decode_png((out / "masks" / "000000000001.png").read_bytes())
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 15}  # person is VOC class 15
+    rows = {r["image_id"]: r for r in read_rows(out)}
+    assert rows[2]["category_ids"] == [3, 7]  # COCO ids, while the pixels hold VOC indices
+    assert {c["value"] for c in rows[2]["value_pixels"]} == {0, 7, 19, 255}
+    with pytest.raises(RaysegError, match="classes"):
+        run_masks(masks_config(annotations, out, preset="torchvision-voc", classes="1"))
 
 
 def test_rerun_resumes_and_changed_settings_refused(dataset, tmp_path):
@@ -80,6 +97,12 @@ def test_rerun_resumes_and_changed_settings_refused(dataset, tmp_path):
         run_masks(masks_config(annotations, out, shard_size=2, overlap="last"))
     redo = run_masks(masks_config(annotations, out, shard_size=2, overlap="last", overwrite=True))
     assert redo["counts"]["masks_written"] == 5
+    # The plan fingerprints the input by the sha1 of its bytes: an edited file is refused.
+    plan = json.loads((out / "_shards" / "plan.json").read_text())
+    assert plan["annotations_sha1"] == hashlib.sha1(annotations.read_bytes()).hexdigest()
+    annotations.write_bytes(annotations.read_bytes() + b"\n")
+    with pytest.raises(RaysegError, match="annotations_sha1 differ"):
+        run_masks(masks_config(annotations, out, shard_size=2, overlap="last"))
 
 
 def test_interrupted_run_redoes_only_unfinished_shards(dataset, tmp_path):
@@ -185,6 +208,9 @@ def test_bad_records_listed_and_good_images_rendered(tmp_path):
     by_ann = {p.get("annotation_id"): p for p in manifest["problems"]}
     for ann_id in (101, 102, 103, 104, 105, 106, 107):
         assert ann_id in by_ann, ann_id
+    # Entries keep the manifest shape: the render task fills in the image id.
+    assert list(by_ann[103]) == ["image_id", "annotation_id", "reason"]
+    assert by_ann[103]["image_id"] == 1 and by_ann[107]["image_id"] == 2
     by_image = {
         p["image_id"]: p["reason"] for p in manifest["problems"] if "annotation_id" not in p
     }

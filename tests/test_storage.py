@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow.parquet as pq
 
+import rayseg
 from rayseg import storage
 
 
@@ -41,8 +42,8 @@ def test_parquet_metadata_roundtrip(tmp_path):
         "file_name": "a.jpg",
         "height": 2,
         "width": 2,
-        "categories": [],
-        "class_pixels": [{"value": 0, "pixels": 4}],
+        "category_ids": [],
+        "value_pixels": [{"value": 0, "pixels": 4}],
         "mask_path": "masks/a.png",
         "mask": storage.encode_png(np.zeros((2, 2), np.uint8)),
         "image": None,
@@ -52,5 +53,5 @@ def test_parquet_metadata_roundtrip(tmp_path):
         storage.locate(str(tmp_path / "parquet" / "part-00000.parquet")),
         storage.mask_table([row], meta),
     )
-    assert storage.read_mask_meta(str(tmp_path)) == meta
+    assert storage.read_mask_meta(str(tmp_path)) == {**meta, "rayseg_version": rayseg.__version__}
     assert pq.read_table(tmp_path / "parquet").num_rows == 1

@@ -32,6 +32,28 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": counts}
 
 
+def pixel_counts(mask: np.ndarray) -> dict[int, int]:
+    """Mask value -> number of pixels with it."""
+    values, n = np.unique(mask, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, n, strict=True)}
+
+
+def annotation(
+    ann_id: int, image_id: int, category_id: int, segmentation, area: float, bbox: list[int]
+) -> dict:
+    """One COCO annotation record; a segmentation dict with list counts is a crowd."""
+    iscrowd = int(isinstance(segmentation, dict) and isinstance(segmentation["counts"], list))
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": iscrowd,
+        "segmentation": segmentation,
+        "area": area,
+        "bbox": bbox,
+    }
+
+
 def tiny_coco() -> dict:
     """5 images of 20x20 (+ one 30x10): polygons, multi-part, crowd RLE, compressed RLE, empty."""
     crowd = np.zeros((20, 20), np.uint8)
@@ -41,67 +63,16 @@ def tiny_coco() -> dict:
     rle = mask_utils.encode(np.asfortranarray(compressed))
     rle["counts"] = rle["counts"].decode()
     images = [
-        {"id": 1, "file_name": "000000000001.jpg", "height": 20, "width": 20},
-        {"id": 2, "file_name": "000000000002.jpg", "height": 20, "width": 20},
-        {"id": 3, "file_name": "000000000003.jpg", "height": 20, "width": 20},
-        {"id": 4, "file_name": "000000000004.jpg", "height": 20, "width": 20},
-        {"id": 5, "file_name": "000000000005.jpg", "height": 10, "width": 30},
+        {"id": i, "file_name": f"{i:012d}.jpg", "height": 20, "width": 20} for i in range(1, 5)
     ]
+    images.append({"id": 5, "file_name": "000000000005.jpg", "height": 10, "width": 30})
     anns = [
-        {
-            "id": 10,
-            "image_id": 1,
-            "category_id": 1,
-            "iscrowd": 0,
-            "segmentation": [square(2, 2, 12, 12)],
-            "area": 100.0,
-            "bbox": [2, 2, 10, 10],
-        },
-        {
-            "id": 20,
-            "image_id": 2,
-            "category_id": 3,
-            "iscrowd": 0,
-            "segmentation": [square(0, 0, 4, 4), square(10, 10, 14, 14)],
-            "area": 32.0,
-            "bbox": [0, 0, 14, 14],
-        },
-        {
-            "id": 21,
-            "image_id": 2,
-            "category_id": 7,
-            "iscrowd": 0,
-            "segmentation": [square(2, 2, 12, 12)],
-            "area": 100.0,
-            "bbox": [2, 2, 10, 10],
-        },
-        {
-            "id": 30,
-            "image_id": 3,
-            "category_id": 1,
-            "iscrowd": 1,
-            "segmentation": uncompressed_rle(crowd),
-            "area": 20.0,
-            "bbox": [3, 5, 4, 5],
-        },
-        {
-            "id": 31,
-            "image_id": 3,
-            "category_id": 3,
-            "iscrowd": 0,
-            "segmentation": rle,
-            "area": 20.0,
-            "bbox": [0, 0, 5, 4],
-        },
-        {
-            "id": 50,
-            "image_id": 5,
-            "category_id": 7,
-            "iscrowd": 0,
-            "segmentation": [square(1, 1, 21, 6)],
-            "area": 100.0,
-            "bbox": [1, 1, 20, 5],
-        },
+        annotation(10, 1, 1, [square(2, 2, 12, 12)], 100.0, [2, 2, 10, 10]),
+        annotation(20, 2, 3, [square(0, 0, 4, 4), square(10, 10, 14, 14)], 32.0, [0, 0, 14, 14]),
+        annotation(21, 2, 7, [square(2, 2, 12, 12)], 100.0, [2, 2, 10, 10]),
+        annotation(30, 3, 1, uncompressed_rle(crowd), 20.0, [3, 5, 4, 5]),
+        annotation(31, 3, 3, rle, 20.0, [0, 0, 5, 4]),
+        annotation(50, 5, 7, [square(1, 1, 21, 6)], 100.0, [1, 1, 20, 5]),
     ]
     return {
         "info": {"description": "tiny"},

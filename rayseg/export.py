@@ -1,0 +1,143 @@
+"""Outputs other tools load as they are: a PASCAL VOC folder, a Hugging Face dataset card.
+
+`rayseg masks --layout voc` writes a folder torchvision and mmseg load without conversion; every
+run writes OUT/README.md, the dataset card `datasets.load_dataset(OUT)` reads.
+
+Input: each rendered image's bytes and mask (from rayseg.shard), then the finished image ids and
+the value scheme (from rayseg.masks). Output under OUT/VOCdevkit/VOC2012/:
+  JPEGImages/<stem>.jpg          the image (non-JPEG sources are re-encoded: VOC readers want .jpg)
+  SegmentationClass/<stem>.png   the mask as an indexed PNG with the VOC colour map
+  ImageSets/Segmentation/{train,val,trainval}.txt   stems, split as `rayseg train` splits
+  classes.json                   [{value, name, category_id, color}], background and ignore too
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+
+from rayseg import storage
+from rayseg.ingest import split_ids
+
+VOC_DIR = ("VOCdevkit", "VOC2012")
+VOC_YEAR = "2012"
+# VOC's colour for the ignore value 255 (object borders in the original masks).
+IGNORE_COLOR = (224, 224, 192)
+
+
+def voc_palette() -> np.ndarray:
+    """(256, 3) uint8: the PASCAL VOC colour map (bits of the index spread over R, G, B)."""
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        pal[i] = (r, g, b)
+    pal[255] = IGNORE_COLOR
+    return pal
+
+
+def voc_root(out: storage.Location) -> storage.Location:
+    return out.join(*VOC_DIR)
+
+
+def prepare_voc(out: storage.Location) -> None:
+    root = voc_root(out)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        storage.make_dirs(root.join(sub))
+        storage.remove_stray_temporaries(root.join(sub))
+
+
+def write_voc_pair(out: storage.Location, stem: str, image: bytes, mask: np.ndarray) -> None:
+    """One image and its (H, W) uint8 mask under their shared stem."""
+    root = voc_root(out)
+    if image[:3] != b"\xff\xd8\xff":  # not a JPEG
+        rgb = storage.decode_image(image)
+        _, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+        )
+        image = buf.tobytes()
+    storage.write_bytes(root.join("JPEGImages", f"{stem}.jpg"), image)
+    png = storage.encode_png(mask, palette=voc_palette())
+    storage.write_bytes(root.join("SegmentationClass", f"{stem}.png"), png)
+
+
+def write_voc_lists(
+    out: storage.Location,
+    stems: dict[int, str],
+    meta: dict[str, Any],
+    *,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, int]:
+    """The split files (rayseg.ingest.split_ids over `stems`' image ids) and classes.json."""
+    root = voc_root(out)
+    train, val = split_ids(np.asarray(sorted(stems), np.int64), val_fraction, seed=seed)
+    lists = {"train": train, "val": val, "trainval": np.union1d(train, val)}
+    for name, ids in lists.items():
+        text = "".join(f"{stems[int(i)]}\n" for i in ids)
+        storage.write_bytes(root.join("ImageSets", "Segmentation", f"{name}.txt"), text.encode())
+    storage.write_json(root.join("classes.json"), voc_classes(meta))
+    return {name: len(ids) for name, ids in lists.items()}
+
+
+def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every mask value with its name and palette colour (rayseg.shard.scheme_meta's classes)."""
+    pal = voc_palette()
+    entries = [{"value": meta["background_value"], "name": "background", "category_id": None}]
+    entries += sorted((dict(c) for c in meta["classes"]), key=lambda c: c["value"])
+    entries.append({"value": meta["ignore_value"], "name": "ignore", "category_id": None})
+    for e in entries:
+        e["color"] = [int(x) for x in pal[e["value"]]]
+    return entries
+
+
+def stem(file_name: str) -> str:
+    return os.path.splitext(os.path.basename(file_name))[0]
+
+
+def dataset_card(meta: dict[str, Any]) -> str:
+    """OUT/README.md for Hugging Face `datasets`: the Parquet parts and their features
+    (storage.hf_features in the card's YAML form), so `load_dataset(OUT)` decodes `image` and
+    `mask` as Image features and names the mask values."""
+    features = storage.hf_features(meta)
+    card = {
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": "train", "path": "parquet/*.parquet"}],
+            }
+        ],
+        "dataset_info": {"features": [_card_feature(k, v) for k, v in features.items()]},
+    }
+    body = (
+        "Semantic masks written by `rayseg masks`: one row per image (`image`, `mask` PNG, "
+        "`category_ids` as COCO category ids, `value_pixels` as mask values). "
+        "Classes: see manifest.json or the Parquet `rayseg` metadata.\n"
+    )
+    return f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n{body}"
+
+
+def _card_feature(name: str, feature: dict[str, Any]) -> dict[str, Any]:
+    """One `Features.to_dict()` entry in the YAML form dataset cards use."""
+    kind = feature["_type"]
+    if kind == "Value":
+        return {"name": name, "dtype": feature["dtype"]}
+    if kind == "Image":
+        return {"name": name, "dtype": "image"}
+    if kind == "ClassLabel":
+        names = {str(i): n for i, n in enumerate(feature["names"])}
+        return {"name": name, "dtype": {"class_label": {"names": names}}}
+    if kind == "List":
+        inner = feature["feature"]
+        if "_type" in inner:  # a list of plain values
+            return {"name": name, "list": inner["dtype"]}
+        return {"name": name, "list": [_card_feature(k, v) for k, v in inner.items()]}
+    raise ValueError(f"no dataset-card form for feature type {kind!r}")

@@ -1,0 +1,91 @@
+"""`rayseg masks --layout voc` loaded by torchvision's own VOCSegmentation (local Ray cluster)."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from tiny_coco import tiny_coco, write_coco, write_images
+
+from rayseg import export, storage
+from rayseg.config import VAL_FRACTION, MasksConfig, load_config
+from rayseg.errors import RaysegError
+from rayseg.ingest import split_ids
+from rayseg.masks import plan_masks, run_masks
+
+VOCSegmentation = pytest.importorskip("torchvision.datasets").VOCSegmentation
+
+
+@pytest.fixture(scope="module")
+def voc_out(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("voc")
+    data = tiny_coco()
+    values = {
+        "annotations": str(write_coco(tmp / "in.json", data)),
+        "out": str(tmp / "out"),
+        "images_dir": str(write_images(tmp / "images", data)),
+        "preset": "torchvision-voc",
+        "layout": "voc",
+        "shard_size": 2,
+    }
+    manifest = run_masks(load_config(MasksConfig, None, values))
+    return tmp / "out", manifest
+
+
+def parquet_masks(out) -> dict[str, np.ndarray]:
+    rows = pq.read_table(out / "parquet", columns=["file_name", "mask"]).to_pylist()
+    return {export.stem(r["file_name"]): storage.decode_png(r["mask"]) for r in rows}
+
+
+def test_torchvision_loads_the_voc_folder_as_it_is(voc_out):
+    out, _ = voc_out
+    expected = parquet_masks(out)
+    seen = []
+    for image_set in ("train", "val"):
+        ds = VOCSegmentation(str(out), year=export.VOC_YEAR, image_set=image_set, download=False)
+        for k in range(len(ds)):
+            image, target = ds[k]
+            stem = export.stem(ds.masks[k])
+            assert export.stem(ds.images[k]) == stem
+            assert target.mode == "P"  # indexed PNG: the values are class indices
+            assert np.array_equal(np.asarray(target), expected[stem])
+            assert image.size == target.size
+            seen.append(stem)
+    assert sorted(seen) == sorted(expected)
+
+
+def test_split_is_the_one_rayseg_train_uses(voc_out):
+    out, manifest = voc_out
+    sets = out / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    train, val = split_ids(np.arange(1, 6), VAL_FRACTION, seed=0)
+    assert (sets / "train.txt").read_text().split() == [f"{i:012d}" for i in train]
+    assert (sets / "val.txt").read_text().split() == [f"{i:012d}" for i in val]
+    assert manifest["voc"] == {"train": 4, "val": 1, "trainval": 5}
+
+
+def test_class_list_names_every_value_with_its_palette_colour(voc_out):
+    out, _ = voc_out
+    classes = json.loads((out / "VOCdevkit" / "VOC2012" / "classes.json").read_text())
+    assert [c["value"] for c in classes] == [*range(21), 255]
+    assert (classes[0]["name"], classes[15]["name"], classes[-1]["name"]) == (
+        "background",
+        "person",
+        "ignore",
+    )
+    assert classes[15]["category_id"] == 1
+    assert classes[1]["color"] == [128, 0, 0]  # VOC's aeroplane red
+
+
+def test_voc_layout_needs_the_images(tmp_path):
+    annotations = write_coco(tmp_path / "in.json", tiny_coco())
+    cfg = load_config(
+        MasksConfig, None, {"annotations": str(annotations), "out": "o", "layout": "voc"}
+    )
+    with pytest.raises(RaysegError, match="--layout voc needs --images-dir"):
+        plan_masks(cfg)
+
+
+def test_voc_palette_is_pascals():
+    pal = export.voc_palette()
+    assert pal[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    assert pal[255].tolist() == list(export.IGNORE_COLOR)
