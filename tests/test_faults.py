@@ -156,6 +156,7 @@ def test_killed_render_worker_is_retried(big_coco, tmp_path):
             "20",
             "--num-cpus",
             "2",
+            "--verbose",  # Ray's own report of the dead worker is part of what is checked
         ],
         log,
     )
