@@ -28,31 +28,12 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from train_bench import make_data  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from rayseg import ingest  # noqa: E402
-from rayseg.config import MasksConfig, SynthConfig  # noqa: E402
 from rayseg.models import class_map_from_meta  # noqa: E402
 
 GPU_RATE = 272.0
-
-
-def make_data(folder: Path, num_images: int) -> str:
-    """Synthetic 640x480 JPEG images rendered to masks with embedded images (cached)."""
-    from rayseg.masks import run_masks
-    from rayseg.synth import run_synth
-
-    masks = folder / f"ingest-masks-{num_images}"
-    if not (masks / "manifest.json").exists():
-        synth = folder / f"ingest-synth-{num_images}"
-        run_synth(SynthConfig(out=str(synth), num_images=num_images, width=640, height=480))
-        run_masks(
-            MasksConfig(
-                annotations=str(synth / "annotations.json"),
-                out=str(masks),
-                images_dir=str(synth / "images"),
-                shard_size=max(1, num_images // 8),
-            )
-        )
-    return str(masks)
 
 
 def single_core(summary: ingest.DataSummary, lut: np.ndarray, crop: int, batch: int) -> float:
@@ -110,7 +91,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2, help="timed passes after a warm-up pass")
     p.add_argument("--gpu-rate", type=float, default=GPU_RATE, help="images/s one GPU trains")
     args = p.parse_args()
-    data = args.data or make_data(REPO / "bench" / "_data", args.num_images)
+    data = args.data or make_data(REPO / "bench" / "_data", args.num_images, width=640, height=480)
     summary = ingest.scan_data(data)
     lut = class_map_from_meta(summary.meta).train_lut()
     ids = np.unique(summary.image_ids)

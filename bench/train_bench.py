@@ -48,15 +48,16 @@ TARGET_OVERHEAD = 0.10
 TARGET_WAIT = 0.05
 
 
-def make_data(folder: Path, num_images: int) -> str:
-    """Synthetic shapes rendered to masks with embedded images (cached per image count)."""
+def make_data(folder: Path, num_images: int, *, width: int = 160, height: int = 120) -> str:
+    """Synthetic shapes rendered to masks with embedded images (cached per count and size)."""
     from rayseg.masks import run_masks
     from rayseg.synth import run_synth
 
-    masks = folder / f"masks-{num_images}"
+    size = "" if (width, height) == (160, 120) else f"-{width}x{height}"
+    masks = folder / f"masks-{num_images}{size}"
     if not (masks / "manifest.json").exists():
-        synth = folder / f"synth-{num_images}"
-        run_synth(SynthConfig(out=str(synth), num_images=num_images))
+        synth = folder / f"synth-{num_images}{size}"
+        run_synth(SynthConfig(out=str(synth), num_images=num_images, width=width, height=height))
         run_masks(
             MasksConfig(
                 annotations=str(synth / "annotations.json"),
