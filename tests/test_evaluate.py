@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 from mask_data import category_meta, encode_rgb, random_rgb, reference_labels, sample_row
-from tiny_models import tiny_model
+from tiny_models import PERSON_CAR, save_tiny_model, tiny_model
 
 from rayseg import storage
-from rayseg.checkpoint import load_model, save_model
+from rayseg.checkpoint import load_model
 from rayseg.config import EvaluateConfig
 from rayseg.errors import RaysegError
 from rayseg.evaluate import (
@@ -27,13 +27,7 @@ from rayseg.records import Problem
 
 # The data has three categories; the model knows two of them (train, value 7, is background).
 META = category_meta({1: "person", 3: "car", 7: "train"})
-CLASS_MAP = ClassMap(
-    mask_values=(1, 3),
-    category_ids=(1, 3),
-    names=("background", "person", "car"),
-    ignore_value=255,
-    value_scheme="category_id",
-)
+CLASS_MAP = PERSON_CAR
 
 
 # ---- pure core, counted by hand ------------------------------------------------------------------
@@ -140,13 +134,7 @@ def dataset(tmp_path_factory):
     """A model export and a masks folder of two Parquet parts: 3 good rows, 3 bad ones."""
     root = tmp_path_factory.mktemp("evaluate")
     model_file = str(root / "model.pt")
-    save_model(
-        model_file,
-        tiny_model(CLASS_MAP.num_classes),
-        name="lraspp_mobilenet_v3_large",
-        class_map=CLASS_MAP,
-        aux_loss=False,
-    )
+    save_tiny_model(model_file)
     good = {1: tiny_masks(40, 48, 1), 2: tiny_masks(36, 52, 2), 3: tiny_masks(44, 30, 3)}
     rows = {i: sample_row(i, None, m, image_bytes=encode_rgb(rgb)) for i, (rgb, m) in good.items()}
     rgb, mask = good[1]
@@ -212,13 +200,7 @@ def test_evaluate_matches_a_hand_computed_confusion_matrix(ray_local, dataset, c
 def test_evaluate_rejects_a_checkpoint_of_another_class_mapping(dataset):
     other = dataset["root"] / "other.pt"
     class_map = ClassMap((1, 2), (1, 3), CLASS_MAP.names, 255, "train_id")
-    save_model(
-        str(other),
-        tiny_model(CLASS_MAP.num_classes),
-        name="lraspp_mobilenet_v3_large",
-        class_map=class_map,
-        aux_loss=False,
-    )
+    save_tiny_model(str(other), class_map, num_classes=CLASS_MAP.num_classes)
     cfg = EvaluateConfig(
         checkpoint=str(other), data=dataset["data"], out=str(dataset["root"] / "x")
     )

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mask_data import META, encode_rgb, make_sample, random_rgb, reference_labels, sample_row
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model, tiny_model
 
 from rayseg import storage
-from rayseg.checkpoint import save_model
 from rayseg.errors import RaysegError
 from rayseg.infer import (
     check_parquet_images,
@@ -53,13 +52,7 @@ def test_predict_labels_full_size_and_independent_of_batch():
 
 def test_load_checkpoint_reads_an_export_and_names_a_bad_file(tmp_path):
     path = tmp_path / "model.pt"
-    save_model(
-        str(path),
-        tiny_model(CLASS_MAP.num_classes),
-        name="lraspp_mobilenet_v3_large",
-        class_map=CLASS_MAP,
-        aux_loss=False,
-    )
+    save_tiny_model(str(path), CLASS_MAP)
     model, info = load_checkpoint(str(tmp_path))  # a run dir: its model.pt
     assert info["class_map"] == CLASS_MAP and info["source"] == str(path)
     assert not model.training

@@ -12,24 +12,17 @@ import numpy as np
 import pytest
 import torch
 from mask_data import category_meta, encode_rgb, random_rgb, reference_labels, sample_row
-from tiny_models import tiny_model
+from tiny_models import PERSON_CAR, save_tiny_model
 
 from rayseg import storage
-from rayseg.checkpoint import load_model, save_model
+from rayseg.checkpoint import load_model
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
 from rayseg.models import ClassMap
 from rayseg.predict import overlay, overlay_palette, render_outputs, run_predict
 from rayseg.storage import decode_image
 
-# Model class 1 is mask value 1 (person), class 2 is mask value 3 (car).
-CLASS_MAP = ClassMap(
-    mask_values=(1, 3),
-    category_ids=(1, 3),
-    names=("background", "person", "car"),
-    ignore_value=255,
-    value_scheme="category_id",
-)
+CLASS_MAP = PERSON_CAR
 # (height, width) of the test images: all different, and none a multiple of 32.
 SIZES = [(40, 48), (36, 52), (44, 30)]
 
@@ -37,13 +30,7 @@ SIZES = [(40, 48), (36, 52), (44, 30)]
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(
-        str(path),
-        tiny_model(CLASS_MAP.num_classes),
-        name="lraspp_mobilenet_v3_large",
-        class_map=CLASS_MAP,
-        aux_loss=False,
-    )
+    save_tiny_model(str(path))
     return str(path)
 
 

@@ -13,31 +13,16 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from tiny_models import tiny_model
+from tiny_models import PERSON_CAR, save_tiny_model
 
-from rayseg.checkpoint import save_model
-from rayseg.models import ClassMap
-
-CLASS_MAP = ClassMap(
-    mask_values=(1, 3),
-    category_ids=(1, 3),
-    names=("background", "person", "car"),
-    ignore_value=255,
-    value_scheme="category_id",
-)
+CLASS_MAP = PERSON_CAR
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("quiet")
     model = root / "model.pt"
-    save_model(
-        str(model),
-        tiny_model(CLASS_MAP.num_classes),
-        name="lraspp_mobilenet_v3_large",
-        class_map=CLASS_MAP,
-        aux_loss=False,
-    )
+    save_tiny_model(str(model))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
