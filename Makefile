@@ -26,6 +26,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/subset_bench.py
 	$(BIN)/python bench/render_bench.py
+	$(BIN)/python bench/percore_bench.py
+	$(BIN)/python bench/driver_bench.py
+	$(BIN)/python bench/scale_bench.py
+	$(BIN)/python bench/shard_size_bench.py
 	$(BIN)/python bench/train_bench.py
 
 clean:

@@ -2,6 +2,7 @@
 
     python bench/make_coco.py --preset train2017   # 118,287 images, 860,001 annotations, ~450 MB
     python bench/make_coco.py --preset render      # 8,000 images, ~58k annotations
+    python bench/make_coco.py --num-images 1000000 # ~3.8 GB (bench/driver_bench.py's large size)
 
 Images are mostly 640x480 (some portrait / 640x427), annotations ~Poisson(7.27) per image with
 COCO's 80 real category ids (1..90 with gaps), star-shaped polygons of 8-60 vertices with 2-decimal
@@ -79,6 +80,9 @@ PART_COUNT_P = np.array([0.92, 0.06, 0.02])  # 1, 2 or 3 polygons per object
 MIN_VERTICES, MAX_VERTICES = 8, 60
 VERTEX_MEDIAN = 21.0  # tuned so the train2017 preset lands near real train2017's 448 MB
 IMAGES_PER_CHUNK = 4000
+# Ids are drawn without replacement from ranges like real COCO's; files larger than COCO (the
+# driver bench's 1M images) draw from twice their size instead.
+IMAGE_ID_RANGE, ANNOTATION_ID_RANGE = 581_929, 2_300_000
 CROWD_ID_BASE = 900_100_000_000  # real COCO crowd ids are 9001 followed by the 8-digit image id
 
 
@@ -90,7 +94,8 @@ def category_probabilities(num: int) -> np.ndarray:
 
 
 def make_images(rng: np.random.Generator, num_images: int) -> list[dict[str, Any]]:
-    ids = np.sort(rng.choice(581_929, size=num_images, replace=False) + 1)
+    population = max(IMAGE_ID_RANGE, 2 * num_images)
+    ids = np.sort(rng.choice(population, size=num_images, replace=False) + 1)
     rng.shuffle(ids)
     sizes = IMAGE_SIZES[rng.choice(len(IMAGE_SIZES), size=num_images, p=IMAGE_SIZE_P)]
     licenses = rng.integers(1, 9, num_images)
@@ -346,7 +351,8 @@ def write_coco(
     rng = np.random.default_rng([seed, 0])
     images = make_images(rng, num_images)
     counts = annotation_counts(rng, num_images, num_annotations)
-    ann_ids = rng.choice(2_300_000, size=num_annotations, replace=False) + 1
+    population = max(ANNOTATION_ID_RANGE, 2 * num_annotations)
+    ann_ids = rng.choice(population, size=num_annotations, replace=False) + 1
     header = {
         "info": {
             "description": "COCO-shaped synthetic instances (rayseg bench)",

@@ -1,30 +1,45 @@
-"""Mask rendering throughput: the original PIL script, pycocotools, and `rayseg masks` (Ray).
+"""Mask rendering throughput (issue 10): the original script, pycocotools, the minimal pipeline and
+`rayseg masks`, on 8,000 images and on a whole train2017-sized file.
 
-    python bench/render_bench.py                        # 8,000-image render preset
-    python bench/render_bench.py --baseline-images 2000 # time the serial baselines on 2,000 images
-    python bench/render_bench.py --quick                # 500-image smoke test
+    python bench/render_bench.py                # both parts, ~6 min on 2 quiet cores
+    python bench/render_bench.py --parts 8k     # the 8,000-image comparison only, ~2.5 min
+    python bench/render_bench.py --parts whole  # the whole train2017-sized file only, ~3.5 min
+    python bench/render_bench.py --quick        # 500- and 3,000-image smoke test, < 1 min
 
+Part 8k (make_coco.py --preset render: 8,000 images, 58,160 annotations), every method on all of it:
 (a) the original: per annotation a PIL "L" image, ImageDraw.polygon with fill category_id*100 (it
     saturates at 255: the original bug), np.maximum into the mask, crowds skipped (it could not read
     RLE), PIL PNG save; serial, after json.load.
 (b) pycocotools: COCO(file), annToMask per annotation, np.maximum of category_id*mask, cv2 PNG;
     serial.
+(m) the minimal pipeline (bench/minimal.py render_minimal) in this process: one core's rate, the
+    external baseline for what a core can do. Its masks' PNG-encode-only time is reported beside it.
 (c) `python -m rayseg masks --overwrite` as a subprocess, process start to exit, per rasterizer.
-Capacity: the pure per-image path of a render task (decode, render_mask, encode_png; no files) in
-this one process, times the number of cores: what the machine allows. (c)'s rendering phase is
-read back from its shard records (duration) and their file times (end) and compared with it.
+Targets: (c opencv) >= 4x (a) end to end; (c coco) >= 0.5x (c opencv) end to end.
+
+Part whole (make_coco.py --preset train2017: 118,287 images, 860,001 annotations): (m) on the
+file's first 8,000 images, then (c opencv) on the whole file on all cores. Targets: (c) end to end
+>= 90% of cores x (m)'s rate; the `rayseg masks` driver's peak RSS <= 1.5x the file.
+
+The driver's peak is its own VmHWM, polled from /proc while it runs; beside it, the peak of its RSS
+plus that of its non-Ray child processes (rayseg's parse child), sampled every 0.1 s. The Ray
+processes (GCS, raylet, workers) are not counted. Each (c)'s rendering phase (first shard start
+to last shard end) is read back from its shard records.
+Results: printed, and each part's block replaced in bench/results/render_bench.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +48,16 @@ import cv2
 import msgspec
 import numpy as np
 from make_coco import DATA_DIR, ensure_preset, write_coco
-from subset_bench import measure
+from minimal import encode_only, group_by_image, render_masks, render_minimal
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK_IMAGES = 500
-TARGET_SPEEDUP = 5.0
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_IMAGES = {"8k": 500, "whole": 3000}
+MINIMAL_IMAGES = 8000  # the whole part's per-core baseline: the file's first 8,000 images
+TARGET_SPEEDUP = 4.0  # (c opencv) vs (a), 8,000 images on 2 cores
 TARGET_COCO_RATIO = 0.5
-TARGET_CAPACITY_SHARE = 0.8
+TARGET_MINIMAL_SHARE = 0.9  # whole file: (c) end to end / (cores x minimal)
+TARGET_MEMORY_RATIO = 1.5  # whole file: driver peak RSS / file size
 
 
 @dataclass(frozen=True)
@@ -47,7 +65,6 @@ class Result:
     label: str
     images: int  # images the rate stands for
     seconds: float  # end-to-end, extrapolated when measured < images
-    measured: int  # images actually rendered
     note: str = ""
 
     @property
@@ -55,19 +72,75 @@ class Result:
         return self.images / self.seconds
 
 
-def group_by_image(data: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
-    groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for ann in data["annotations"]:
-        groups[ann["image_id"]].append(ann)
-    return groups
-
-
 def extrapolate(label: str, load_s: float, loop_s: float, measured: int, total: int) -> Result:
     seconds = load_s + loop_s / measured * total
     note = f"load {load_s:.1f} s"
     if measured < total:
         note += f"; loop timed on {measured} of {total} images, extrapolated per image"
-    return Result(label, total, seconds, measured, note)
+    return Result(label, total, seconds, note)
+
+
+# ---- machine info and the results file (shared by driver_bench and scale_bench) ----
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def machine_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return (
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; nproc {cores()}; "
+        f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+    )
+
+
+def write_results(name: str, key: str, text: str) -> Path:
+    """Replace block `key` of bench/results/<name>.txt (other blocks are kept)."""
+    path = RESULTS_DIR / f"{name}.txt"
+    marker = f"=== {name} "
+    blocks: dict[str, str] = {}
+    if path.exists():
+        current = None
+        for line in path.read_text().splitlines(keepends=True):
+            if line.startswith(marker):
+                current = line[len(marker) :].split(":", 1)[0].strip()
+                blocks[current] = ""
+            if current is not None:
+                blocks[current] += line
+    blocks[key] = f"{marker}{key}: {machine_line()} ===\n{text.rstrip()}\n\n"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path.write_text("".join(blocks.values()))
+    return path
+
+
+# ---- the file: counts, and the first N images with their annotations as dicts ----
+
+
+class _Records(msgspec.Struct):
+    images: list[msgspec.Raw]
+    annotations: list[msgspec.Raw]
+
+
+class _AnnImage(msgspec.Struct):
+    image_id: int
+
+
+def count_records(path: Path) -> tuple[int, int]:
+    counts = msgspec.json.decode(path.read_bytes(), type=_Records)
+    return len(counts.images), len(counts.annotations)
+
+
+def first_images(
+    path: Path, limit: int
+) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """The file's first `limit` image dicts and their annotation dicts (the rest stays raw)."""
+    raw = msgspec.json.decode(path.read_bytes(), type=_Records)
+    images = [msgspec.json.decode(r) for r in raw.images[:limit]]
+    wanted = {im["id"] for im in images}
+    head = msgspec.json.Decoder(_AnnImage)
+    anns = [msgspec.json.decode(r) for r in raw.annotations if head.decode(r).image_id in wanted]
+    return images, group_by_image({"annotations": anns})
 
 
 # ---- (a) the original PIL script ----
@@ -102,7 +175,7 @@ def run_pil(path: Path, out: Path, limit: int) -> Result:
         mask.save(out / (Path(img["file_name"]).stem + ".png"))
     loop_s = time.perf_counter() - start
     return extrapolate(
-        "(a) PIL polygons, serial (original)", load_s, loop_s, len(images), len(data["images"])
+        "(a) original: PIL, serial", load_s, loop_s, len(images), len(data["images"])
     )
 
 
@@ -128,13 +201,39 @@ def run_pycocotools(path: Path, out: Path, limit: int) -> Result:
             mask = np.maximum(mask, coco.annToMask(ann) * np.uint8(ann["category_id"]))
         cv2.imwrite(str(out / (Path(img["file_name"]).stem + ".png")), mask)
     loop_s = time.perf_counter() - start
-    return extrapolate(
-        "(b) pycocotools annToMask, serial",
-        load_s,
-        loop_s,
-        min(limit, len(image_ids)),
-        len(image_ids),
-    )
+    measured = min(limit, len(image_ids))
+    return extrapolate("(b) pycocotools, serial", load_s, loop_s, measured, len(image_ids))
+
+
+# ---- (m) the minimal pipeline, one core ----
+
+
+@dataclass(frozen=True)
+class MinimalRate:
+    images: int
+    seconds: float  # best pass of render_minimal (fill, encode, write)
+    encode_seconds: float  # PNG encoding alone of the same masks
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+def measure_minimal(path: Path, work: Path, limit: int, repeats: int) -> MinimalRate:
+    """render_minimal on the file's first `limit` images in this process: the best of `repeats`
+    passes, each into a fresh folder; then the PNG-encode-only time of the same masks."""
+    images, groups = first_images(path, limit)
+    passes = []
+    for k in range(repeats):
+        out = work / f"minimal_{k}"
+        start = time.perf_counter()
+        render_minimal(images, groups, out)
+        passes.append(time.perf_counter() - start)
+        shutil.rmtree(out, ignore_errors=True)
+    encode = 0.0
+    for s in range(0, len(images), 500):  # 500 masks at a time: 8,000 would be ~2.5 GB
+        encode += encode_only(render_masks(images[s : s + 500], groups))
+    return MinimalRate(len(images), min(passes), encode)
 
 
 # ---- (c) rayseg masks ----
@@ -142,39 +241,103 @@ def run_pycocotools(path: Path, out: Path, limit: int) -> Result:
 
 @dataclass(frozen=True)
 class RaysegRun:
-    result: Result | None
+    rasterizer: str
+    seconds: float = 0.0  # process start to exit
+    driver_peak_bytes: int = 0  # the driver's own VmHWM
+    tree_peak_bytes: int = 0  # the driver's RSS + its non-Ray children's (the parse child)
     phase_images: int = 0
     phase_seconds: float = 0.0
     task_seconds: float = 0.0
     error: str = ""
 
 
-def run_rayseg(path: Path, out: Path, rasterizer: str, python: str, num_images: int) -> RaysegRun:
-    argv = [
-        python,
-        "-m",
-        "rayseg",
-        "masks",
-        "--annotations",
-        str(path),
-        "--out",
-        str(out),
-        "--overwrite",
-        "--rasterizer",
-        rasterizer,
-    ]
-    m = measure(f"rayseg masks {rasterizer}", argv, cwd=REPO)
-    if m.returncode != 0:
-        return RaysegRun(None, error=f"exit {m.returncode}:\n{m.output_tail}")
-    result = Result(
-        f"(c) rayseg masks --rasterizer {rasterizer}",
-        num_images,
-        m.seconds,
-        num_images,
-        f"process start to exit; max RSS of one process {m.peak_rss_bytes / 1e9:.2f} GB",
-    )
+def status_field(pid: int, field: str) -> int:
+    """A /proc/<pid>/status size in bytes (VmHWM, VmRSS); 0 once the process has gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def non_ray_descendants(pid: int) -> list[int]:
+    """pid's child processes, recursively, but not Ray's (gcs_server, raylet, workers, agents):
+    those are the cluster's, not the driver's (e.g. rayseg's parse child is counted)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        cmdline = f.read().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                if b"/ray/" in cmdline or cmdline.startswith(b"ray::"):
+                    continue
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+class MemoryPoller:
+    """Polls, every 0.1 s until stop(): the process's own peak (VmHWM) and the peak of its RSS
+    plus its non-Ray descendants' RSS (sampled, so a spike shorter than 0.1 s can be missed)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.own_peak, self.tree_peak = pid, 0, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.1):
+            self.own_peak = max(self.own_peak, status_field(self.pid, "VmHWM"))
+            tree = status_field(self.pid, "VmRSS")
+            tree += sum(status_field(c, "VmRSS") for c in non_ray_descendants(self.pid))
+            self.tree_peak = max(self.tree_peak, tree)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def run_driver(argv: list[str]) -> tuple[float, MemoryPoller, int, str]:
+    """Run argv to its end: (seconds, its memory peaks, exit code, output tail)."""
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        memory = MemoryPoller(proc.pid)
+        returncode = proc.wait()
+        seconds = time.perf_counter() - start
+        memory.stop()
+        log.seek(0)
+        tail = log.read()[-2000:].decode(errors="replace")
+    return seconds, memory, returncode, tail
+
+
+def run_rayseg(path: Path, out: Path, rasterizer: str, python: str) -> RaysegRun:
+    argv = [python, "-m", "rayseg", "masks", "--annotations", str(path), "--out", str(out)]
+    argv += ["--overwrite", "--rasterizer", rasterizer]
+    seconds, memory, returncode, tail = run_driver(argv)
+    if returncode != 0:
+        return RaysegRun(rasterizer, error=f"exit {returncode}:\n{tail}")
     images, phase_s, task_s = rendering_phase(out / "_shards")
-    return RaysegRun(result, images, phase_s, task_s)
+    return RaysegRun(
+        rasterizer, seconds, memory.own_peak, memory.tree_peak, images, phase_s, task_s
+    )
 
 
 def rendering_phase(shards_dir: Path) -> tuple[int, float, float]:
@@ -184,12 +347,12 @@ def rendering_phase(shards_dir: Path) -> tuple[int, float, float]:
     the record's own `seconds`.
     """
     starts, ends, images, busy = [], [], 0, 0.0
-    for record_path in shards_dir.glob("*.json"):
+    for record_path in shards_dir.glob("shard-*.json"):
         try:
             record = json.loads(record_path.read_text())
             seconds, written = float(record["seconds"]), record["written"]
         except (ValueError, KeyError, TypeError):
-            continue  # the plan file, or a record without timing
+            continue  # a record without timing
         end = record_path.stat().st_mtime
         starts.append(end - seconds)
         ends.append(end)
@@ -200,81 +363,6 @@ def rendering_phase(shards_dir: Path) -> tuple[int, float, float]:
     return images, max(ends) - min(starts), busy
 
 
-# ---- capacity: the pure path in one process ----
-
-
-def capacity(path: Path, rasterizer: str, sample: int, repeats: int) -> tuple[float, str]:
-    """Images/s of the pure per-image path of a render task, on an even sample of the file.
-
-    rayseg.shard.render_image (annotation decode + rayseg.render.render_mask) then
-    rayseg.storage.encode_png, as each task does per image, minus the file writes. One warm-up pass,
-    then the fastest of `repeats` passes, since other processes share the cores.
-    """
-    try:
-        from rayseg.coco import load_coco
-        from rayseg.config import MasksConfig
-        from rayseg.render import value_scheme
-        from rayseg.shard import plan_jobs, render_image
-        from rayseg.storage import encode_png
-    except ImportError as e:
-        return 0.0, f"skipped: the rayseg pure path is not importable yet ({e})"
-    index = load_coco(str(path))
-    cfg = MasksConfig(
-        annotations=str(path),
-        out=str(DATA_DIR / "unused"),
-        rasterizer=rasterizer,
-        shard_size=len(index.images) or 1,
-    )
-    scheme = value_scheme([c.id for c in index.categories], cfg.values)
-    (job,) = plan_jobs(index, cfg, scheme)
-    step = max(1, len(job.images) // sample)
-    records = job.images[::step][:sample]
-    passes = []
-    for _ in range(1 + repeats):
-        start = time.perf_counter()
-        for rec in records:
-            mask, _ = render_image(rec, job)
-            encode_png(mask)
-        passes.append(time.perf_counter() - start)
-    best = min(passes[1:])
-    return len(records) / best, f"{len(records)} sampled images, best of {repeats} warm passes"
-
-
-def shard_capacity(path: Path, rasterizer: str, shards: int, repeats: int) -> tuple[float, str]:
-    """Images/s of a render task's whole job in one process, no Ray: rayseg.shard.render_shard
-    (decode, render, histogram, PNG encode and write, Parquet part, shard record) on the first
-    `shards` shards of 200 images spread over the file, into a fresh temporary folder each pass.
-    Fastest of `repeats` passes after a warm-up."""
-    import tempfile
-
-    from rayseg.coco import load_coco
-    from rayseg.config import MasksConfig
-    from rayseg.render import value_scheme
-    from rayseg.shard import plan_jobs, render_shard
-
-    index = load_coco(str(path))
-    passes = []
-    for _ in range(1 + repeats):
-        # A fresh folder each pass, as `rayseg masks --overwrite` writes into.
-        with tempfile.TemporaryDirectory(dir=DATA_DIR) as tmp:
-            cfg = MasksConfig(annotations=str(path), out=tmp, rasterizer=rasterizer, shard_size=200)
-            for sub in ("masks", "parquet", "_shards"):
-                os.makedirs(os.path.join(tmp, sub))
-            scheme = value_scheme([c.id for c in index.categories], cfg.values)
-            jobs = plan_jobs(index, cfg, scheme)[:: max(1, len(index.images) // 200 // shards)]
-            jobs = jobs[:shards]
-            start = time.perf_counter()
-            for job in jobs:
-                render_shard(job)
-            passes.append(time.perf_counter() - start)
-    images = sum(len(j.images) for j in jobs)
-    return images / min(passes[1:]), f"{images} images, best of {repeats} warm passes"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 # ---- report ----
 
 
@@ -282,166 +370,204 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def print_report(
-    path: Path,
-    num_images: int,
-    num_annotations: int,
-    results: list[Result],
-    runs: dict[str, RaysegRun],
-    capacities: dict[str, tuple[float, str]],
-) -> None:
-    print(
-        f"\nfile: {path} ({num_images:,} images, {num_annotations:,} annotations, "
-        f"{path.stat().st_size / 1e6:.1f} MB); {cores()} cores, "
-        f"load average {os.getloadavg()[0]:.1f} at the end"
+def file_line(path: Path, num_images: int, num_annotations: int) -> str:
+    return (
+        f"file: {path.name} ({num_images:,} images, {num_annotations:,} annotations, "
+        f"{path.stat().st_size / 2**20:.1f} MiB)"
     )
-    print(f"{'method':<40} {'images':>7} {'seconds':>9} {'images/s':>9}  note")
-    for r in results:
-        print(f"{r.label:<40} {r.images:>7} {r.seconds:>9.2f} {r.rate:>9.1f}  {r.note}")
-    for rasterizer, run in runs.items():
-        if run.result is None:
-            print(f"{'(c) rayseg masks --rasterizer ' + rasterizer:<40} failed: {run.error}")
-            continue
-        r = run.result
-        print(f"{r.label:<40} {r.images:>7} {r.seconds:>9.2f} {r.rate:>9.1f}  {r.note}")
-    phase_rates = print_capacity(runs, capacities)
-    print_ratios(results, runs, capacities, phase_rates)
 
 
-def print_capacity(
-    runs: dict[str, RaysegRun], capacities: dict[str, tuple[float, str]]
-) -> dict[str, float]:
-    """One process's capacity per rasterizer, and each run's rendering-phase rate (returned)."""
-    print("\ncapacity (a render task's whole job, rayseg.shard.render_shard, in one process):")
-    phase_rates: dict[str, float] = {}
-    for rasterizer, (rate, note) in capacities.items():
-        if rate <= 0:
-            print(f"  {rasterizer}: {note}")
-            continue
-        print(
-            f"  {rasterizer:<7} 1 process {rate:8.1f} images/s x {cores()} cores = "
-            f"{rate * cores():8.1f} images/s ({note})"
+def minimal_lines(m: MinimalRate) -> list[str]:
+    return [
+        f"{'(m) minimal pipeline, 1 core':<34} {m.images:>7} {m.seconds:>9.2f} {m.rate:>9.1f}  "
+        f"best pass; x {cores()} cores = {m.rate * cores():.0f} images/s",
+        f"{'    of which PNG encode only':<34} {m.images:>7} {m.encode_seconds:>9.2f} "
+        f"{m.images / m.encode_seconds:>9.1f}  {m.encode_seconds / m.seconds:.0%} of (m)'s time",
+    ]
+
+
+def rayseg_line(run: RaysegRun, images: int, file_bytes: int) -> list[str]:
+    label = f"(c) rayseg masks {run.rasterizer}"
+    if run.error:
+        return [f"{label:<34} failed: {run.error}"]
+    lines = [
+        f"{label:<34} {images:>7} {run.seconds:>9.2f} {images / run.seconds:>9.1f}  process "
+        f"start to exit; driver peak {run.driver_peak_bytes / 2**30:.2f} GiB = "
+        f"{run.driver_peak_bytes / file_bytes:.2f}x the file, with its non-Ray children "
+        f"{run.tree_peak_bytes / 2**30:.2f} GiB = {run.tree_peak_bytes / file_bytes:.2f}x"
+    ]
+    if run.phase_seconds:
+        lines.append(
+            f"{'    rendering phase':<34} {run.phase_images:>7} {run.phase_seconds:>9.2f} "
+            f"{run.phase_images / run.phase_seconds:>9.1f}  first shard start to last end; "
+            f"tasks busy {run.task_seconds:.1f} s in all"
         )
-    for rasterizer, run in runs.items():
-        if run.result is None or not run.phase_seconds:
-            continue
-        phase_rates[rasterizer] = run.phase_images / run.phase_seconds
-        print(
-            f"  (c) {rasterizer:<7} rendering phase: {run.phase_images} images in "
-            f"{run.phase_seconds:.2f} s = {phase_rates[rasterizer]:.1f} images/s "
-            f"(tasks busy {run.task_seconds:.1f} s in all)"
-        )
-    return phase_rates
+    return lines
 
 
-def print_ratios(
-    results: list[Result],
+def header() -> str:
+    return f"{'method':<34} {'images':>7} {'seconds':>9} {'images/s':>9}  note"
+
+
+def ratio_line(label: str, value: float, target: float | None, *, at_most: bool = False) -> str:
+    text = f"  {label:<52} {value:7.2f}"
+    if target is not None:
+        ok = value <= target if at_most else value >= target
+        text += f"   target {'<=' if at_most else '>='} {target:<4}  {verdict(ok)}"
+    return text
+
+
+def report_8k(
+    path: Path,
+    counts: tuple[int, int],
+    baselines: list[Result],
+    minimal: MinimalRate,
     runs: dict[str, RaysegRun],
-    capacities: dict[str, tuple[float, str]],
-    phase_rates: dict[str, float],
-) -> None:
-    print("\nratios:")
-    base = next((r for r in results if r.label.startswith("(a)")), None)
-    opencv, coco = runs.get("opencv"), runs.get("coco")
-    if base and opencv and opencv.result:
-        speedup = opencv.result.rate / base.rate
-        print(
-            f"  (c opencv) vs (a) PIL, end to end:   {speedup:7.1f}x   target >= "
-            f"{TARGET_SPEEDUP:.0f}x    {verdict(speedup >= TARGET_SPEEDUP)}"
+) -> str:
+    num_images, _ = counts
+    size = path.stat().st_size
+    lines = [file_line(path, *counts), header()]
+    for r in baselines:
+        lines.append(f"{r.label:<34} {r.images:>7} {r.seconds:>9.2f} {r.rate:>9.1f}  {r.note}")
+    lines += minimal_lines(minimal)
+    for run in runs.values():
+        lines += rayseg_line(run, num_images, size)
+    lines.append("ratios:")
+    ok = {k: r for k, r in runs.items() if not r.error}
+    rate = {k: num_images / r.seconds for k, r in ok.items()}
+    capacity = minimal.rate * cores()
+    original = next((r for r in baselines if r.label.startswith("(a)")), None)
+    if original and "opencv" in ok:
+        value = rate["opencv"] / original.rate
+        lines.append(ratio_line("(c opencv) / (a) original, end to end", value, TARGET_SPEEDUP))
+    pyco = next((r for r in baselines if r.label.startswith("(b)")), None)
+    if pyco and "opencv" in ok:
+        lines.append(
+            ratio_line("(c opencv) / (b) pycocotools, end to end", rate["opencv"] / pyco.rate, None)
         )
-    pyco = next((r for r in results if r.label.startswith("(b)")), None)
-    if pyco and opencv and opencv.result:
-        print(f"  (c opencv) vs (b) pycocotools:       {opencv.result.rate / pyco.rate:7.1f}x")
-    if opencv and coco and opencv.result and coco.result:
-        ratio = coco.result.rate / opencv.result.rate
-        print(
-            f"  coco / opencv throughput, end to end: {ratio:6.2f}    target >= "
-            f"{TARGET_COCO_RATIO}    {verdict(ratio >= TARGET_COCO_RATIO)}"
+    if "opencv" in ok and "coco" in ok:
+        value = rate["coco"] / rate["opencv"]
+        lines.append(ratio_line("(c coco) / (c opencv), end to end", value, TARGET_COCO_RATIO))
+    for k, r in ok.items():
+        lines.append(
+            ratio_line(f"(c {k}) end to end / ({cores()} cores x (m))", rate[k] / capacity, None)
         )
-        if "opencv" in phase_rates and "coco" in phase_rates:
-            print(
-                f"  coco / opencv, rendering phase:       "
-                f"{phase_rates['coco'] / phase_rates['opencv']:6.2f}"
+        if r.phase_seconds:
+            phase = r.phase_images / r.phase_seconds / capacity
+            lines.append(
+                ratio_line(f"(c {k}) rendering phase / ({cores()} cores x (m))", phase, None)
             )
-    for rasterizer, phase_rate in phase_rates.items():
-        rate = capacities.get(rasterizer, (0.0, ""))[0]
-        if rate > 0:
-            share = phase_rate / (rate * cores())
-            print(
-                f"  (c {rasterizer}) rendering phase / capacity: {share:6.0%}    target >= "
-                f"{TARGET_CAPACITY_SHARE:.0%}    {verdict(share >= TARGET_CAPACITY_SHARE)}"
-            )
+    return "\n".join(lines)
 
 
-def quick_file() -> Path:
-    path = DATA_DIR / f"instances_quick{QUICK_IMAGES}.json"
+def report_whole(path: Path, counts: tuple[int, int], minimal: MinimalRate, run: RaysegRun) -> str:
+    num_images, _ = counts
+    size = path.stat().st_size
+    lines = [file_line(path, *counts), header()]
+    lines += minimal_lines(minimal)
+    lines += rayseg_line(run, num_images, size)
+    if run.error:
+        return "\n".join(lines)
+    capacity = minimal.rate * cores()
+    share = num_images / run.seconds / capacity
+    lines.append("ratios:")
+    lines.append(
+        ratio_line(f"(c) end to end / ({cores()} cores x (m))", share, TARGET_MINIMAL_SHARE)
+    )
+    if run.phase_seconds:
+        phase = run.phase_images / run.phase_seconds / capacity
+        lines.append(ratio_line(f"(c) rendering phase / ({cores()} cores x (m))", phase, None))
+    for label, peak in (
+        ("driver process peak RSS / file size", run.driver_peak_bytes),
+        ("driver + its non-Ray children, peak RSS / file size", run.tree_peak_bytes),
+    ):
+        lines.append(ratio_line(label, peak / size, TARGET_MEMORY_RATIO, at_most=True))
+    return "\n".join(lines)
+
+
+# ---- the two parts ----
+
+
+def quick_file(num_images: int) -> Path:
+    path = DATA_DIR / f"instances_quick{num_images}.json"
     if not path.exists():
-        write_coco(path, num_images=QUICK_IMAGES, num_annotations=round(QUICK_IMAGES * 7.27))
+        write_coco(path, num_images=num_images, num_annotations=round(num_images * 7.27))
     return path
 
 
-class _Records(msgspec.Struct):
-    images: list[msgspec.Raw]
-    annotations: list[msgspec.Raw]
+def part_8k(path: Path, work: Path, args: argparse.Namespace) -> str:
+    counts = count_records(path)
+    limit = args.baseline_images or counts[0]
+    baselines: list[Result] = []
+    if not args.skip_baselines:
+        for name, run in (("pil", run_pil), ("pycocotools", run_pycocotools)):
+            print(f"  {name} baseline on {min(limit, counts[0])} images ...", flush=True)
+            (work / name).mkdir()
+            baselines.append(run(path, work / name, limit))
+            shutil.rmtree(work / name)
+    print(f"  minimal pipeline on {counts[0]} images ...", flush=True)
+    minimal = measure_minimal(path, work, counts[0], args.minimal_repeats)
+    runs = {}
+    for rasterizer in [r for r in args.rasterizers.split(",") if r]:
+        print(f"  rayseg masks --rasterizer {rasterizer} ...", flush=True)
+        out = work / f"rayseg_{rasterizer}"
+        runs[rasterizer] = run_rayseg(path, out, rasterizer, args.python)
+    return report_8k(path, counts, baselines, minimal, runs)
 
 
-def count_records(path: Path) -> tuple[int, int]:
-    counts = msgspec.json.decode(path.read_bytes(), type=_Records)
-    return len(counts.images), len(counts.annotations)
+def part_whole(path: Path, work: Path, args: argparse.Namespace) -> str:
+    counts = count_records(path)
+    limit = min(MINIMAL_IMAGES if not args.quick else 1000, counts[0])
+    print(f"  minimal pipeline on the first {limit} images ...", flush=True)
+    minimal = measure_minimal(path, work, limit, args.minimal_repeats)
+    print(f"  rayseg masks on all {counts[0]} images ...", flush=True)
+    out = work / "rayseg_whole"
+    run = run_rayseg(path, out, "opencv", args.python)
+    return report_whole(path, counts, minimal, run)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--annotations", type=Path, help="default: make_coco.py's render preset")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES}-image smoke test")
+    parser.add_argument("--parts", default="8k,whole", help="8k, whole or both (default)")
+    parser.add_argument("--quick", action="store_true", help="small files: a smoke test")
+    parser.add_argument("--annotations", type=Path, help="part 8k's file (default: render preset)")
+    parser.add_argument("--whole-annotations", type=Path, help="default: the train2017 preset")
     parser.add_argument(
-        "--baseline-images",
-        type=int,
-        default=0,
-        help="time (a) and (b) on this many images and extrapolate (0: all)",
+        "--baseline-images", type=int, default=0, help="time (a), (b) on this many (0: all)"
     )
-    parser.add_argument("--capacity-images", type=int, default=400)
-    parser.add_argument("--capacity-repeats", type=int, default=3)
-    parser.add_argument("--rasterizers", default="opencv,coco")
+    parser.add_argument("--minimal-repeats", type=int, default=2)
+    parser.add_argument("--rasterizers", default="opencv,coco", help="part 8k's (c) runs")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the written masks")
     parser.add_argument("--python", default=sys.executable, help="interpreter for rayseg")
     args = parser.parse_args(argv)
 
-    path = args.annotations or (quick_file() if args.quick else ensure_preset("render"))
-    num_images, num_annotations = count_records(path)
-    limit = args.baseline_images or num_images
-    rasterizers = [r for r in args.rasterizers.split(",") if r]
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := set(parts) - {"8k", "whole"}:
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from 8k, whole")
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=DATA_DIR, prefix="render_bench_"))
-    results: list[Result] = []
-    runs: dict[str, RaysegRun] = {}
-    capacities: dict[str, tuple[float, str]] = {}
-    try:
-        if not args.skip_baselines:
-            for name, run in (("pil", run_pil), ("pycocotools", run_pycocotools)):
-                print(f"running {name} baseline on {min(limit, num_images)} images ...", flush=True)
-                (work / name).mkdir()
-                results.append(run(path, work / name, limit))
-        for rasterizer in rasterizers:
-            print(f"running rayseg masks --rasterizer {rasterizer} ...", flush=True)
-            runs[rasterizer] = run_rayseg(
-                path, work / f"rayseg_{rasterizer}", rasterizer, args.python, num_images
-            )
-            print(f"measuring capacity ({rasterizer}) ...", flush=True)
-            pure_rate, pure_note = capacity(
-                path, rasterizer, args.capacity_images, args.capacity_repeats
-            )
-            print(f"  pure path: {pure_rate:.1f} images/s in one process ({pure_note})")
-            # The target compares with the task's whole job (files and Parquet included).
-            capacities[rasterizer] = shard_capacity(path, rasterizer, 8, args.capacity_repeats)
-    finally:
-        if args.keep:
-            print(f"outputs kept in {work}")
+    failed = False
+    for part in parts:
+        if args.quick:
+            path = quick_file(QUICK_IMAGES[part])
+        elif part == "8k":
+            path = args.annotations or ensure_preset("render")
         else:
-            shutil.rmtree(work, ignore_errors=True)
-    print_report(path, num_images, num_annotations, results, runs, capacities)
-    return 0 if all(r.result for r in runs.values()) else 1
+            path = args.whole_annotations or ensure_preset("train2017")
+        print(f"part {part}: {path}", flush=True)
+        work = Path(tempfile.mkdtemp(dir=DATA_DIR, prefix="render_bench_"))
+        try:
+            text = (part_8k if part == "8k" else part_whole)(path, work, args)
+        finally:
+            if args.keep:
+                print(f"outputs kept in {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        key = f"{part} (quick)" if args.quick else part
+        written = write_results("render_bench", key, text)
+        print(f"\n{text}\n(written to {written})\n")
+        failed |= "failed:" in text
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

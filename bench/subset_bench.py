@@ -12,6 +12,7 @@ from a warm page cache. Without --annotations the train2017 preset of make_coco.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from make_coco import DATA_DIR, ensure_preset
 
@@ -50,6 +52,17 @@ def measure(label: str, argv: list[str], *, cwd: Path) -> Measurement:
     cpu = usage.ru_utime + usage.ru_stime
     rss = usage.ru_maxrss * 1024  # KiB on Linux
     return Measurement(label, seconds, cpu, rss, proc.returncode, tail)
+
+
+def run_json(argv: list[str], what: str, **kwargs: Any) -> dict[str, Any]:
+    """Run a benchmark's child process; its last stdout line starting with `{` is its result."""
+    proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(
+            f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    return json.loads(lines[-1])
 
 
 def best_of(label: str, argv: list[str], *, cwd: Path, repeat: int) -> Measurement:

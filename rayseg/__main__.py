@@ -2,4 +2,5 @@ import sys
 
 from rayseg.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned child process re-imports it (rayseg.coco)
+    sys.exit(main())

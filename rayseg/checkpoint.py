@@ -9,6 +9,8 @@ run directory RUN (local path or s3:// URI):
   a small checkpoint.json header beside it (model, class_map, epoch).
 - RUN/metrics.jsonl (one line per epoch) and RUN/curves.png (loss and validation mIoU).
 - RUN/config.yaml, RUN/split.json and RUN/summary.json.
+- RUN/checkpoint_manager_snapshot.json is Ray Train's list of the checkpoints it registered;
+  resume_point drops from it the checkpoints that no longer load.
 No Ray.
 """
 
@@ -18,6 +20,7 @@ import io
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +45,9 @@ CURVES_NAME = "curves.png"
 CONFIG_NAME = "config.yaml"
 SPLIT_NAME = "split.json"
 SUMMARY_NAME = "summary.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's CheckpointManager state
+# What restore needs of a checkpoint record, beyond the export's keys.
+RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -120,18 +126,22 @@ def find_model_file(uri: str) -> storage.Location:
     return latest.join(CHECKPOINT_FILE)
 
 
-def latest_checkpoint_dir(run: storage.Location) -> storage.Location | None:
-    """The highest `epoch_NNNN` folder holding a checkpoint directly inside the run dir."""
+def checkpoint_dirs(run: storage.Location) -> list[storage.Location]:
+    """The `epoch_NNNN` folders holding a checkpoint directly inside the run dir, newest first."""
     selector = storage.pafs.FileSelector(run.path, allow_not_found=True)
     names = sorted(
         i.base_name
         for i in run.fs.get_file_info(selector)
         if i.type == storage.pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
     )
-    for name in reversed(names):
-        if storage.exists(run.join(name, CHECKPOINT_FILE)):
-            return run.join(name)
-    return None
+    found = [run.join(name) for name in reversed(names)]
+    return [loc for loc in found if storage.exists(loc.join(CHECKPOINT_FILE))]
+
+
+def latest_checkpoint_dir(run: storage.Location) -> storage.Location | None:
+    """The highest `epoch_NNNN` folder holding a checkpoint directly inside the run dir."""
+    folders = checkpoint_dirs(run)
+    return folders[0] if folders else None
 
 
 def model_from_record(record: dict[str, Any], *, where: str) -> tuple[nn.Module, ClassMap]:
@@ -229,30 +239,114 @@ def restore(folder: str, state: TrainingState, *, name: str, class_map: ClassMap
     return int(saved["epoch"])
 
 
-def done_epochs(
-    run: storage.Location, *, model: str, class_map: ClassMap
-) -> tuple[int, str | None]:
-    """Epochs already in the run dir's latest checkpoint (0 if none); mismatches are errors."""
-    latest = latest_checkpoint_dir(run)
-    if latest is None:
-        return 0, None
-    info_loc = latest.join(CHECKPOINT_INFO)
-    if storage.exists(info_loc):
-        header = storage.read_json(info_loc)
-    else:
-        header = read_record(latest.join(CHECKPOINT_FILE))
-    check_same_run(header, model=model, class_map=class_map, where=latest.uri)
-    return int(header["epoch"]), latest.uri
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where training continues: the newest checkpoint that loads, and the newer ones that don't."""
+
+    epochs: int = 0  # epochs it holds (0: train from the start)
+    uri: str | None = None  # its folder, RUN/epoch_NNNN
+    skipped: tuple[tuple[str, str], ...] = ()  # (folder name, why it does not load)
+
+    @property
+    def name(self) -> str | None:
+        return dir_name(self.uri) if self.uri else None
+
+
+def dir_name(path: str) -> str:
+    """`epoch_0003` of a checkpoint folder's path or URI (the names sort by epoch)."""
+    return path.rstrip("/").rpartition("/")[2]
+
+
+def load_for_resume(folder: storage.Location) -> tuple[dict[str, Any] | None, str]:
+    """(the checkpoint record, "") if folder/checkpoint.pt loads and can be resumed, else
+    (None, why not)."""
+    try:
+        record = torch.load(io.BytesIO(storage.read_bytes(folder.join(CHECKPOINT_FILE))))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, and said so
+        # torch's messages run on with advice; their first sentence says what is wrong.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        return None, f"{CHECKPOINT_FILE} does not load: {first.rstrip('.')}"
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        return None, f"{CHECKPOINT_FILE} is not a rayseg checkpoint"
+    missing = [k for k in RESUME_KEYS if k not in record]
+    if missing:
+        return None, f"{CHECKPOINT_FILE} lacks {', '.join(missing)}"
+    return record, ""
+
+
+def resume_point(run: storage.Location, *, model: str, class_map: ClassMap) -> ResumePoint:
+    """The newest checkpoint in the run dir that loads (read whole), and the newer ones that do
+    not; Ray Train's snapshot is made to agree. Another model or class mapping is an error."""
+    folders = checkpoint_dirs(run)
+    skipped: list[tuple[str, str]] = []
+    point = ResumePoint()
+    for folder in folders:
+        record, why = load_for_resume(folder)
+        if record is None:
+            skipped.append((dir_name(folder.path), why))
+            continue
+        check_same_run(record, model=model, class_map=class_map, where=folder.uri)
+        point = ResumePoint(int(record["epoch"]), folder.uri)
+        break
+    keep = {dir_name(f.path) for f in folders} - {name for name, _ in skipped}
+    sync_ray_snapshot(run, keep)
+    return ResumePoint(point.epochs, point.uri, tuple(skipped))
+
+
+def sync_ray_snapshot(run: storage.Location, keep: set[str]) -> None:
+    """Ray Train's snapshot of the run (if any) without the checkpoints not in `keep`.
+
+    Ray Train hands the latest checkpoint it lists to the workers (an unreadable one fails every
+    attempt), refuses to start if one is missing, and may later delete a new checkpoint written
+    to the folder of one it remembers.
+    """
+    loc = run.join(RAY_SNAPSHOT)
+    if not storage.exists(loc):
+        return
+    try:
+        snapshot = storage.read_json(loc)
+        synced = drop_from_snapshot(snapshot, keep)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        # Cut short while Ray wrote it, or another Ray's format: Ray Train starts without one.
+        storage.delete(loc)
+        return
+    if synced != snapshot:
+        storage.write_json(loc, synced)
+
+
+def drop_from_snapshot(snapshot: dict[str, Any], keep: set[str]) -> dict[str, Any]:
+    """Ray Train V2's CheckpointManager state with only the checkpoint folders `keep`."""
+    snapshot = dict(snapshot)
+    pairs = zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"], strict=True)
+    kept = [(i, r) for i, r in pairs if r["checkpoint_dir_name"] in keep]
+    snapshot["checkpoint_report_indices"] = [i for i, _ in kept]
+    snapshot["checkpoint_results"] = [r for _, r in kept]
+    latest = snapshot.get("latest_checkpoint_result")
+    if latest and latest["checkpoint_dir_name"] not in keep:
+        snapshot["latest_checkpoint_result"] = max(kept, key=lambda p: p[0])[1] if kept else None
+    pending = zip(
+        snapshot["pending_training_results"], snapshot["pending_validation_specs"], strict=True
+    )
+    still = [(r, v) for r, v in pending if r["checkpoint_dir_name"] in keep]
+    snapshot["pending_training_results"] = [r for r, _ in still]
+    snapshot["pending_validation_specs"] = [v for _, v in still]
+    for key in (
+        "validated_checkpoint_dir_names",
+        "timed_out_validation_checkpoint_dir_names",
+        "failed_validation_checkpoint_dir_names",
+    ):
+        snapshot[key] = [n for n in snapshot.get(key, []) if n in keep]
+    return snapshot
 
 
 def export_final(run: storage.Location) -> dict[str, Any]:
-    """RUN/model.pt from the latest checkpoint; returns that checkpoint's record."""
-    latest = latest_checkpoint_dir(run)
-    if latest is None:
-        raise RaysegError(f"{run.uri}: training wrote no checkpoint")
-    record = read_record(latest.join(CHECKPOINT_FILE))
-    write_export(run.join(EXPORT_NAME), record)
-    return record
+    """RUN/model.pt from the newest checkpoint that loads; returns that checkpoint's record."""
+    for folder in checkpoint_dirs(run):
+        record, _ = load_for_resume(folder)
+        if record is not None:
+            write_export(run.join(EXPORT_NAME), record)
+            return record
+    raise RaysegError(f"{run.uri}: training wrote no checkpoint")
 
 
 # ---- history, run files: RUN/metrics.jsonl, curves.png, config.yaml, split.json, summary.json --

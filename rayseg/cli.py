@@ -4,7 +4,8 @@ Each command maps to a Command: its config class, the function that runs it and 
 The run functions import their stage only when called (`rayseg subset` never imports torch); each
 takes the resolved config and returns a JSON-able summary. A RaysegError becomes one line on
 stderr and exit status 2; any other exception one line and exit 1, with the traceback only
-under --debug.
+under --debug. SIGINT / SIGTERM (rayseg.runtime.stop_on_signals) end the command with one line
+saying how far it got and exit 130 / 143; a Ray this command started is stopped either way.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import traceback
 import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from rayseg import config as C
+from rayseg import runtime
 from rayseg.errors import RaysegError
 from rayseg.runtime import VERBOSE_ENV
 
@@ -161,8 +165,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kw)
 
 
+# Commands whose rerun skips the work already done (finished shards, checkpointed epochs).
+RESUMABLE = ("masks", "train", "pipeline", "demo")
+
+
 def run_command(name: str, cfg: Any) -> Any:
     return COMMANDS[name].run(cfg)
+
+
+def interrupted_line(command: str) -> str:
+    """`rayseg train: interrupted after 3 of 5 steps (epoch 2/3); rerun ...`."""
+    progress = runtime.Progress.latest
+    where = ""
+    if progress is not None:
+        where = f" after {progress.count()}"
+        if progress.label != command:
+            where += f" ({progress.label})"
+    again = "to resume" if command in RESUMABLE else "to start over"
+    return f"rayseg {command}: interrupted{where}; rerun the same command {again}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +195,24 @@ def main(argv: list[str] | None = None) -> int:
         for f in dataclasses.fields(cls)
         if f.metadata.get("flag", True) is not False
     }
+    runtime.Progress.latest = None
+    with runtime.stop_on_signals():
+        try:
+            return run(args, cls, overrides)
+        # errors.Interrupted, or the KeyboardInterrupt Ray's C++ calls raise in its place
+        except KeyboardInterrupt:
+            runtime.stop_ray()
+            if args.debug:
+                traceback.print_exc()
+            sys.stdout.flush()
+            print(interrupted_line(args.command), file=sys.stderr, flush=True)
+            return 128 + (runtime.stop_signal() or signal.SIGINT)
+        finally:
+            runtime.stop_ray()
+
+
+def run(args: argparse.Namespace, cls: type, overrides: dict[str, Any]) -> int:
+    """The command itself; errors as one line and a status (Interrupted goes up to main)."""
     try:
         cfg = C.load_config(cls, args.config, overrides)
         run_command(args.command, cfg)
@@ -183,11 +221,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rayseg {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"rayseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr
-        )
-        return 130
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:
             raise

@@ -9,10 +9,15 @@ out the chosen records' original bytes. Bad records become listed `Problem`s.
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 import re
+import subprocess
+import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -36,10 +41,19 @@ class _ImageHead(msgspec.Struct):
     width: Any = None
 
 
+# Ids are stored as int64 (numpy, Parquet): a larger one is a listed problem, not an overflow.
+INT64_MAX = 2**63 - 1
+_Id = Annotated[int, msgspec.Meta(ge=-INT64_MAX, le=INT64_MAX)]
+# Category ids are Parquet int32 (`category_ids`) and 0 is background.
+CATEGORY_ID_MAX = 2**31 - 1
+# Image sides are Parquet int32.
+SIDE_MAX = 2**31 - 1
+
+
 class _AnnHead(msgspec.Struct):
-    id: int
-    image_id: int
-    category_id: int
+    id: _Id
+    image_id: _Id
+    category_id: _Id
 
 
 class _LenientAnnHead(msgspec.Struct):
@@ -81,10 +95,11 @@ class CocoIndex:
 
     path: str
     images: list[Image]
-    image_raw: list[msgspec.Raw]
-    ann_image_ids: np.ndarray  # (N,) int64, -1 where the annotation was rejected
+    image_raw: Sequence[msgspec.Raw | bytes]  # list of Raw views, or FileRecords
+    ann_image_ids: np.ndarray  # (N,) int64
     ann_category_ids: np.ndarray  # (N,) int64
-    ann_raw: list[msgspec.Raw]
+    ann_valid: np.ndarray  # (N,) bool, False where the annotation was rejected (listed)
+    ann_raw: Sequence[msgspec.Raw | bytes]
     categories: list[Category]
     categories_raw: list[msgspec.Raw]
     info_raw: msgspec.Raw
@@ -92,6 +107,7 @@ class CocoIndex:
     problems: list[Problem] = field(default_factory=list)
     num_images_in_file: int = 0
     digest: str = ""  # sha1 of the file's bytes, from the one read that parsed it
+    buffer: bytes = field(default=b"", repr=False)  # the bytes the Raws view; b"" with FileRecords
 
 
 def load_coco(path: str) -> CocoIndex:
@@ -105,7 +121,7 @@ def load_coco(path: str) -> CocoIndex:
         raise RaysegError(f"{path}: invalid JSON{_position(data, str(e))}") from None
     categories = _categories(path, raw.categories)
     images, image_raw, problems = _images(raw.images)
-    ann_image_ids, ann_category_ids, ann_problems = _annotation_heads(
+    ann_image_ids, ann_category_ids, ann_valid, ann_problems = _annotation_heads(
         raw.annotations, {im.id for im in images}, {c.id for c in categories}
     )
     return CocoIndex(
@@ -114,6 +130,7 @@ def load_coco(path: str) -> CocoIndex:
         image_raw=image_raw,
         ann_image_ids=ann_image_ids,
         ann_category_ids=ann_category_ids,
+        ann_valid=ann_valid,
         ann_raw=raw.annotations,
         categories=categories,
         categories_raw=raw.categories,
@@ -122,7 +139,112 @@ def load_coco(path: str) -> CocoIndex:
         problems=problems + ann_problems,
         num_images_in_file=len(raw.images),
         digest=hashlib.sha1(data).hexdigest(),
+        buffer=data,
     )
+
+
+def load_coco_apart(path: str) -> CocoIndex:
+    """load_coco in a child process, for a local file: the child holds the file and its parse
+    (~1.3x the file) and hands back the index with records as byte ranges (FileRecords), so
+    the caller never holds the file. Other locations load here, in memory."""
+    if "://" in path or not os.path.isfile(path):
+        return load_coco(path)
+    # A fresh interpreter, not multiprocessing: no fork of a process that runs Ray's threads,
+    # and no re-import of the caller's main module.
+    code = "import sys; from rayseg.coco import _child; _child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True)
+    if proc.returncode != 0:
+        return load_coco(path)  # whatever went wrong there, the plain way says it properly
+    result = pickle.loads(proc.stdout)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _child(path: str) -> None:
+    try:
+        result: Any = _load_as_ranges(path)
+    except RaysegError as e:
+        result = e
+    sys.stdout.buffer.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _load_as_ranges(path: str) -> CocoIndex:
+    index = load_coco(path)
+    data, stat = index.buffer, os.stat(path)
+    index.ann_raw = FileRecords.locate(path, data, index.ann_raw, stat)
+    index.image_raw = FileRecords.locate(path, data, index.image_raw, stat)
+    index.categories_raw = [msgspec.Raw(bytes(r)) for r in index.categories_raw]
+    index.info_raw = msgspec.Raw(bytes(index.info_raw))
+    index.licenses_raw = msgspec.Raw(bytes(index.licenses_raw))
+    index.buffer = b""
+    return index
+
+
+class FileRecords(Sequence[bytes]):
+    """Records of a local file as byte ranges, each read (pread) when asked for: the holder
+    keeps ~16 bytes per record instead of the file. Refuses to read a file that changed."""
+
+    GAP = 4096  # reading this much more beats another system call
+
+    def __init__(self, path: str, starts: np.ndarray, lengths: np.ndarray, stat: Any) -> None:
+        self.path, self.starts, self.lengths = path, starts, lengths
+        self.stamp = (stat.st_size, stat.st_mtime_ns)
+        self._fd: int | None = None
+
+    @classmethod
+    def locate(cls, path: str, data: bytes, raws: Sequence[msgspec.Raw], stat: Any) -> FileRecords:
+        """Where each Raw (in file order, a view of `data`) lies in the file."""
+        starts = np.empty(len(raws), np.int64)
+        lengths = np.empty(len(raws), np.int64)
+        find, pos = data.find, 0
+        for i, raw in enumerate(raws):
+            # Only "," and whitespace lie between records, so the first match is the record.
+            pos = find(raw, pos)
+            starts[i], lengths[i] = pos, len(raw)
+            pos += len(raw)
+        return cls(path, starts, lengths, stat)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
+        return os.pread(self._open(), int(self.lengths[i]), int(self.starts[i]))
+
+    def read_many(self, positions: np.ndarray) -> list[bytes]:
+        """The records at `positions` (ascending), one pread per stretch of records less than
+        GAP bytes apart: files that keep an image's annotations together take few calls."""
+        fd, pread, out = self._open(), os.pread, []
+        starts = self.starts[positions].tolist()
+        ends = (self.starts[positions] + self.lengths[positions]).tolist()
+        i, n = 0, len(starts)
+        while i < n:
+            j = i
+            while j + 1 < n and starts[j + 1] - ends[j] < self.GAP:
+                j += 1
+            if i == j:
+                out.append(pread(fd, ends[i] - starts[i], starts[i]))
+            else:
+                base = starts[i]
+                span = pread(fd, ends[j] - base, base)
+                out.extend(span[starts[k] - base : ends[k] - base] for k in range(i, j + 1))
+            i = j + 1
+        return out
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(self._fd)
+            if (st.st_size, st.st_mtime_ns) != self.stamp:
+                raise RaysegError(f"{self.path}: the file changed while rayseg was using it")
+        return self._fd
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 def _read_file(path: str) -> bytes:
@@ -132,7 +254,7 @@ def _read_file(path: str) -> bytes:
         raise RaysegError(f"{path}: file not found") from None
     except (OSError, IsADirectoryError) as e:
         raise RaysegError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if not data.strip():
+    if not data or data.isspace():  # not data.strip(): that would copy the whole file
         raise RaysegError(f"{path}: file is empty")
     return data
 
@@ -173,6 +295,9 @@ def _categories(path: str, raws: list[msgspec.Raw]) -> list[Category]:
     bad = [c.id for c in cats if c.id <= 0]
     if bad:
         raise RaysegError(f"{path}: category id {bad[0]} is not positive (0 is background)")
+    big = [c.id for c in cats if c.id > CATEGORY_ID_MAX]
+    if big:
+        raise RaysegError(f"{path}: category id {big[0]} is over {CATEGORY_ID_MAX} (int32)")
     return sorted(cats, key=lambda c: c.id)
 
 
@@ -197,33 +322,40 @@ def _images(raws: list[msgspec.Raw]) -> tuple[list[Image], list[msgspec.Raw], li
 
 
 def _image_problem(h: _ImageHead, seen: set[int]) -> str | None:
+    if isinstance(h.id, int) and not isinstance(h.id, bool) and not _is_int(h.id):
+        return f"image id {h.id} does not fit int64 (-{INT64_MAX} to {INT64_MAX})"
     if not _is_int(h.id):
         return f"image id {h.id!r} is not an integer"
     if h.id in seen:
         return f"image id {h.id} appears more than once; later record skipped"
     if not isinstance(h.file_name, str) or not h.file_name:
         return "image has no file_name"
+    if "\0" in h.file_name:
+        return f"image file_name {h.file_name!r} contains a NUL character"
+    if h.file_name.endswith(("/", "\\")):
+        return f"image file_name {h.file_name!r} names a folder"
     for key in ("width", "height"):
         v = getattr(h, key)
         if v is None:
             return f"image has no {key}"
-        if not _is_int(v) or v <= 0:
-            return f"image {key} is {v!r}, expected a positive integer"
+        if not _is_int(v) or not 0 < v <= SIDE_MAX:
+            return f"image {key} is {v!r}, expected an integer from 1 to {SIDE_MAX}"
     return None
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int that fits the int64 the ids are stored as."""
+    return isinstance(v, int) and not isinstance(v, bool) and -INT64_MAX <= v <= INT64_MAX
 
 
 def _annotation_heads(
     raws: list[msgspec.Raw], image_ids: set[int], category_ids: set[int]
-) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
-    """(image id, category id) per annotation, -1 where rejected, and the rejections."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
+    """(image id, category id, valid) per annotation, and the rejections."""
     n = len(raws)
     ann_ids = np.zeros(n, dtype=np.int64)
-    img = np.full(n, -1, dtype=np.int64)
-    cat = np.full(n, -1, dtype=np.int64)
+    img = np.zeros(n, dtype=np.int64)
+    cat = np.zeros(n, dtype=np.int64)
     malformed = []
     decode = msgspec.json.Decoder(_AnnHead).decode
     # One tight loop: this is most of a 860k-annotation file's parse time.
@@ -235,7 +367,8 @@ def _annotation_heads(
             continue
         ann_ids[i], img[i], cat[i] = h.id, h.image_id, h.category_id
     problems = [_malformed_problem(i, raws[i]) for i in malformed]
-    decoded = img != -1
+    decoded = np.ones(n, dtype=bool)
+    decoded[malformed] = False
     bad_image = decoded & ~np.isin(img, np.fromiter(image_ids, np.int64, len(image_ids)))
     bad_cat = decoded & ~bad_image & ~np.isin(cat, np.fromiter(category_ids, np.int64))
     for i in np.flatnonzero(bad_image | bad_cat):
@@ -245,9 +378,7 @@ def _annotation_heads(
             else f"category_id {cat[i]} is not in 'categories'"
         )
         problems.append(Problem(what, image_id=int(img[i]), annotation_id=int(ann_ids[i])))
-    img[bad_image | bad_cat] = -1
-    cat[bad_image | bad_cat] = -1
-    return img, cat, problems
+    return img, cat, decoded & ~bad_image & ~bad_cat, problems
 
 
 def _malformed_problem(i: int, raw: msgspec.Raw) -> Problem:
@@ -259,7 +390,8 @@ def _malformed_problem(i: int, raw: msgspec.Raw) -> Problem:
         value = getattr(h, key)
         if not _is_int(value):
             return Problem(
-                f"annotation #{i}: {key} is {value!r}, expected an integer",
+                f"annotation #{i}: {key} is {value!r}, expected an integer "
+                f"from {-INT64_MAX} to {INT64_MAX}",
                 image_id=h.image_id if _is_int(h.image_id) else None,
                 annotation_id=h.id if _is_int(h.id) else None,
             )
@@ -282,10 +414,33 @@ def decode_annotation(raw: bytes) -> Annotation:
 
 def annotations_by_image(index: CocoIndex) -> dict[int, list[int]]:
     """image id -> positions of its valid annotations, in file order."""
-    order = np.argsort(index.ann_image_ids, kind="stable")
-    ids = index.ann_image_ids[order]
-    unique, starts = np.unique(ids, return_index=True)
-    ends = np.append(starts[1:], len(ids))
+    groups = AnnotationGroups.of(index)
     return {
-        int(u): order[s:e].tolist() for u, s, e in zip(unique, starts, ends, strict=True) if u >= 0
+        im.id: groups.positions(k).tolist()
+        for k, im in enumerate(index.images)
+        if groups.ends[k] > groups.starts[k]
     }
+
+
+@dataclass(frozen=True)
+class AnnotationGroups:
+    """Positions of each image's valid annotations, in file order, as two flat arrays (CSR):
+    image k's are order[starts[k]:ends[k]]. ~16 bytes per annotation, no per-image lists."""
+
+    order: np.ndarray  # (A,) int64 annotation positions, grouped by image, file order within
+    starts: np.ndarray  # (I,) int64, per image of index.images
+    ends: np.ndarray  # (I,) int64
+
+    @classmethod
+    def of(cls, index: CocoIndex) -> AnnotationGroups:
+        valid = np.flatnonzero(index.ann_valid)
+        ids = index.ann_image_ids[valid]
+        by_id = np.argsort(ids, kind="stable")
+        order, ids = valid[by_id], ids[by_id]
+        image_ids = np.fromiter((im.id for im in index.images), np.int64, len(index.images))
+        starts = np.searchsorted(ids, image_ids, side="left")
+        ends = np.searchsorted(ids, image_ids, side="right")
+        return cls(order, starts, ends)
+
+    def positions(self, k: int) -> np.ndarray:
+        return self.order[self.starts[k] : self.ends[k]]

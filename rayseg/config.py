@@ -47,6 +47,10 @@ MASK_PRESETS = {
     },
 }
 OPTIMIZERS = ("sgd", "adamw")
+# Default cap on vertices per polygon (rayseg.render): the largest in the real COCO sample has
+# 315; fill time grows with vertices x crossings: at 5,000 the worst self-crossing polygon takes
+# 0.9 s (opencv) / 0.4 s and 164 MB (coco) on 640x480, at 10,000 5 s (bench: issue 9 figures).
+MAX_VERTICES = 5_000
 
 # Limits a field's metadata may carry: key -> (test of value against the limit, how it reads).
 # At most one lower (min / above) and one upper (max / below) limit per field.
@@ -116,7 +120,27 @@ class MasksConfig(RayConfig):
     naming: str = opt("cats", "mask file names", choices=NAMINGS)
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
-    shard_size: int = opt(200, "images per Ray task / Parquet file", min=1)
+    shard_size: int = opt(
+        0,
+        "images per Ray task / Parquet file; 0 = auto: about 4 shards per CPU, 8 to 200 images "
+        "each (a resumed run keeps the size it started with)",
+        min=0,
+    )
+    max_pixels: int = opt(
+        100_000_000,
+        "an image over this many pixels is a listed problem, not rendered (bounds a task's memory)",
+        min=1,
+    )
+    max_vertices: int = opt(
+        MAX_VERTICES,
+        "a polygon with more vertices is a listed problem, not drawn (bounds a task's time)",
+        min=3,
+    )
+    verify: bool = opt(
+        False,
+        "check every finished shard deeply (masks and Parquet rows decode, sizes match) and "
+        "render the damaged ones again (a plain rerun checks that files exist with their sizes)",
+    )
     layout: str = opt(
         "rayseg",
         "voc: also a VOCdevkit/VOC2012 folder (JPEGImages, SegmentationClass, ImageSets, "

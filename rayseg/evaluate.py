@@ -35,6 +35,7 @@ from rayseg.runtime import (
     check_gpus,
     connect_ray,
     forwarded_env,
+    quiet_ray_data,
     rows_with_progress,
     worker_uri,
 )
@@ -252,6 +253,7 @@ def score_on_ray(
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
     env = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
+    quiet_ray_data()  # before count(), the first execution: its INFO lines stay in ray-data.log
     ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
     total = ds.count()  # from the Parquet footers, before any scoring
     ds = ds.select_columns(["image_id", "image", "mask"])

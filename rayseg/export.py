@@ -13,7 +13,6 @@ the value scheme (from rayseg.masks). Output under OUT/VOCdevkit/VOC2012/:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import cv2
@@ -97,10 +96,6 @@ def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
     for e in entries:
         e["color"] = [int(x) for x in pal[e["value"]]]
     return entries
-
-
-def stem(file_name: str) -> str:
-    return os.path.splitext(os.path.basename(file_name))[0]
 
 
 def dataset_card(meta: dict[str, Any]) -> str:

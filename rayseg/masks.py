@@ -11,18 +11,27 @@ rendering itself is rayseg.shard's.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from rayseg import export, storage
+from rayseg import export, lease, storage, verify
 from rayseg.classes import mask_classes
-from rayseg.coco import CocoIndex, load_coco
+from rayseg.coco import CocoIndex, load_coco, load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
 from rayseg.render import ValueScheme, value_scheme
-from rayseg.shard import ShardJob, plan_jobs, run_jobs, scheme_meta, shard_record_name
+from rayseg.runtime import connect_ray
+from rayseg.shard import (
+    ShardJobs,
+    auto_shard_size,
+    plan_jobs,
+    run_jobs,
+    scheme_meta,
+    shard_record_name,
+)
 
 # Settings that change what is written; a resumed run must match them all.
 _OUTPUT_KEYS = (
@@ -36,6 +45,8 @@ _OUTPUT_KEYS = (
     "images_dir",
     "shard_size",
     "layout",
+    "max_pixels",
+    "max_vertices",
 )
 # Settings that change only the --layout voc split files.
 _VOC_KEYS = ("val_fraction", "seed")
@@ -47,18 +58,58 @@ def fingerprint(index_digest: str, cfg: MasksConfig) -> dict[str, Any]:
     return {"annotations_sha1": index_digest, **settings}
 
 
-def prepare_output(out: storage.Location, plan: dict[str, Any], *, overwrite: bool) -> set[int]:
-    """Check or start the output folder; returns the shards already done."""
-    storage.check_writable(out)
+def read_plan(out: storage.Location) -> dict[str, Any] | None:
+    """The output's plan, None if there is none; an unreadable one is said and ignored."""
+    loc = out.join("_shards", "plan.json")
+    if not storage.exists(loc):
+        return None
+    try:
+        plan = storage.read_json(loc)
+        if isinstance(plan, dict):
+            return plan
+        reason = "not a JSON object"
+    except (OSError, ValueError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    print(
+        f"masks: {loc.uri} is unreadable ({reason}); its settings cannot be checked, so every "
+        "shard is rendered again",
+        flush=True,
+    )
+    for name in storage.list_files(out.join("_shards")):
+        if name.startswith("shard-"):
+            storage.delete(out.join("_shards", name))
+    return None
+
+
+def resolve_shard_size(
+    cfg: MasksConfig, previous: dict[str, Any] | None, n: int, cpus: float
+) -> int:
+    """--shard-size, or (0, auto) the size the output was started with, or auto_shard_size."""
+    if cfg.shard_size:
+        return cfg.shard_size
+    if previous and isinstance(previous.get("shard_size"), int) and previous["shard_size"] > 0:
+        return previous["shard_size"]
+    return auto_shard_size(n, cpus)
+
+
+def prepare_output(
+    out: storage.Location,
+    plan: dict[str, Any],
+    previous: dict[str, Any] | None,
+    *,
+    overwrite: bool,
+) -> set[int]:
+    """Check the plan against the `previous` one (or start over); returns the shards with a
+    record (finished or damaged)."""
     plan_loc = out.join("_shards", "plan.json")
     if overwrite:
         for sub in ("masks", "parquet", "_shards", export.VOC_DIR[0]):
             storage.delete_dir(out.join(sub))
         storage.delete(out.join("manifest.json"))
         storage.delete(out.join("README.md"))
-    elif storage.exists(plan_loc):
-        previous = storage.read_json(plan_loc)
-        changed = [k for k in plan if previous.get(k) != plan[k]]
+    else:
+        # A key the previous plan lacks was added by a later rayseg version: not a difference.
+        changed = [k for k in plan if previous and k in previous and previous[k] != plan[k]]
         if changed:
             raise RaysegError(
                 f"{out.uri} holds masks made with other settings ({', '.join(changed)} differ); "
@@ -70,9 +121,22 @@ def prepare_output(out: storage.Location, plan: dict[str, Any], *, overwrite: bo
     storage.write_json(plan_loc, plan)
     done = set()
     for name in storage.list_files(out.join("_shards")):
-        if name.startswith("shard-") and name.endswith(".json"):
-            done.add(int(name[len("shard-") : -len(".json")]))
-    return done
+        number = name[len("shard-") : -len(".json")]
+        if name.startswith("shard-") and name.endswith(".json") and number.isdigit():
+            done.add(int(number))
+    return {k for k in done if k < plan["num_shards"]}
+
+
+def finished_shards(
+    out: storage.Location, recorded: set[int], *, deep: bool
+) -> dict[int, dict[str, Any]]:
+    """The records of the shards whose outputs hold up; each damaged one is said and its record
+    removed, so it is rendered again."""
+    good, damaged = verify.check_shards(out, recorded, deep=deep)
+    for k, reason in damaged.items():
+        print(f"masks: shard {k} is damaged ({reason}); rendering it again", flush=True)
+        storage.delete(out.join("_shards", shard_record_name(k)))
+    return good
 
 
 @dataclass(frozen=True)
@@ -82,12 +146,22 @@ class MasksPlan:
     index: CocoIndex
     names: dict[int, str]  # drawn category id -> name, in pixel-value order
     scheme: ValueScheme
-    jobs: list[ShardJob]
+    jobs: ShardJobs
 
 
-def plan_masks(cfg: MasksConfig) -> MasksPlan:
-    """Read the input, check the settings against it and cut it into shards (no Ray, no output)."""
-    index = load_coco(cfg.annotations)
+@dataclass(frozen=True)
+class MasksInput:
+    """The parsed input and what is drawn from it (no shards yet: their size may need Ray)."""
+
+    index: CocoIndex
+    names: dict[int, str]
+    scheme: ValueScheme
+
+
+def read_input(cfg: MasksConfig, *, apart: bool = False) -> MasksInput:
+    """Read the input and check the settings against it (no Ray, no output). `apart`: parse
+    in a child process and keep records as byte ranges (the driver never holds the file)."""
+    index = (load_coco_apart if apart else load_coco)(cfg.annotations)
     names = mask_classes(cfg.classes, {c.id: c.name for c in index.categories})
     scheme = value_scheme(names, cfg.values, keep_order=True)
     for flag, wanted in (("--palette", cfg.palette), ("--layout voc", cfg.layout == "voc")):
@@ -103,31 +177,92 @@ def plan_masks(cfg: MasksConfig) -> MasksPlan:
         and not os.path.isdir(cfg.images_dir)
     ):
         raise RaysegError(f"{cfg.images_dir}: images folder not found")
-    return MasksPlan(index, names, scheme, plan_jobs(index, cfg, scheme, names))
+    return MasksInput(index, names, scheme)
+
+
+def plan_masks(cfg: MasksConfig, *, cpus: float | None = None) -> MasksPlan:
+    """read_input and the shards (auto size for `cpus`, default this machine's)."""
+    read = read_input(cfg)
+    size = resolve_shard_size(cfg, None, len(read.index.images), cpus or os.cpu_count() or 1)
+    jobs = plan_jobs(read.index, cfg, read.scheme, read.names, shard_size=size)
+    return MasksPlan(read.index, read.names, read.scheme, jobs)
+
+
+def read_input_while_ray_starts(
+    cfg: MasksConfig, out: storage.Location
+) -> tuple[MasksInput, float]:
+    """Parse the input (in a child process, waited on by a thread) while Ray starts in this
+    thread: both take seconds. Returns the input and the cluster's CPUs. Ray is not started
+    when the output looks finished."""
+    result: dict[str, Any] = {}
+
+    def parse() -> None:
+        try:
+            result["input"] = read_input(cfg, apart=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=parse, name="rayseg-parse", daemon=True)
+    thread.start()
+    cpus = float(cfg.num_cpus or os.cpu_count() or 1)
+    if not cfg.overwrite and _looks_finished(out):
+        thread.join()
+    else:
+        if not os.path.exists(cfg.annotations) and not storage.is_uri(cfg.annotations):
+            thread.join()  # the parse reports the missing file: no Ray start for that
+        else:
+            import ray
+
+            connect_ray(cfg.address, cfg.num_cpus)
+            cpus = ray.cluster_resources().get("CPU", cpus)
+            thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["input"], cpus
+
+
+def _looks_finished(out: storage.Location) -> bool:
+    try:
+        plan = storage.read_json(out.join("_shards", "plan.json"))
+        records = [n for n in storage.list_files(out.join("_shards")) if n.startswith("shard-")]
+        return len(records) >= int(plan["num_shards"])
+    except Exception:  # noqa: BLE001 - anything unclear: start Ray, the run decides
+        return False
 
 
 def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     start = time.monotonic()
-    planned = plan_masks(cfg)
-    index, scheme, jobs = planned.index, planned.scheme, planned.jobs
     out = storage.locate(cfg.out)
-    plan = fingerprint(index.digest, cfg)
-    done = prepare_output(out, {**plan, "num_shards": len(jobs)}, overwrite=cfg.overwrite)
+    storage.check_writable(out)
+    held = lease.acquire(out)
+    try:
+        return _run_masks(cfg, out, start)
+    finally:
+        held.release()
+
+
+def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[str, Any]:
+    read, cpus = read_input_while_ray_starts(cfg, out)
+    index, scheme = read.index, read.scheme
+    previous = None if cfg.overwrite else read_plan(out)
+    size = resolve_shard_size(cfg, previous, len(index.images), cpus)
+    jobs = plan_jobs(index, cfg, scheme, read.names, shard_size=size)
+    plan = {**fingerprint(index.digest, cfg), "shard_size": size, "num_shards": len(jobs)}
+    recorded = prepare_output(out, plan, previous, overwrite=cfg.overwrite)
+    done = finished_shards(out, recorded, deep=cfg.verify)
     if cfg.layout == "voc":
         export.prepare_voc(out)
-    todo = [j for j in jobs if j.shard not in done]
-    new_records, errors = run_jobs(todo, cfg, total_images=len(index.images))
+    todo = [k for k in range(len(jobs)) if k not in done]
+    new_records, errors = run_jobs(jobs, todo, cfg)
     for sub in ("masks", "parquet", "_shards"):
         # A worker killed mid-write (and retried by Ray) leaves its temporary behind.
         storage.remove_stray_temporaries(out.join(sub))
-    records = {r["shard"]: r for r in new_records}
-    for k in sorted(done):
-        records[k] = storage.read_json(out.join("_shards", shard_record_name(k)))
+    records = {**done, **{r["shard"]: r for r in new_records}}
     manifest = build_manifest(
-        cfg, index, scheme, jobs, records, new_shards=set(records) - done, names=planned.names
+        cfg, index, scheme, jobs, records, new_shards=set(records) - set(done), names=read.names
     )
     if cfg.layout == "voc":
-        stems = {im.id: export.stem(im.file_name) for im in index.images}
+        stems = dict(zip((im.id for im in index.images), jobs.stems, strict=True))
         written = {i: stems[i] for r in records.values() for i in r["written"]}
         manifest["voc"] = export.write_voc_lists(
             out, written, manifest["value_scheme"], val_fraction=cfg.val_fraction, seed=cfg.seed
@@ -152,7 +287,7 @@ def build_manifest(
     cfg: MasksConfig,
     index: CocoIndex,
     scheme: ValueScheme,
-    jobs: list[ShardJob],
+    jobs: ShardJobs,
     records: dict[int, dict],
     *,
     new_shards: set[int],

@@ -5,7 +5,8 @@ so a pipeline file only says what differs. run_pipeline runs the stages in order
 cluster and writes OUT/metrics.json (the evaluation of the held-out split, mIoU first) and
 OUT/pipeline.json (every stage's summary). run_demo is run_pipeline with the sections of
 jobs/configs/demo.yaml for those the config leaves out: synthetic shapes, learnable by design in a
-few minutes on CPU.
+few minutes on CPU. Each stage starts with a line `[k/N] stage: ...`; the demo's also says about
+how long the whole run has left (measured stage times, scaled: seconds_left).
 
 One Ray serves every stage: the `ray:` section's address and num_cpus. A stage section may set
 them too (older files set `masks.address`): a value set in several places must be the same
@@ -164,8 +165,111 @@ def write_rows(data: str, image_ids: list[int], dest: str) -> int:
     return rows.num_rows
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage; OUT/metrics.json holds the held-out evaluation, mIoU first."""
+# ---- the whole run's ETA ----------------------------------------------------------------------
+
+# Seconds per stage of `rayseg demo` as shipped (jobs/configs/demo.yaml) on the 2-core machine,
+# measured by bench/demo_bench.py (bench/results/demo_bench.txt, 2 Dec 2026, load average ~7:
+# 228 s in all). Re-measure when demo.yaml changes.
+DEMO_STAGE_SECONDS: dict[str, float] = {
+    "synth": 8.7,
+    "subset": 0.0,
+    "masks": 5.5,
+    "train": 175.2,
+    "evaluate": 13.0,
+    "predict": 10.5,
+}
+
+PRIOR_SECONDS = 30.0  # seconds_left's pull toward the reference speed
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Stage seconds measured on one run, and that run's plan (for its work sizes)."""
+
+    seconds: dict[str, float]
+    stages: Stages
+
+
+def planned_stages(stages: Stages) -> list[str]:
+    optional = [name for name in ("synth", "subset") if getattr(stages, name)]
+    return [*optional, "masks", "train", "evaluate", "predict"]
+
+
+def stage_work(stages: Stages) -> dict[str, float] | None:
+    """Images each stage handles (train: image-epochs); None when the plan does not say.
+
+    Image size, crop, model and batch size are taken as the reference's, and fixed start-up
+    costs as proportional: close for the demo's own sizes, rough for others.
+    """
+    if stages.synth is None or stages.train.val_data:
+        return None
+    images = stages.synth.num_images
+    if stages.subset:
+        images = min(images, stages.subset.num_images)
+    val = images * stages.train.val_fraction
+    per_image = {"synth": images, "subset": images, "masks": images, "evaluate": val}
+    return {**per_image, "train": stages.train.epochs * (images - val), "predict": val}
+
+
+def expected_seconds(stages: Stages, reference: Reference) -> dict[str, float] | None:
+    """Each planned stage's seconds: the reference's, scaled by this plan's work over its."""
+    work, ref_work = stage_work(stages), stage_work(reference.stages)
+    if work is None or ref_work is None:
+        return None
+    return {
+        name: reference.seconds[name] * work[name] / max(ref_work[name], 1e-9)
+        for name in planned_stages(stages)
+    }
+
+
+def seconds_left(
+    expected: dict[str, float], done: dict[str, float], *, prior: float = PRIOR_SECONDS
+) -> float:
+    """Expected seconds of the stages not done, times how much slower than expected this run
+    goes (the load on the machine slows every stage alike): measured over the stages done, and
+    pulled toward 1 by `prior` expected seconds so that the first short stages (a few seconds,
+    Ray's first tasks) do not swing the whole estimate."""
+    spent = sum(done.values())
+    spent_expected = sum(expected[name] for name in done)
+    speed = (spent + prior) / (spent_expected + prior) if spent_expected + prior > 0 else 1.0
+    return speed * sum(seconds for name, seconds in expected.items() if name not in done)
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '2 min 10 s' (to 10 s from a minute on), '3 min'."""
+    if seconds < 60:
+        return f"{round(seconds)} s"
+    minutes, rest = divmod(round(seconds / 10) * 10, 60)
+    return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+
+
+def stage_line(index: int, total: int, name: str, what: str, left: float | None) -> str:
+    """'[4/6] train: lraspp_mobilenet_v3_large, 2 epochs (about 2 min 10 s left in all)'."""
+    eta = f" (about {duration(left)} left in all)" if left is not None else ""
+    return f"[{index}/{total}] {name}: {what}{eta}"
+
+
+def stage_what(stages: Stages, name: str) -> str:
+    if name == "synth":
+        s = stages.synth
+        return f"{s.num_images} synthetic {s.width}x{s.height} images -> {s.out}"
+    if name == "train":
+        return f"{stages.train.model}, {stages.train.epochs} epochs -> {stages.train.out}"
+    if name == "subset":
+        return f"{stages.subset.num_images} images -> {stages.subset.out}"
+    if name == "evaluate":
+        return f"the held-out images {stages.evaluate.data} -> {stages.evaluate.out}"
+    if name == "predict":
+        return f"overlays of {stages.predict.images} -> {stages.predict.out}"
+    return f"-> {stages.masks.out}"
+
+
+def run_pipeline(cfg: PipelineConfig, *, reference: Reference | None = None) -> dict[str, Any]:
+    """Run every stage; OUT/metrics.json holds the held-out evaluation, mIoU first.
+
+    With a reference (measured stage times, see expected_seconds) each stage's first line says
+    about how long the whole run has left.
+    """
     from rayseg.checkpoint import SPLIT_NAME
     from rayseg.evaluate import run_evaluate
     from rayseg.masks import run_masks
@@ -182,9 +286,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
     times: dict[str, float] = {}
 
+    expected = expected_seconds(stages, reference) if reference else None
+    order = planned_stages(stages)
+
     def stage(name: str, fn, stage_cfg) -> None:
+        left = seconds_left(expected, times) if expected else None
+        what = stage_what(stages, name)
+        print(stage_line(order.index(name) + 1, len(order), name, what, left), flush=True)
         began = time.monotonic()
-        print(f"== {name}", flush=True)
         summaries[name] = fn(stage_cfg)
         times[name] = round(time.monotonic() - began, 1)
 
@@ -199,7 +308,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if stages.val_masks:
         split = storage.read_json(storage.locate(stages.train.out).join(SPLIT_NAME))
         n = write_rows(stages.masks.out, split["val_image_ids"], stages.val_masks)
-        print(f"== validation split: {n} images -> {stages.val_masks}")
+        print(f"validation split: {n} images -> {stages.val_masks}")
     stage("evaluate", run_evaluate, stages.evaluate)
     stage("predict", run_predict, stages.predict)
 
@@ -270,4 +379,9 @@ def demo_config(cfg: PipelineConfig, demo_file: Path = DEMO_FILE) -> PipelineCon
 
 def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
     """`rayseg demo`: synthetic data -> subset -> masks -> train -> evaluate -> overlays."""
-    return run_pipeline(demo_config(cfg))
+    return run_pipeline(demo_config(cfg), reference=demo_reference())
+
+
+def demo_reference(demo_file: Path = DEMO_FILE) -> Reference:
+    """DEMO_STAGE_SECONDS and the plan they were measured on: demo_file as shipped."""
+    return Reference(DEMO_STAGE_SECONDS, plan_stages(load_config(PipelineConfig, str(demo_file))))

@@ -17,7 +17,13 @@ import numpy as np
 
 from rayseg.config import CROWD_MODES, OVERLAPS, RASTERIZERS, VALUE_SCHEMES
 from rayseg.errors import RaysegError
-from rayseg.rasterize import Polygons, coco_polygon_masks, opencv_polygon_mask, read_geometry
+from rayseg.rasterize import (
+    Polygons,
+    coco_polygon_masks,
+    fill_opencv_polygon,
+    opencv_polygon_mask,
+    read_geometry,
+)
 from rayseg.records import BACKGROUND, DTYPE_MAX, Problem
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
@@ -48,13 +54,15 @@ class ValueScheme:
 
 @dataclass(frozen=True)
 class _Layer:
-    """One object's pixels, placed in the image at (top, left)."""
+    """One object's pixels: a window mask placed in the image at (top, left), or (opencv) its
+    polygons, filled when painted."""
 
     value: int
     top: int
     left: int
-    mask: np.ndarray  # (h', w') uint8 0/1, C-contiguous; h' <= height - top, w' <= width - left
+    mask: np.ndarray | None  # (h', w') uint8 0/1, C-contiguous; h' <= height - top, etc.
     overrides: bool = False
+    polygons: Polygons | None = None  # set instead of mask
 
 
 def value_scheme(
@@ -107,6 +115,7 @@ def render_mask(
     crowd: str = "class",
     ignore_value: int = 255,
     dtype: str = "uint8",
+    max_vertices: int | None = None,
 ) -> tuple[np.ndarray, list[Problem]]:
     """The (height, width) semantic mask of `shapes` and the problems met on the way.
 
@@ -117,10 +126,17 @@ def render_mask(
       into ignore_value (torchvision's COCO target).
     crowd: "class" paints crowds like any object, "ignore" paints them ignore_value (above every
       class pixel), "skip" leaves them out.
+    max_vertices: a polygon part with more vertices (or, far outside the image, a longer outline
+      than max_vertices times the image's longer side) is dropped as a Problem; None: no cap.
+      It bounds one polygon's cost: fillPoly's time grows with the square of its vertices when
+      the edges cross, pycocotools' trace takes 80 bytes per pixel of outline. Besides that
+      trace, memory is the mask and each object's window.
     Bad records are skipped or repaired and reported as Problems; a non-positive image size or an
     unknown option is the caller's error (ValueError).
     """
     _check_options(height, width, rasterizer, overlap, crowd, ignore_value, dtype)
+    if max_vertices is not None and max_vertices < 3:
+        raise ValueError(f"max_vertices={max_vertices}; a polygon needs at least 3")
     layers, problems = _layers(
         height,
         width,
@@ -129,6 +145,7 @@ def render_mask(
         crowd=crowd,
         ignore_value=ignore_value,
         dtype=dtype,
+        max_vertices=max_vertices,
     )
     mask = _compose(height, width, layers, overlap=overlap, ignore_value=ignore_value, dtype=dtype)
     return mask, problems
@@ -167,8 +184,10 @@ def _layers(
     crowd: str,
     ignore_value: int,
     dtype: str,
+    max_vertices: int | None,
 ) -> tuple[list[_Layer], list[Problem]]:
-    """Every paintable shape rasterized into its own window; bad ones become Problems."""
+    """Every paintable shape rasterized into its own window (opencv: its polygons, filled by
+    _compose); bad ones become Problems."""
     kept: list[tuple[int, bool, Polygons | np.ndarray]] = []  # value, overrides, geometry
     problems: list[Problem] = []
     for shape in shapes:
@@ -180,16 +199,21 @@ def _layers(
             if reason:
                 problems.append(Problem(reason, annotation_id=shape.annotation_id))
                 continue
-        geometry, reasons = read_geometry(height, width, shape.segmentation)
+        geometry, reasons = read_geometry(
+            height, width, shape.segmentation, max_vertices=max_vertices
+        )
         problems += [Problem(r, annotation_id=shape.annotation_id) for r in reasons]
         if geometry is not None:
             kept.append((ignore_value if as_ignore else int(shape.value), as_ignore, geometry))
+    if rasterizer == "opencv":  # filled when composed, without windows where the overlap allows
+        layers = [
+            _Layer(v, 0, 0, None, o, g) if isinstance(g, Polygons) else _Layer(v, 0, 0, g, o)
+            for v, o, g in kept
+        ]
+        return layers, problems
     polygons = [g for _, _, g in kept if isinstance(g, Polygons)]
-    if rasterizer == "coco":
-        rasterized = iter(coco_polygon_masks(height, width, polygons))
-    else:
-        rasterized = iter([opencv_polygon_mask(height, width, p) for p in polygons])
-    layers: list[_Layer] = []
+    rasterized = iter(coco_polygon_masks(height, width, polygons))
+    layers = []
     for value, overrides, geometry in kept:
         placed = next(rasterized) if isinstance(geometry, Polygons) else (0, 0, geometry)
         if placed is not None:
@@ -217,20 +241,56 @@ def _compose(
 ) -> np.ndarray:
     canvas = np.zeros((height, width), DTYPES[dtype])
     objects = [layer for layer in layers if not layer.overrides]
-    if overlap == "smallest_on_top":
-        # Largest painted first; a stable sort keeps input order (later wins) among equal sizes.
-        objects.sort(key=lambda layer: -int(np.count_nonzero(layer.mask)))
-    if overlap == "ignore_any":
-        _paint_counting(canvas, objects, ignore_value)
+    if overlap in ("max", "last"):
+        _paint_over(canvas, objects, overlap)
     else:
-        for layer in objects:
-            _paint(_region(canvas, layer), layer.mask, layer.value, overlap, ignore_value)
+        objects = _windowed(height, width, objects)
+        if overlap == "smallest_on_top":
+            # Largest painted first; a stable sort keeps input order (later wins) among equal sizes.
+            objects.sort(key=lambda layer: -int(np.count_nonzero(layer.mask)))
+        if overlap == "ignore_any":
+            _paint_counting(canvas, objects, ignore_value)
+        else:
+            for layer in objects:
+                _paint(_region(canvas, layer), layer.mask, layer.value, overlap, ignore_value)
     # Crowd-ignore regions override class pixels in every overlap mode: a crowd region holds
     # unlabelled instances, so no class label inside it can be trusted.
     for layer in layers:
         if layer.overrides:
-            np.copyto(_region(canvas, layer), ignore_value, where=layer.mask.view(bool))
+            _overwrite(canvas, layer, ignore_value)
     return canvas
+
+
+def _paint_over(canvas: np.ndarray, objects: list[_Layer], overlap: str) -> None:
+    """Overlap "max" or "last": polygons filled straight into the canvas, each over the last."""
+    if overlap == "last":
+        for layer in objects:
+            _overwrite(canvas, layer, layer.value)
+        return
+    # Filled in ascending value order (stable), each over the last, every pixel keeps its largest.
+    for layer in sorted((o for o in objects if o.mask is None), key=lambda o: o.value):
+        _overwrite(canvas, layer, layer.value)
+    for layer in objects:
+        if layer.mask is not None:
+            _paint(_region(canvas, layer), layer.mask, layer.value, "max", 0)
+
+
+def _overwrite(canvas: np.ndarray, layer: _Layer, value: int) -> None:
+    if layer.polygons is not None:
+        fill_opencv_polygon(canvas, layer.polygons, value)
+    else:
+        np.copyto(_region(canvas, layer), value, where=layer.mask.view(bool))
+
+
+def _windowed(height: int, width: int, layers: list[_Layer]) -> list[_Layer]:
+    """The layers with their polygons rasterized into windows; those outside the image dropped."""
+    windowed = []
+    for layer in layers:
+        if layer.polygons is None:
+            windowed.append(layer)
+        elif (placed := opencv_polygon_mask(height, width, layer.polygons)) is not None:
+            windowed.append(_Layer(layer.value, *placed, overrides=layer.overrides))
+    return windowed
 
 
 def _paint_counting(canvas: np.ndarray, objects: list[_Layer], ignore_value: int) -> None:

@@ -8,6 +8,10 @@ Quiet by default: Ray's own warnings, error-level lines of its processes and dep
 stay in Ray's log files (RAY_TMPDIR/ray/session_*/logs); `rayseg --verbose` (RAYSEG_VERBOSE=1)
 shows them. A Ray worker talks to the user with say() / StepReporter: lines marked WORKER_LINE /
 WORKER_PROGRESS, which the driver prints bare or turns into a Progress bar.
+
+Signals: under stop_on_signals (cli.main) SIGINT and SIGTERM raise errors.Interrupted in the main
+thread, except inside ray.init, where they wait until it returns; stop_ray then ends the Ray
+this process started (or leaves the cluster it joined) before the command exits.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TextIO
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
-from rayseg.errors import RaysegError
+from rayseg.errors import Interrupted, RaysegError
 
 if TYPE_CHECKING:  # storage pulls in pyarrow and OpenCV; Ray stages import it lazily
     from rayseg.storage import Location
@@ -44,21 +52,124 @@ def connect_ray(
         quiet_ray()
     common = {"logging_level": logging.WARNING if loud else logging.ERROR, "log_to_driver": True}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None, **common)
+        with signals_deferred():
+            ray.init(address=address or None, **common)
+            _SIGNALS.connected = True
         quiet_driver(loud)
         return
     # Embedded Ray of our own ("local": never silently join another cluster on this machine).
     # No metrics exporter (nothing reads it) and no dashboard unless asked: start-up stays at
     # seconds. `--address auto` joins a running cluster instead.
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        _system_config={"enable_metrics_collection": False},
-        **common,
-    )
+    with signals_deferred():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _system_config={"enable_metrics_collection": False},
+            **common,
+        )
+        _SIGNALS.connected = True
     quiet_driver(loud)
+
+
+def stop_ray() -> None:
+    """Leave Ray if connect_ray joined or started it: a Ray of our own stops with all it started.
+
+    Signals that arrive meanwhile are ignored (a third one ends the process at once).
+    """
+    if not _SIGNALS.connected:
+        return
+    import ray
+
+    _SIGNALS.connected = False
+    _SIGNALS.stopping = True
+    ray.shutdown()
+
+
+# ---- signals ---------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class SignalState:
+    handling: bool = False  # stop_on_signals is active
+    deferring: bool = False  # inside ray.init
+    pending: int = 0  # a signal that arrived while deferring
+    stopping: bool = False  # Interrupted was raised, or Ray is being stopped
+    received: int = 0  # the signal that stopped it (Ray's C++ calls re-raise KeyboardInterrupt)
+    seen: int = 0  # signals so far
+    connected: bool = False  # connect_ray joined or started Ray
+
+
+_SIGNALS = SignalState()  # process-wide, as signal handlers are
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in the main thread while inside (cli.main)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    _SIGNALS.handling, _SIGNALS.stopping = True, False
+    _SIGNALS.pending = _SIGNALS.received = _SIGNALS.seen = 0
+    install_signal_handlers()
+    try:
+        yield
+    finally:
+        _SIGNALS.handling = False
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def install_signal_handlers() -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_signal)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _SIGNALS.seen += 1
+    if _SIGNALS.seen >= 3:  # the user insists: stop now, whatever is still running
+        os._exit(128 + signum)
+    if _SIGNALS.deferring and not _SIGNALS.pending:
+        _SIGNALS.pending = signum
+    if _SIGNALS.deferring or _SIGNALS.stopping:
+        return
+    _SIGNALS.stopping, _SIGNALS.received = True, signum
+    raise Interrupted(signum)
+
+
+def stop_signal() -> int:
+    """The SIGINT / SIGTERM that stopped the command (0 if none did)."""
+    return _SIGNALS.received
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A signal that arrives inside is raised as Interrupted when the block has run.
+
+    For ray.init: cut short, it crashes the driver or leaves Ray's agents running. ray.init also
+    installs its own SIGTERM handler (sys.exit(15)), kept out while rayseg handles signals.
+    """
+    if not _SIGNALS.handling or _SIGNALS.deferring:
+        yield
+        return
+    import ray._private.utils as ray_utils
+
+    set_sigterm_handler = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    _SIGNALS.deferring = True
+    try:
+        yield
+    finally:
+        _SIGNALS.deferring = False
+        ray_utils.set_sigterm_handler = set_sigterm_handler
+        install_signal_handlers()
+    if _SIGNALS.pending and not _SIGNALS.stopping:
+        _SIGNALS.stopping, _SIGNALS.received = True, _SIGNALS.pending
+        raise Interrupted(_SIGNALS.pending)
 
 
 def quiet_driver(loud: bool) -> None:
@@ -336,7 +447,12 @@ def _probe_storage(uri: str, marker: str) -> str | None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; a periodic `label: done/total (rate/s, ETA)` line otherwise."""
+    """A tqdm bar on a terminal; a periodic `label: done/total (rate/s, ETA)` line otherwise.
+
+    Progress.latest is the one made last in this process: an interrupted command reports it.
+    """
+
+    latest: ClassVar[Progress | None] = None
 
     def __init__(
         self,
@@ -352,7 +468,9 @@ class Progress:
         self.done = 0
         self.postfix: dict[str, Any] = {}
         self.start = self._last = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, done) at the first update
         self._bar = None
+        Progress.latest = self
         if self.stream.isatty():
             from tqdm import tqdm
 
@@ -367,6 +485,8 @@ class Progress:
     def update(self, n: int, *, postfix: dict[str, Any] | None = None) -> None:
         """`n` more done; `postfix` (e.g. {"loss": 0.41}) is shown after the count."""
         self.done += n
+        if self._first is None:
+            self._first = (time.monotonic(), self.done)
         self.postfix = postfix or self.postfix
         if self._bar is not None:
             if postfix:
@@ -379,8 +499,11 @@ class Progress:
             print(self.line(), file=self.stream, flush=True)
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.done / elapsed
+        # The rate counts from the first update: start-up before it is not work (predict's
+        # first line used to say "0.1/s, ETA 1684s" for a job that took 10 s).
+        since, done_then = self._first or (self.start, 0)
+        elapsed = max(time.monotonic() - since, 1e-9)
+        rate = (self.done - done_then) / elapsed if self._first else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
@@ -388,6 +511,10 @@ class Progress:
             f"{self.label}: {self.done}/{self.total} {self.unit} "
             f"({rate:.1f}/s, ETA {eta_text}{extra})"
         )
+
+    def count(self) -> str:
+        """`3 of 5 steps`."""
+        return f"{self.done} of {self.total} {self.unit}"
 
     def close(self) -> None:
         if self._bar is not None:

@@ -10,18 +10,21 @@ progress; rayseg.masks is the command around it (resume, manifest).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import itertools
 import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import cv2
 import numpy as np
 
-from rayseg import export, storage
-from rayseg.coco import CocoIndex, annotations_by_image, decode_annotation
+from rayseg import export, naming, storage
+from rayseg.coco import AnnotationGroups, CocoIndex, FileRecords, decode_annotation
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
 from rayseg.records import Problem
@@ -36,6 +39,7 @@ class ImageRecord:
     height: int
     width: int
     annotations: tuple[bytes, ...]  # the annotations' original JSON bytes
+    stem: str = ""  # the image's unique output name stem (rayseg.naming); "" = from file_name
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,8 @@ class ShardJob:
     palette: bool
     images_dir: str | None
     layout: str = "rayseg"
-
-
-def mask_file_name(file_name: str, categories: list[int], naming: str) -> str:
-    stem = export.stem(file_name)
-    if naming == "stem":
-        return f"{stem}.png"
-    return f"{stem}_mask_cats_{'_'.join(str(c) for c in categories)}.png"
+    max_pixels: int | None = None
+    max_vertices: int | None = None
 
 
 def scheme_meta(scheme: ValueScheme, names: dict[int, str]) -> dict[str, Any]:
@@ -100,6 +99,7 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[Prob
         crowd=job.crowd,
         ignore_value=job.scheme.ignore_value,
         dtype=job.scheme.dtype,
+        max_vertices=job.max_vertices,
     )
     problems += [dataclasses.replace(p, image_id=rec.id) for p in render_problems]
     return mask, problems
@@ -140,47 +140,45 @@ def read_image(rec: ImageRecord, images_dir: str) -> tuple[bytes | None, str | N
     return data, None
 
 
+# Errors of the machine or the storage, not of one record: the shard fails (Ray retries it, a
+# rerun redoes it) instead of listing every later image as a problem.
+_RECORD_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EISDIR, errno.ENOTDIR}
+
+
+class _Skipped(Exception):
+    """A record that is listed as a problem and not written."""
+
+
 def render_shard(job: ShardJob) -> dict[str, Any]:
-    """Render, write PNGs and the Parquet part, then the shard record (the commit point)."""
+    """Render, write PNGs and the Parquet part, then the shard record (the commit point).
+
+    A record that cannot be rendered, named or written is a listed problem; the others go on."""
     start = time.monotonic()
     out = storage.locate(job.out)
     palette = storage.label_palette() if job.palette else None
-    inverse = {v: c for c, v in job.scheme.values.items()}
-    rows, problems, failed = [], [], []
+    rows, problems, failed, files = [], [], [], []
     pixels: Counter[int] = Counter()
     for rec in job.images:
-        image_bytes = None
-        if job.images_dir:
-            image_bytes, reason = read_image(rec, job.images_dir)
-            if reason:
-                problems.append(Problem(reason, image_id=rec.id))
-                failed.append(rec.id)
-                continue
-        mask, image_problems = render_image(rec, job)
-        problems.extend(image_problems)
-        counts = value_counts(mask)
-        pixels.update(counts)
-        categories = sorted(inverse[v] for v in counts if v in inverse)
-        name = mask_file_name(rec.file_name, categories, job.naming)
-        png = storage.encode_png(mask, palette=palette)
-        storage.write_bytes(out.join("masks", name), png)
-        if job.layout == "voc":
-            export.write_voc_pair(out, export.stem(rec.file_name), image_bytes, mask)
-        rows.append(
-            {
-                "image_id": rec.id,
-                "file_name": rec.file_name,
-                "height": rec.height,
-                "width": rec.width,
-                "category_ids": categories,
-                "value_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
-                "mask_path": f"masks/{name}",
-                "mask": png,
-                "image": image_bytes,
-            }
-        )
+        try:
+            row, png = render_record(rec, job, out, palette, problems)
+        except _Skipped as e:
+            problems.append(Problem(str(e), image_id=rec.id))
+            failed.append(rec.id)
+            continue
+        except Exception as e:
+            if not _is_record_error(e):
+                raise
+            problems.append(
+                Problem(f"mask not written ({type(e).__name__}: {_short(e)})", image_id=rec.id)
+            )
+            failed.append(rec.id)
+            continue
+        pixels.update({p["value"]: p["pixels"] for p in row["value_pixels"]})
+        rows.append(row)
+        files.append([row["mask_path"].split("/", 1)[1], len(png)])
     meta = scheme_meta(job.scheme, job.category_names)
-    storage.write_parquet(out.join("parquet", part_name(job.shard)), storage.mask_table(rows, meta))
+    part = part_name(job.shard)
+    part_bytes = storage.write_parquet(out.join("parquet", part), storage.mask_table(rows, meta))
     record = {
         "shard": job.shard,
         "images": len(job.images),
@@ -188,6 +186,9 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
         "failed": failed,
         "problems": [p.to_dict() for p in problems],
         "class_pixels": {str(v): n for v, n in sorted(pixels.items())},
+        # What a rerun checks before it trusts this shard (rayseg.verify).
+        "masks": files,
+        "part_bytes": part_bytes,
         "node": socket.gethostname(),
         "node_id": _node_id(),
         "pid": os.getpid(),
@@ -195,6 +196,56 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
     }
     storage.write_json(out.join("_shards", shard_record_name(job.shard)), record)
     return record
+
+
+def render_record(
+    rec: ImageRecord,
+    job: ShardJob,
+    out: storage.Location,
+    palette: np.ndarray | None,
+    problems: list[Problem],
+) -> tuple[dict[str, Any], bytes]:
+    """One image: its Parquet row and PNG, written; raises _Skipped for a listed failure."""
+    if job.max_pixels is not None and rec.height * rec.width > job.max_pixels:
+        raise _Skipped(
+            f"image is {rec.width}x{rec.height} = {rec.width * rec.height} pixels, "
+            f"over --max-pixels {job.max_pixels}; not rendered"
+        )
+    image_bytes = None
+    if job.images_dir:
+        image_bytes, reason = read_image(rec, job.images_dir)
+        if reason:
+            raise _Skipped(reason)
+    mask, image_problems = render_image(rec, job)
+    counts = value_counts(mask)
+    inverse = {v: c for c, v in job.scheme.values.items()}
+    categories = sorted(inverse[v] for v in counts if v in inverse)
+    stem = rec.stem or naming.base_stem(rec.file_name)
+    name = naming.mask_name(stem, categories, job.naming)
+    png = storage.encode_png(mask, palette=palette)
+    # In place, not via a temporary: until the shard record exists a rerun rewrites the file.
+    storage.write_bytes(out.join("masks", name), png, atomic=False)
+    if job.layout == "voc":
+        export.write_voc_pair(out, stem, image_bytes, mask)
+    problems.extend(image_problems)
+    row = {
+        "image_id": rec.id,
+        "file_name": rec.file_name,
+        "height": rec.height,
+        "width": rec.width,
+        "category_ids": categories,
+        "value_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
+        "mask_path": f"masks/{name}",
+        "mask": png,
+        "image": image_bytes,
+    }
+    return row, png
+
+
+def _is_record_error(e: Exception) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in _RECORD_ERRNOS
+    return not isinstance(e, RaysegError)
 
 
 def _node_id() -> str | None:
@@ -216,55 +267,125 @@ def shard_record_name(shard: int) -> str:
     return f"shard-{shard:05d}.json"
 
 
+# `--shard-size 0` (auto): about SHARDS_PER_CPU shards per CPU, so small inputs use every core
+# and the last shards finish close together; between AUTO_MIN and AUTO_MAX images, so a task's
+# fixed cost (~10 ms: scheduling, the Parquet part, the record) stays under 1-2% of its work.
+SHARDS_PER_CPU = 4
+AUTO_MIN, AUTO_MAX = 8, 200
+
+
+def auto_shard_size(num_images: int, cpus: float) -> int:
+    per_shard = -(-num_images // max(1, int(cpus) * SHARDS_PER_CPU))
+    return max(AUTO_MIN, min(AUTO_MAX, per_shard))
+
+
+class ShardJobs(Sequence[ShardJob]):
+    """The run's shards in order, each ShardJob built when asked for: the driver never holds
+    more than the shards in flight, not a copy of every annotation."""
+
+    def __init__(self, index: CocoIndex, template: ShardJob, shard_size: int) -> None:
+        self.index, self.template, self.shard_size = index, template, shard_size
+        self.groups = AnnotationGroups.of(index)
+        self.stems = naming.unique_stems((im.id, im.file_name) for im in index.images)
+
+    def __len__(self) -> int:
+        return -(-len(self.index.images) // self.shard_size)
+
+    def num_images(self, k: int) -> int:
+        return min(self.shard_size, len(self.index.images) - k * self.shard_size)
+
+    @overload
+    def __getitem__(self, k: int) -> ShardJob: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[ShardJob]: ...
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k %= len(self)
+        first = k * self.shard_size
+        shard_images = self.index.images[first : first + self.shard_size]
+        groups = [self.groups.positions(p) for p in range(first, first + len(shard_images))]
+        records = iter(self._records(np.concatenate(groups) if groups else np.zeros(0, int)))
+        images = tuple(
+            ImageRecord(
+                im.id,
+                im.file_name,
+                im.height,
+                im.width,
+                tuple(itertools.islice(records, len(group))),
+                self.stems[p],
+            )
+            for p, im, group in zip(itertools.count(first), shard_images, groups)
+        )
+        return dataclasses.replace(self.template, shard=k, images=images)
+
+    def _records(self, positions: np.ndarray) -> list[bytes]:
+        """The annotations' bytes at `positions`, in that order."""
+        raw = self.index.ann_raw
+        if not isinstance(raw, FileRecords):
+            return [bytes(raw[i]) for i in positions.tolist()]
+        order = np.argsort(positions, kind="stable")
+        data = raw.read_many(positions[order])
+        result: list[bytes] = [b""] * len(positions)
+        for slot, blob in zip(order.tolist(), data, strict=True):
+            result[slot] = blob
+        return result
+
+
 def plan_jobs(
     index: CocoIndex,
     cfg: MasksConfig,
     scheme: ValueScheme,
     names: dict[int, str] | None = None,
-) -> list[ShardJob]:
-    """Deterministic shards of `shard_size` images, in the file's image order.
+    *,
+    shard_size: int | None = None,
+) -> ShardJobs:
+    """Deterministic shards of `shard_size` images (default cfg.shard_size), in file order.
 
     `names`: category id -> name of the drawn classes (default: the file's categories)."""
-    if cfg.shard_size <= 0:
-        raise RaysegError(f"--shard-size must be positive, got {cfg.shard_size}")
-    groups = annotations_by_image(index)
-    records = [
-        ImageRecord(
-            im.id,
-            im.file_name,
-            im.height,
-            im.width,
-            tuple(bytes(index.ann_raw[i]) for i in groups.get(im.id, ())),
-        )
-        for im in index.images
-    ]
+    size = shard_size or cfg.shard_size
+    if size <= 0:
+        raise RaysegError(f"--shard-size must be positive, got {size}")
     if names is None:
         names = {c.id: c.name for c in index.categories}
-    out = storage.locate(cfg.out).uri  # absolute: tasks may run in another directory
-    return [
-        ShardJob(
-            shard=k,
-            out=out,
-            images=tuple(records[s : s + cfg.shard_size]),
-            scheme=scheme,
-            category_names=names,
-            rasterizer=cfg.rasterizer,
-            overlap=cfg.overlap,
-            crowd=cfg.crowd,
-            naming=cfg.naming,
-            palette=cfg.palette,
-            images_dir=storage.locate(cfg.images_dir).uri if cfg.images_dir else None,
-            layout=cfg.layout,
-        )
-        for k, s in enumerate(range(0, len(records), cfg.shard_size))
-    ]
+    template = ShardJob(
+        shard=-1,
+        out=storage.locate(cfg.out).uri,  # absolute: tasks may run in another directory
+        images=(),
+        scheme=scheme,
+        category_names=names,
+        rasterizer=cfg.rasterizer,
+        overlap=cfg.overlap,
+        crowd=cfg.crowd,
+        naming=cfg.naming,
+        palette=cfg.palette,
+        images_dir=storage.locate(cfg.images_dir).uri if cfg.images_dir else None,
+        layout=cfg.layout,
+        max_pixels=cfg.max_pixels,
+        max_vertices=cfg.max_vertices,
+    )
+    return ShardJobs(index, template, size)
+
+
+MIN_IN_FLIGHT = 16
+
+
+def in_flight_limit(cpus: float) -> int:
+    """Shards submitted but not finished: two per CPU keep every CPU busy while the driver
+    collects, and at least MIN_IN_FLIGHT show an autoscaling cluster (cluster.yaml) that starts
+    with few CPUs the demand to grow; the driver and object store hold only these (~1 MB each
+    for 200 COCO images)."""
+    return max(MIN_IN_FLIGHT, 2 * int(cpus))
 
 
 def run_jobs(
-    jobs: list[ShardJob], cfg: MasksConfig, *, total_images: int
+    jobs: ShardJobs, todo: list[int], cfg: MasksConfig
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
-    """Render shards as Ray tasks; a worker that dies is retried by Ray (max_retries)."""
-    if not jobs:
+    """Render the shards `todo` as Ray tasks, a bounded number at a time; a worker that dies is
+    retried by Ray (max_retries)."""
+    if not todo:
         return [], []
     import ray
 
@@ -273,22 +394,31 @@ def run_jobs(
     if env := forwarded_env(cfg.out):
         options["runtime_env"] = env
     task = ray.remote(render_shard).options(**options)
-    pending = {task.remote(job): job for job in jobs}
-    progress = Progress(sum(len(j.images) for j in jobs), "masks")
+    waiting = iter(todo)
+    pending: dict[Any, int] = {}
+    progress = Progress(sum(jobs.num_images(k) for k in todo), "masks")
     records, errors = [], []
-    while pending:
+    checked = -float("inf")
+    while True:
+        if time.monotonic() - checked > 10.0:  # an autoscaling cluster grows: look again
+            limit = in_flight_limit(ray.cluster_resources().get("CPU", 0))
+            checked = time.monotonic()
+        for k in itertools.islice(waiting, max(0, limit - len(pending))):
+            pending[task.remote(jobs[k])] = k
+        if not pending:
+            break
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
         for ref in ready:
-            job = pending.pop(ref)
+            k = pending.pop(ref)
             try:
                 records.append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 - reported after the other shards finish
-                errors.append((job.shard, _short(e)))
-            progress.update(len(job.images))
+                errors.append((k, _short(e)))
+            progress.update(jobs.num_images(k))
     progress.close()
     return records, errors
 
 
-def _short(e: Exception) -> str:
+def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__

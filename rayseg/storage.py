@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ from rayseg.errors import RaysegError
 from rayseg.records import BACKGROUND, DTYPE_MAX
 
 TMP_MARK = ".tmp-"
+# Temporaries are `.<name>.tmp-<32 hex>`: no output name starts with "." (rayseg.naming), so no
+# input can produce a name this matches.
+_TEMPORARY = re.compile(r"^\..*\.tmp-[0-9a-f]{32}$")
 META_KEY = b"rayseg"
 # Hugging Face `datasets` reads its features from this key ({"info": {"features": {...}}}).
 HF_META_KEY = b"huggingface"
@@ -99,7 +103,7 @@ def make_dirs(loc: Location) -> None:
 def check_writable(loc: Location) -> None:
     """Fail fast, before any work, when the output location cannot be written."""
     make_dirs(loc)
-    probe = loc.join(f".write-probe{TMP_MARK}{uuid.uuid4().hex}")
+    probe = loc.join(temporary_name("write-probe"))
     try:
         with loc.fs.open_output_stream(probe.path) as f:
             f.write(b"ok")
@@ -108,11 +112,16 @@ def check_writable(loc: Location) -> None:
         raise RaysegError(f"{loc.uri}: output location is not writable ({e})") from None
 
 
-def write_bytes(loc: Location, data: bytes) -> None:
+def write_bytes(loc: Location, data: bytes, *, atomic: bool = True) -> None:
+    """Write a file; `atomic=False` skips the local rename where a later commit point (a shard
+    record) already makes half-written files harmless: they are rewritten by the rerun."""
+    if loc.is_local and not atomic:
+        with open(loc.path, "wb") as f:
+            f.write(data)
+        return
     if loc.is_local:
-        # A leading dot hides a temporary from dataset readers (pyarrow, Ray Data) until renamed.
         head, name = os.path.split(loc.path)
-        tmp = os.path.join(head, f".{name}{TMP_MARK}{uuid.uuid4().hex}")
+        tmp = os.path.join(head, temporary_name(name))
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, loc.path)
@@ -139,6 +148,12 @@ def list_files(loc: Location) -> list[str]:
     return sorted(i.base_name for i in info if i.type == pafs.FileType.File)
 
 
+def file_sizes(loc: Location) -> dict[str, int]:
+    """Base name -> size of the files directly inside `loc`, from one listing."""
+    info = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    return {i.base_name: i.size for i in info if i.type == pafs.FileType.File}
+
+
 def delete(loc: Location) -> None:
     try:
         loc.fs.delete_file(loc.path)
@@ -153,10 +168,19 @@ def delete_dir(loc: Location) -> None:
 
 def remove_stray_temporaries(loc: Location) -> int:
     """Delete temporary files a killed run left behind; returns how many."""
-    stray = [name for name in list_files(loc) if TMP_MARK in name]
+    stray = [name for name in list_files(loc) if is_temporary(name)]
     for name in stray:
         delete(loc.join(name))
     return len(stray)
+
+
+def temporary_name(name: str) -> str:
+    # A leading dot also hides it from dataset readers (pyarrow, Ray Data) until renamed.
+    return f".{name}{TMP_MARK}{uuid.uuid4().hex}"
+
+
+def is_temporary(name: str) -> bool:
+    return _TEMPORARY.match(name) is not None
 
 
 def write_json(loc: Location, obj: Any) -> None:
@@ -284,10 +308,18 @@ def hf_features(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_parquet(loc: Location, table: pa.Table) -> None:
+def write_parquet(loc: Location, table: pa.Table) -> int:
+    """Write one Parquet file atomically; returns its size in bytes."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=64)
-    write_bytes(loc, sink.getvalue().to_pybytes())
+    # PNG / JPEG bytes are compressed already: zstd on them costs time and saves nothing.
+    codecs = {
+        name: "none" if table.schema.field(name).type == pa.binary() else "zstd"
+        for name in table.column_names
+    }
+    pq.write_table(table, sink, compression=codecs, row_group_size=64)
+    data = sink.getvalue().to_pybytes()
+    write_bytes(loc, data)
+    return len(data)
 
 
 def parquet_location(data: str) -> Location:
@@ -302,7 +334,7 @@ def parquet_location(data: str) -> Location:
 
 
 def parquet_files(loc: Location) -> list[Location]:
-    return [loc.join(n) for n in list_files(loc) if n.endswith(".parquet") and TMP_MARK not in n]
+    return [loc.join(n) for n in list_files(loc) if n.endswith(".parquet") and not is_temporary(n)]
 
 
 def read_mask_meta(data: str) -> dict[str, Any]:

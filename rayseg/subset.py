@@ -29,7 +29,7 @@ def select_images(
     categories: list[int] | None = None,
 ) -> tuple[list[int], dict[str, int]]:
     """Deterministic choice of image ids; returns (ids in file order, eligibility counts)."""
-    valid = index.ann_image_ids >= 0
+    valid = index.ann_valid
     counted_ids, counted = np.unique(index.ann_image_ids[valid], return_counts=True)
     ann_count = dict(zip(counted_ids.tolist(), counted.tolist(), strict=True))
     wanted = None
@@ -67,7 +67,7 @@ def subset_chunks(index: CocoIndex, image_ids: list[int]) -> list[bytes | msgspe
     annotations, categories. Raw records are views into the input, so nothing is copied."""
     chosen = set(image_ids)
     images = [raw for im, raw in zip(index.images, index.image_raw, strict=True) if im.id in chosen]
-    keep = np.isin(index.ann_image_ids, np.array(image_ids, dtype=np.int64))
+    keep = index.ann_valid & np.isin(index.ann_image_ids, np.array(image_ids, dtype=np.int64))
     anns = [index.ann_raw[i] for i in np.flatnonzero(keep)]
     return [
         b'{"info":',
@@ -133,7 +133,7 @@ def run_subset(cfg: SubsetConfig) -> dict[str, Any]:
         "images": len(ids),
         "eligible": counts["eligible"],
         "images_in_file": index.num_images_in_file,
-        "annotations": int(np.isin(index.ann_image_ids, ids).sum()),
+        "annotations": int((index.ann_valid & np.isin(index.ann_image_ids, ids)).sum()),
         "missing_files": counts["missing_files"],
         "problems": len(index.problems),
     }

@@ -3,7 +3,8 @@
 Inputs: a TrainConfig; masks Parquet from `rayseg masks` (--data, optionally --val-data).
 Outputs: the run directory --out (local or s3://; format in rayseg.checkpoint): model.pt,
 metrics.jsonl, curves.png, config.yaml, split.json, summary.json and Ray Train's epoch_NNNN/
-checkpoints. Running the same command again with more epochs resumes from the latest one.
+checkpoints. Running the same command again with more epochs resumes from the newest checkpoint
+that loads (a newer, unreadable one is skipped and said so).
 
 run_train(cfg) runs on the driver: it checks data, classes, crop, storage and any earlier run
 before a worker starts, builds the Ray Data datasets (rayseg.ingest), runs TorchTrainer, and
@@ -48,6 +49,7 @@ class Plan:
     threads: int
     num_train: int
     num_val: int
+    resume_uri: str | None = None  # the newest checkpoint that loads (checkpoint.resume_point)
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,7 @@ class Checked:
     split: Split
     steps_per_epoch: int
     run: storage.Location
-    done_epochs: int
-    latest: str | None
+    resume: checkpoint.ResumePoint
 
 
 # ---- Ray Train worker ------------------------------------------------------------------------
@@ -114,16 +115,25 @@ def report_epoch(
 
 
 def resume(state: loop.TrainingState, *, plan: Plan, rank: int) -> int:
-    """Epochs done by the checkpoint Ray Train hands back on resume or restart (0 if none)."""
+    """Epochs done by the checkpoint resumed from (0 if none): the newer of the one Ray Train
+    hands back (a restart within this run) and the one the driver found loadable."""
     import ray.train
 
-    saved = ray.train.get_checkpoint()  # Ray Train: the latest checkpoint, or None
-    if saved is None:
+    saved = ray.train.get_checkpoint()  # Ray Train: the latest checkpoint it registered, or None
+    ours = plan.resume_uri
+    if saved is not None and ours and checkpoint.dir_name(saved.path) < checkpoint.dir_name(ours):
+        saved = None  # the driver's is newer: written, but never registered by Ray Train
+    if saved is not None:
+        with saved.as_directory() as folder:
+            done = checkpoint.restore(folder, state, name=plan.cfg.model, class_map=plan.class_map)
+        where = saved.path
+    elif ours is not None:
+        done = checkpoint.restore(ours, state, name=plan.cfg.model, class_map=plan.class_map)
+        where = ours
+    else:
         return 0
-    with saved.as_directory() as folder:
-        done = checkpoint.restore(folder, state, name=plan.cfg.model, class_map=plan.class_map)
     if rank == 0:
-        runtime.say(f"resumed from epoch {done} ({saved.path})")
+        runtime.say(f"resumed from epoch {done} ({where})")
     return done
 
 
@@ -275,8 +285,8 @@ def check_inputs(cfg: TrainConfig) -> Checked:
     run = storage.locate(cfg.out)
     storage.check_writable(run)
     storage_for(run)
-    done, latest = checkpoint.done_epochs(run, model=cfg.model, class_map=class_map)
-    return Checked(class_map, split, steps, run, done, latest)
+    resume = checkpoint.resume_point(run, model=cfg.model, class_map=class_map)
+    return Checked(class_map, split, steps, run, resume)
 
 
 # ---- driver: the cluster ---------------------------------------------------------------------
@@ -365,9 +375,14 @@ def build_trainer(plan: Plan, split: Split, run: storage.Location, cpus_per_work
 
 
 def fit(trainer) -> None:
-    """trainer.fit(), with a worker's RaysegError surfacing as itself."""
+    """trainer.fit(), with a worker's RaysegError surfacing as itself.
+
+    Ray Train's fit() would swap in its own SIGINT handler (it aborts the run, then exits 1);
+    rayseg's stays (runtime.stop_on_signals), and stopping Ray ends the run at once.
+    """
     import ray.train
 
+    trainer._register_sigint_handler = lambda controller: None  # Ray Train: keep our handler
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -399,6 +414,7 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
         threads=threads,
         num_train=len(split.train_ids),
         num_val=len(split.val_ids),
+        resume_uri=checked.resume.uri,
     )
     print(
         f"training {cfg.model} on {plan.num_train} images ({plan.num_val} for validation), "
@@ -425,16 +441,18 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         train_images=len(split.train_ids),
         val_ids=split.val_ids,
     )
-    if checked.done_epochs >= cfg.epochs:
+    resume = checked.resume
+    for name, why in resume.skipped:
+        after = f"resuming from {resume.name}" if resume.uri else "training from the start"
+        print(f"skipping checkpoint {name} ({why}); {after}")
+    if resume.epochs >= cfg.epochs:
         print(
-            f"{run.uri} already has {checked.done_epochs} epochs (--epochs {cfg.epochs}): "
+            f"{run.uri} already has {resume.epochs} epochs (--epochs {cfg.epochs}): "
             "nothing to train"
         )
     else:
-        if checked.latest:
-            print(
-                f"resuming from {checked.latest}: {checked.done_epochs} of {cfg.epochs} epochs done"
-            )
+        if resume.uri:
+            print(f"resuming from {resume.uri}: {resume.epochs} of {cfg.epochs} epochs done")
         launch(cfg, checked)
     state = checkpoint.export_final(run)
     history = checkpoint.read_history(run, upto_epoch=int(state["epoch"]))

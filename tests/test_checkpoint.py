@@ -7,6 +7,7 @@ would persist it; resume, the export and load_model must all agree with the mode
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,27 +50,102 @@ def run(tmp_path):
     return storage.locate(str(tmp_path / "run")), written
 
 
-def test_checkpoint_header_and_done_epochs(run):
+def test_checkpoint_header_and_resume_point(run):
     loc, _ = run
     header = storage.read_json(checkpoint.latest_checkpoint_dir(loc).join("checkpoint.json"))
     assert header == checkpoint.checkpoint_header(CFG.model, CLASS_MAP, 2)
-    assert checkpoint.done_epochs(loc, model=CFG.model, class_map=CLASS_MAP)[0] == 2
-
-
-def test_done_epochs_without_header_reads_the_checkpoint(run):
-    loc, _ = run
-    storage.delete(loc.join("epoch_0002", checkpoint.CHECKPOINT_INFO))
-    done, latest = checkpoint.done_epochs(loc, model=CFG.model, class_map=CLASS_MAP)
-    assert done == 2 and latest.endswith("epoch_0002")
+    point = checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP)
+    assert (point.epochs, point.name, point.skipped) == (2, "epoch_0002", ())
 
 
 def test_another_model_or_classes_is_refused(run):
     loc, _ = run
     with pytest.raises(RaysegError, match="lraspp_mobilenet_v3_large checkpoint, not fcn"):
-        checkpoint.done_epochs(loc, model="fcn_resnet50", class_map=CLASS_MAP)
+        checkpoint.resume_point(loc, model="fcn_resnet50", class_map=CLASS_MAP)
     other = class_map_from_meta(META, "2")
     with pytest.raises(RaysegError, match=r"was trained on classes \['square', 'disc'\]"):
-        checkpoint.done_epochs(loc, model=CFG.model, class_map=other)
+        checkpoint.resume_point(loc, model=CFG.model, class_map=other)
+
+
+def ray_snapshot(*names: str) -> dict:
+    """Ray Train V2's checkpoint_manager_snapshot.json listing `names` (reported in order)."""
+    results = [
+        {"version": 0, "checkpoint_dir_name": n, "metrics": {"epoch": i + 1, "val_miou": 0.5}}
+        for i, n in enumerate(names)
+    ]
+    return {
+        "ray_version": "2.60.0",
+        "checkpoint_results": results,
+        "checkpoint_report_indices": list(range(len(names))),
+        "latest_checkpoint_result": results[-1],
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": len(names),
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "does not load: "),
+        (lambda p: p.write_bytes(b""), "does not load: "),
+        (lambda p: torch.save({"format": checkpoint.EXPORT_FORMAT}, p), "lacks state_dict"),
+    ],
+    ids=["truncated", "empty", "export-only"],
+)
+def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(run, damage, why):
+    loc, written = run
+    newer = loc.join("epoch_0003")
+    storage.make_dirs(newer)
+    record = {"epoch": 3, "loss": 0.4}
+    checkpoint.write_checkpoint(newer.path, written, record, cfg=CFG, class_map=CLASS_MAP)
+    damage(Path(newer.path, checkpoint.CHECKPOINT_FILE))
+    storage.write_json(loc.join(checkpoint.RAY_SNAPSHOT), ray_snapshot("epoch_0002", "epoch_0003"))
+
+    point = checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP)
+    assert (point.epochs, point.name) == (2, "epoch_0002")
+    ((name, reason),) = point.skipped
+    assert name == "epoch_0003" and reason.startswith("checkpoint.pt ") and why in reason
+    # Ray Train's snapshot forgets it: it would hand it to the workers again.
+    snapshot = storage.read_json(loc.join(checkpoint.RAY_SNAPSHOT))
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == ["epoch_0002"]
+    assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "epoch_0002"
+    assert checkpoint.export_final(loc)["epoch"] == 2
+
+
+def test_without_a_loadable_checkpoint_training_starts_afresh(run):
+    loc, _ = run
+    (Path(loc.path) / "epoch_0002" / "checkpoint.pt").write_bytes(b"x")
+    storage.write_json(loc.join(checkpoint.RAY_SNAPSHOT), ray_snapshot("epoch_0002"))
+    point = checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP)
+    assert (point.epochs, point.uri, [n for n, _ in point.skipped]) == (0, None, ["epoch_0002"])
+    snapshot = storage.read_json(loc.join(checkpoint.RAY_SNAPSHOT))
+    assert snapshot["checkpoint_results"] == [] and snapshot["latest_checkpoint_result"] is None
+
+
+def test_a_cut_short_ray_snapshot_is_removed(run):
+    loc, _ = run
+    storage.write_bytes(loc.join(checkpoint.RAY_SNAPSHOT), b'{"ray_version": "2.6')
+    assert checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP).epochs == 2
+    assert not storage.exists(loc.join(checkpoint.RAY_SNAPSHOT))
+
+
+def test_dropped_snapshot_is_one_ray_train_loads():
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+    )
+
+    full = ray_snapshot("epoch_0001", "epoch_0002", "epoch_0003")
+    full["validated_checkpoint_dir_names"] = ["epoch_0003", "epoch_0001"]
+    dropped = checkpoint.drop_from_snapshot(full, {"epoch_0001", "epoch_0002"})
+    state = _CheckpointManagerState.model_validate(dropped)
+    assert [r.checkpoint_dir_name for r in state.checkpoint_results] == ["epoch_0001", "epoch_0002"]
+    assert state.checkpoint_report_indices == [0, 1]
+    assert state.latest_checkpoint_result.checkpoint_dir_name == "epoch_0002"
+    assert state.validated_checkpoint_dir_names == ["epoch_0001"]
 
 
 def test_restore_brings_back_weights_optimizer_and_schedule(run):

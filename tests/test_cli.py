@@ -181,7 +181,7 @@ def test_ray_commands_take_address_and_num_cpus(command):
         (
             KeyboardInterrupt(),
             130,
-            "rayseg synth: interrupted; rerun the same command to resume",
+            "rayseg synth: interrupted; rerun the same command to start over",
         ),
     ],
 )

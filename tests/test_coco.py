@@ -2,10 +2,11 @@
 
 import hashlib
 
+import numpy as np
 import pytest
 from tiny_coco import tiny_coco, write_coco
 
-from rayseg.coco import annotations_by_image, load_coco
+from rayseg.coco import FileRecords, annotations_by_image, load_coco, load_coco_apart
 from rayseg.errors import RaysegError
 
 
@@ -69,13 +70,39 @@ def test_problems_keep_the_manifest_shape(tmp_path):
         (b'{"images": [], "annotations": [], "categories": []}', "'categories' is empty"),
     ],
 )
-def test_fatal_input_errors(tmp_path, content, message):
+@pytest.mark.parametrize("load", [load_coco, load_coco_apart])
+def test_fatal_input_errors(tmp_path, content, message, load):
     path = tmp_path / "f.json"
     path.write_bytes(content)
     with pytest.raises(RaysegError, match=message):
-        load_coco(str(path))
+        load(str(path))
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(RaysegError, match="file not found"):
         load_coco(str(tmp_path / "nope.json"))
+
+
+def test_loading_apart_gives_the_same_index_with_records_read_from_the_file(tiny):
+    here, apart = load_coco(str(tiny)), load_coco_apart(str(tiny))
+    assert isinstance(apart.ann_raw, FileRecords) and apart.buffer == b""
+    assert [bytes(r) for r in here.ann_raw] == [apart.ann_raw[i] for i in range(len(apart.ann_raw))]
+    assert [bytes(r) for r in here.image_raw] == list(apart.image_raw)
+    assert (here.images, here.digest, here.problems) == (apart.images, apart.digest, apart.problems)
+    assert here.ann_valid.tolist() == apart.ann_valid.tolist()
+
+
+def test_records_of_a_file_that_changed_are_refused(tiny):
+    index = load_coco_apart(str(tiny))
+    tiny.write_bytes(tiny.read_bytes() + b" ")
+    with pytest.raises(RaysegError, match="changed while rayseg was using it"):
+        index.ann_raw[0]
+
+
+def test_read_many_matches_single_reads_near_and_far(tiny, monkeypatch):
+    index = load_coco_apart(str(tiny))
+    positions = np.arange(len(index.ann_raw))
+    one_by_one = [index.ann_raw[i] for i in positions]
+    assert index.ann_raw.read_many(positions) == one_by_one  # one stretch: a single read
+    monkeypatch.setattr(FileRecords, "GAP", 0)  # every record a read of its own
+    assert index.ann_raw.read_many(positions[::2]) == one_by_one[::2]

@@ -85,7 +85,7 @@ def test_invalid_yaml_reports_line(tmp_path):
         ),
         (TrainConfig, "max_failures", -2, "'max_failures' is -2, expected max_failures >= -1"),
         (TrainConfig, "num_cpus", 0, "'num_cpus' is 0, expected num_cpus >= 1"),
-        (MasksConfig, "shard_size", 0, "'shard_size' is 0, expected shard_size >= 1"),
+        (MasksConfig, "shard_size", -1, "'shard_size' is -1, expected shard_size >= 0"),
         (SubsetConfig, "num_images", 0, "'num_images' is 0, expected num_images >= 1"),
         (SynthConfig, "width", 0, "'width' is 0, expected width >= 1"),
         (EvaluateConfig, "num_actors", 0, "'num_actors' is 0, expected num_actors >= 1"),

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_coco import tiny_coco, write_coco, write_images
 
-from rayseg import export, storage
+from rayseg import export, naming, storage
 from rayseg.config import VAL_FRACTION, MasksConfig, load_config
 from rayseg.errors import RaysegError
 from rayseg.ingest import split_ids
@@ -34,7 +34,7 @@ def voc_out(ray_local, tmp_path_factory):
 
 def parquet_masks(out) -> dict[str, np.ndarray]:
     rows = pq.read_table(out / "parquet", columns=["file_name", "mask"]).to_pylist()
-    return {export.stem(r["file_name"]): storage.decode_png(r["mask"]) for r in rows}
+    return {naming.base_stem(r["file_name"]): storage.decode_png(r["mask"]) for r in rows}
 
 
 def test_torchvision_loads_the_voc_folder_as_it_is(voc_out):
@@ -45,8 +45,8 @@ def test_torchvision_loads_the_voc_folder_as_it_is(voc_out):
         ds = VOCSegmentation(str(out), year=export.VOC_YEAR, image_set=image_set, download=False)
         for k in range(len(ds)):
             image, target = ds[k]
-            stem = export.stem(ds.masks[k])
-            assert export.stem(ds.images[k]) == stem
+            stem = naming.base_stem(ds.masks[k])
+            assert naming.base_stem(ds.images[k]) == stem
             assert target.mode == "P"  # indexed PNG: the values are class indices
             assert np.array_equal(np.asarray(target), expected[stem])
             assert image.size == target.size

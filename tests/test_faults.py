@@ -17,48 +17,15 @@ import time
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from conftest import stop_process_group
+from tiny_coco import HEIGHT, WIDTH, write_big_coco
 
 from rayseg import storage
 
-# Big masks keep a 20-image shard busy for a few tenths of a second, so a test can catch one
-# mid-flight.
-WIDTH, HEIGHT = 1600, 1200
 NUM_IMAGES = 120
-
-
-def write_big_coco(path: Path, num_images: int) -> Path:
-    """Large images with three triangles each (categories 1-3): cheap to make, slow to render."""
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for image_id in range(1, num_images + 1):
-        images.append(
-            {"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": WIDTH, "height": HEIGHT}
-        )
-        for category_id in (1, 2, 3):
-            x0, y0 = rng.uniform(0, WIDTH / 2), rng.uniform(0, HEIGHT / 2)
-            x1 = x0 + rng.uniform(WIDTH / 8, WIDTH / 2)
-            y1 = y0 + rng.uniform(HEIGHT / 8, HEIGHT / 2)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "iscrowd": 0,
-                    "segmentation": [[x0, y0, x1, y0, (x0 + x1) / 2, y1]],
-                    "area": (x1 - x0) * (y1 - y0) / 2,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                }
-            )
-    categories = [{"id": c, "name": f"class{c}", "supercategory": "shape"} for c in (1, 2, 3)]
-    path.write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
-    )
-    return path
 
 
 def start_rayseg(args: list[str], log: Path) -> subprocess.Popen:
@@ -119,7 +86,7 @@ def record_pids(out: Path) -> dict[str, int]:
 
 def check_every_image_once(out: Path, num_images: int) -> dict:
     """Manifest, Parquet parts and PNGs all account for each image exactly once, none cut short."""
-    leftovers = [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
+    leftovers = [p for p in out.rglob("*") if storage.is_temporary(p.name)]
     assert not leftovers, leftovers
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]

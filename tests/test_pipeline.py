@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -155,3 +157,83 @@ def test_reduced_demo_end_to_end(ray_local, tmp_path, capsys):
     assert len(list(Path(out / "predict" / "overlays").iterdir())) == len(val) == 4
     printed = capsys.readouterr().out
     assert f"metrics:         {out}/metrics.json" in printed
+
+
+def test_stage_line_says_how_long_the_whole_run_has_left():
+    assert pipeline.stage_line(4, 6, "train", "m, 2 epochs", 130.0) == (
+        "[4/6] train: m, 2 epochs (about 2 min 10 s left in all)"
+    )
+    assert pipeline.stage_line(1, 6, "synth", "x", None) == "[1/6] synth: x"
+    assert [pipeline.duration(s) for s in (44.6, 60, 184, 3599)] == [
+        "45 s",
+        "1 min",
+        "3 min",
+        "60 min",
+    ]
+
+
+def test_seconds_left_scales_the_rest_by_the_measured_speed():
+    expected = {"synth": 10.0, "masks": 5.0, "train": 100.0, "evaluate": 20.0}
+    assert pipeline.seconds_left(expected, {}) == 135.0
+    # synth and masks took twice their expected 15 s: the remaining 120 s will take 240 s...
+    assert pipeline.seconds_left(expected, {"synth": 22.0, "masks": 8.0}, prior=0) == 240.0
+    # ... or, pulled toward the reference by 30 s at its speed, (30 + 30) / (15 + 30) x 120 s.
+    assert pipeline.seconds_left(expected, {"synth": 22.0, "masks": 8.0}) == pytest.approx(160)
+    assert pipeline.seconds_left(expected, {**expected}) == 0.0
+
+
+def test_expected_seconds_scale_with_images_and_epochs(tmp_path):
+    reference = pipeline.demo_reference()
+    shipped = pipeline.expected_seconds(reference.stages, reference)
+    assert shipped == pytest.approx(pipeline.DEMO_STAGE_SECONDS)
+    demo = load_config(PipelineConfig, str(DEMO_YAML))
+    bigger = dataclasses.replace(
+        demo,
+        synth=dataclasses.replace(demo.synth, num_images=2 * demo.synth.num_images),
+        subset=dataclasses.replace(demo.subset, num_images=2 * demo.subset.num_images),
+        train=dataclasses.replace(demo.train, epochs=3 * demo.train.epochs),
+    )
+    scaled = pipeline.expected_seconds(pipeline.plan_stages(bigger), reference)
+    assert scaled["masks"] == pytest.approx(2 * shipped["masks"])
+    assert scaled["train"] == pytest.approx(6 * shipped["train"])
+    # Without synthetic data the plan does not say how many images: no ETA rather than a guess.
+    real = ray_plan(tmp_path, "train: {}\n")
+    assert pipeline.expected_seconds(real, reference) is None
+
+
+def test_demo_prints_each_stage_with_the_time_left(monkeypatch, tmp_path, capsys):
+    # The stages replaced by stubs taking 1 s each (by a fake clock): the lines and their ETA.
+    clock = iter(range(1000))
+    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    monkeypatch.setattr(pipeline, "connect_ray", lambda *a, **k: None)
+    demo = load_config(PipelineConfig, str(DEMO_YAML))
+    seconds = {name: 20.0 for name in pipeline.DEMO_STAGE_SECONDS}
+    reference = pipeline.Reference(seconds, pipeline.plan_stages(demo))
+    stubs = {
+        "rayseg.synth.run_synth": {},
+        "rayseg.subset.run_subset": {},
+        "rayseg.masks.run_masks": {},
+        "rayseg.train.run_train": {"val_miou": 0.5},
+        "rayseg.evaluate.run_evaluate": {"miou": 0.5},
+        "rayseg.predict.run_predict": {},
+    }
+    for target, summary in stubs.items():
+        monkeypatch.setattr(target, lambda cfg, summary=summary: summary)
+    monkeypatch.setattr(pipeline, "write_rows", lambda *a: 0)
+    monkeypatch.setattr(pipeline.storage, "read_json", lambda loc: {"val_image_ids": []})
+    cfg = dataclasses.replace(demo, out=str(tmp_path))
+    pipeline.run_pipeline(cfg, reference=reference)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split(":")[0] for line in lines] == [
+        "[1/6] synth",
+        "[2/6] subset",
+        "[3/6] masks",
+        "[4/6] train",
+        "[5/6] evaluate",
+        "[6/6] predict",
+    ]
+    # Each stage took 1 s of its expected 20 s: after k stages, (6 - k) x 20 s are left, at the
+    # speed (k + 30) / (20 k + 30).
+    assert lines[0].endswith("(about 2 min left in all)")
+    assert lines[3].endswith("(about 22 s left in all)")
+    assert lines[5].endswith("(about 5 s left in all)")

@@ -7,12 +7,14 @@ else is Ray's (warnings, E-level lines of its processes, Ray Data's logs) and sh
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+from mask_data import write_masks
 from tiny_models import PERSON_CAR, save_tiny_model
 
 CLASS_MAP = PERSON_CAR
@@ -54,3 +56,19 @@ def test_predict_prints_only_its_own_lines(ray_tmpdir, inputs, tmp_path):
     # The same run with --verbose shows Ray's lines: the count above can see them.
     _, loud = foreign_lines("predict", *args, "--out", str(tmp_path / "loud"), "--verbose")
     assert loud, "expected Ray's own lines with --verbose"
+
+
+# Ray's own log formats: `2026-12-02 16:33:32,596	INFO streaming_executor.py:215 -- ...`,
+# a worker's `(Scorer pid=123) ...`, `E1202 16:33:32.596 core_worker.cc:...`.
+RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s|\(\w+ pid=\d+|[EWI]\d{4} \d\d:)")
+
+
+def test_evaluate_prints_no_ray_lines(ray_tmpdir, inputs, tmp_path):
+    model, _ = inputs
+    data = write_masks(tmp_path / "masks", 3)
+    args = ["--checkpoint", model, "--data", str(data), "--num-cpus", "2"]
+    ours, others = foreign_lines("evaluate", *args, "--out", str(tmp_path / "eval"))
+    assert any(ln.startswith("evaluate: wrote") for ln in ours), ours
+    # Its other lines are its IoU table; none is Ray's (Ray Data's count() used to log 4).
+    assert [ln for ln in others if RAY_LINE.match(ln)] == [], others
+    assert any(ln.startswith("mIoU") for ln in others), others

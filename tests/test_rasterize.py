@@ -86,6 +86,63 @@ def test_coco_rasterizer_survives_a_shift_sensitive_edge():
     assert np.array_equal(mask, reference)
 
 
+# ---- bounded cost per record -------------------------------------------------------------------
+
+
+def self_crossing(vertices: int, height: int, width: int) -> list[float]:
+    """Random points over the whole image: nearly every pair of edges crosses (fillPoly's worst)."""
+    rng = np.random.default_rng(0)
+    return (rng.random((vertices, 2)) * (width, height)).ravel().round(2).tolist()
+
+
+@pytest.mark.parametrize("rasterizer", RASTERIZERS)
+def test_polygon_over_the_vertex_cap_is_skipped_and_named(rasterizer):
+    # Uncapped, fillPoly needs minutes for this polygon and pycocotools' trace ~1 GB.
+    shapes = [
+        Shape(7, 3, [self_crossing(30_000, 480, 640)]),
+        Shape(8, 5, [self_crossing(30_000, 480, 640), square(2, 2, 12, 12)]),
+    ]
+    mask, problems = render_mask(480, 640, shapes, rasterizer=rasterizer, max_vertices=10_000)
+    cap = "polygon 0 has 30000 vertices, over --max-vertices 10000; part dropped"
+    skipped = "no polygon left within --max-vertices 10000; annotation skipped"
+    assert reasons(problems, 7) == f"{cap} | {skipped}"
+    assert reasons(problems, 8) == cap, "the other part of annotation 8 is kept"
+    assert counts(mask) == {0: 480 * 640 - _sq(rasterizer), 5: _sq(rasterizer)}
+
+
+def _sq(rasterizer: str) -> int:
+    """Pixels of square(2, 2, 12, 12): fillPoly adds a boundary row and column."""
+    return {"coco": 100, "opencv": 121}[rasterizer]
+
+
+@pytest.mark.parametrize("rasterizer", RASTERIZERS)
+def test_polygon_at_the_vertex_cap_is_drawn(rasterizer):
+    mask, problems = render_mask(
+        20, 20, [Shape(1, 7, [square(2, 2, 12, 12)])], rasterizer=rasterizer, max_vertices=4
+    )
+    assert problems == [] and counts(mask)[7] == _sq(rasterizer)
+
+
+@pytest.mark.parametrize("rasterizer", RASTERIZERS)
+def test_outline_far_outside_the_image_is_capped_too(rasterizer):
+    # 4 vertices, but pycocotools would trace 3e5 px of outline (16 bytes per 1/5 px) because
+    # the coordinates reach 1e5; 4 edges inside a 20x20 image trace at most 4 x 20 px.
+    far = [[0.0, 0.0, 1e5, 0.0, 1e5, 1e5, 0.0, 10.0], square(2, 2, 12, 12)]
+    mask, problems = render_mask(20, 20, [Shape(1, 7, far)], rasterizer=rasterizer, max_vertices=4)
+    found = reasons(problems, 1)
+    assert (
+        "polygon 0 has an outline of 300010 px, over the 80 px (--max-vertices 4 x 20 px)" in found
+    )
+    assert counts(mask)[7] == _sq(rasterizer), "the part inside the image is drawn alone"
+    _, uncapped = render_mask(20, 20, [Shape(1, 7, far)], rasterizer=rasterizer)
+    assert "outline" not in reasons(uncapped, 1)
+
+
+def test_vertex_cap_below_a_triangle_is_a_caller_error():
+    with pytest.raises(ValueError, match="max_vertices=2"):
+        render_mask(5, 5, [], max_vertices=2)
+
+
 # ---- RLE ---------------------------------------------------------------------------------------
 
 
@@ -165,6 +222,7 @@ GOOD = [square(0, 0, 4, 4)]
         ({"size": [5, 5], "counts": [3, 4]}, ["RLE counts sum to 7", "expected 5 * 5 = 25"], False),
         ({"size": [5, 5], "counts": [30, -5]}, ["min -5"], False),
         ({"size": [5, 5], "counts": [3.5, 21.5]}, ["RLE counts hold non-integers"], False),
+        ({"size": [5, 5], "counts": [True, 24]}, ["RLE counts hold non-integers"], False),
         ({"size": [5, 5], "counts": "~~~"}, ["not valid COCO RLE text"], False),
         ({"size": [5, 5], "counts": "61"}, ["RLE counts sum to 7"], False),
         ({"size": [5, 5], "counts": 25}, ["RLE counts have type int"], False),

@@ -311,3 +311,19 @@ def test_mask_holds_only_background_shape_values_and_ignore(
     allowed = {0, ignore_value} | {s.value for s in shapes}
     assert set(np.unique(mask).tolist()) <= allowed
     assert all(p.annotation_id in {s.annotation_id for s in shapes} for p in problems)
+
+
+@settings(max_examples=100, deadline=None)
+@given(scene=scenes(crowds=True))
+def test_opencv_fills_into_the_mask_the_pixels_of_its_windows(scene):
+    # "max" and "last" fill polygons straight into the mask; "smallest_on_top" rasterizes each
+    # object into its own window first, so one object alone gives its windowed pixels.
+    height, width, shapes = scene
+    alone = [render_mask(height, width, [s], overlap="smallest_on_top")[0] for s in shapes]
+    highest = np.zeros((height, width), np.uint8)
+    latest = np.zeros((height, width), np.uint8)
+    for mask in alone:
+        highest = np.maximum(highest, mask)
+        latest = np.where(mask > 0, mask, latest)
+    assert np.array_equal(render_mask(height, width, shapes, overlap="max")[0], highest)
+    assert np.array_equal(render_mask(height, width, shapes, overlap="last")[0], latest)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
+import time
+
+import pytest
 
 from rayseg import runtime
+from rayseg.errors import Interrupted
 
 
 class NotATerminal(io.StringIO):
@@ -22,6 +28,21 @@ def test_progress_prints_periodic_lines_with_eta_and_postfix():
     (line,) = out.getvalue().splitlines()
     assert line.startswith("predict: 4/10 images (")
     assert "ETA " in line and line.endswith(", loss 0.5000)")
+
+
+def test_progress_rate_ignores_the_start_up_before_the_first_update(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    out = NotATerminal()
+    progress = runtime.Progress(30, "predict", interval=0.0, stream=out)
+    now[0] = 100.0  # start-up: Ray, model loading
+    progress.update(1)
+    now[0] = 110.0
+    progress.update(10)
+    first, second = out.getvalue().splitlines()
+    assert "ETA ?" in first  # one update: no rate yet
+    # 10 images in the 10 s since the first update: 1/s, 19 left (not 11 images in 110 s)
+    assert second == "predict: 11/30 images (1.0/s, ETA 19s)"
 
 
 def test_progress_waits_for_its_interval():
@@ -90,3 +111,33 @@ def test_worker_bars_one_progress_per_label():
     assert bars.progress is not first and bars.progress.done == 1
     bars.show(json.loads(progress_line("epoch 2/2", 4, 4)[len(runtime.WORKER_PROGRESS) :]))
     assert bars.progress is None  # the epoch's last step closes its bar
+
+
+# ---- signals (in this process: SIGINT / SIGTERM sent to ourselves) ----------------------------
+
+
+def test_a_signal_raises_interrupted_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with runtime.stop_on_signals():
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+        assert caught.value.exit_code == 143 and runtime.stop_signal() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # already stopping: ignored, not raised again
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_inside_ray_init_waits_until_it_returns():
+    import ray._private.utils as ray_utils
+
+    ran_on = []
+    with runtime.stop_on_signals():
+        with pytest.raises(Interrupted) as caught:
+            with runtime.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                # What ray.init does first: its own SIGTERM handler, sys.exit(15).
+                ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+                os.kill(os.getpid(), signal.SIGTERM)
+                ran_on.append("the rest of ray.init")
+        assert caught.value.signum == signal.SIGINT and ran_on == ["the rest of ray.init"]
+        assert signal.getsignal(signal.SIGTERM) is runtime._on_signal

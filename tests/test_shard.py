@@ -68,7 +68,7 @@ def test_full_run_writes_masks_parquet_manifest(dataset, tmp_path):
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["config"]["shard_size"] == 2
     assert saved["class_pixels"]["background"] > 0
-    assert not [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
+    assert not [p for p in out.rglob("*") if storage.is_temporary(p.name)]
     assert (out / "README.md").read_text().startswith("---\nconfigs:")  # the HF dataset card
 
 
@@ -112,12 +112,12 @@ def test_interrupted_run_redoes_only_unfinished_shards(dataset, tmp_path):
     # What a kill between a shard's PNGs and its record leaves behind.
     (out / "_shards" / "shard-00001.json").unlink()
     (out / "parquet" / "part-00001.parquet").unlink()
-    (out / "masks" / f"000000000003_mask_cats_1_3.png{storage.TMP_MARK}dead").write_bytes(b"half")
+    (out / "parquet" / storage.temporary_name("part-00001.parquet")).write_bytes(b"half")
     manifest = run_masks(masks_config(annotations, out, shard_size=2))
     assert manifest["counts"]["shards_run"] == 1
     assert manifest["counts"]["masks_written"] == 2 and manifest["counts"]["resumed"] == 3
     assert sorted(r["image_id"] for r in read_rows(out)) == [1, 2, 3, 4, 5]
-    assert not [p for p in out.rglob("*") if storage.TMP_MARK in p.name]
+    assert not [p for p in out.rglob("*") if storage.is_temporary(p.name)]
 
 
 def test_ray_equals_single_process_path(dataset, tmp_path):

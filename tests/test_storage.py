@@ -28,11 +28,13 @@ def test_atomic_write_leaves_no_temporaries(tmp_path):
     assert storage.list_files(storage.locate(str(tmp_path))) == ["a.bin"]
 
 
-def test_stray_temporaries_removed(tmp_path):
-    (tmp_path / f"x.png{storage.TMP_MARK}abc").write_bytes(b"half")
+def test_stray_temporaries_removed_and_no_input_name_looks_like_one(tmp_path):
+    (tmp_path / storage.temporary_name("x.png")).write_bytes(b"half")
     (tmp_path / "y.png").write_bytes(b"whole")
+    # A mask of an image named keep.tmp-1.jpg (issue 9: it used to be deleted as a temporary).
+    (tmp_path / "keep.tmp-1.png").write_bytes(b"whole")
     assert storage.remove_stray_temporaries(storage.locate(str(tmp_path))) == 1
-    assert storage.list_files(storage.locate(str(tmp_path))) == ["y.png"]
+    assert storage.list_files(storage.locate(str(tmp_path))) == ["keep.tmp-1.png", "y.png"]
 
 
 def test_parquet_metadata_roundtrip(tmp_path):

@@ -97,3 +97,39 @@ def write_images(images_dir: Path, data: dict) -> Path:
         pixels = rng.integers(0, 255, (im["height"], im["width"], 3), dtype=np.uint8)
         cv2.imwrite(str(images_dir / im["file_name"]), pixels)
     return images_dir
+
+
+# Big masks keep a 20-image shard busy for a few tenths of a second, so a test can catch one
+# mid-flight.
+WIDTH, HEIGHT = 1600, 1200
+
+
+def write_big_coco(path: Path, num_images: int) -> Path:
+    """Large images with three triangles each (categories 1-3): cheap to make, slow to render
+    (the fault and signal tests catch a shard mid-flight)."""
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        images.append(
+            {"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": WIDTH, "height": HEIGHT}
+        )
+        for category_id in (1, 2, 3):
+            x0, y0 = rng.uniform(0, WIDTH / 2), rng.uniform(0, HEIGHT / 2)
+            x1 = x0 + rng.uniform(WIDTH / 8, WIDTH / 2)
+            y1 = y0 + rng.uniform(HEIGHT / 8, HEIGHT / 2)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "iscrowd": 0,
+                    "segmentation": [[x0, y0, x1, y0, (x0 + x1) / 2, y1]],
+                    "area": (x1 - x0) * (y1 - y0) / 2,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                }
+            )
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "shape"} for c in (1, 2, 3)]
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path
