@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exc()
             sys.stdout.flush()
+            if runtime.Progress.latest is not None:
+                runtime.Progress.latest.close()  # end the bar's line before ours
             print(interrupted_line(args.command), file=sys.stderr, flush=True)
             return 128 + (runtime.stop_signal() or signal.SIGINT)
         finally:
