@@ -213,7 +213,8 @@ class FileRecords(Sequence[bytes]):
 
     def read_many(self, positions: np.ndarray) -> list[bytes]:
         """The records at `positions` (ascending), one pread per stretch of records less than
-        GAP bytes apart: files that keep an image's annotations together take few calls."""
+        GAP bytes apart: files that keep an image's annotations together take few calls.
+        read_records takes any order."""
         fd, pread, out = self._open(), os.pread, []
         starts = self.starts[positions].tolist()
         ends = (self.starts[positions] + self.lengths[positions]).tolist()
@@ -410,6 +411,17 @@ def _read_bytes(path: str) -> bytes:
 
 def decode_annotation(raw: bytes) -> Annotation:
     return _ANNOTATION.decode(raw)
+
+
+def read_records(records: Sequence[msgspec.Raw | bytes], positions: np.ndarray) -> list[bytes]:
+    """The bytes of the records at `positions` (any order), from memory or from the file."""
+    if not isinstance(records, FileRecords):
+        return [bytes(records[i]) for i in positions.tolist()]
+    order = np.argsort(positions, kind="stable")
+    result: list[bytes] = [b""] * len(positions)
+    for slot, blob in zip(order.tolist(), records.read_many(positions[order]), strict=True):
+        result[slot] = blob
+    return result
 
 
 def annotations_by_image(index: CocoIndex) -> dict[int, list[int]]:

@@ -205,17 +205,15 @@ def read_input_while_ray_starts(
     thread = threading.Thread(target=parse, name="rayseg-parse", daemon=True)
     thread.start()
     cpus = float(cfg.num_cpus or os.cpu_count() or 1)
-    if not cfg.overwrite and _looks_finished(out):
-        thread.join()
-    else:
-        if not os.path.exists(cfg.annotations) and not storage.is_uri(cfg.annotations):
-            thread.join()  # the parse reports the missing file: no Ray start for that
-        else:
-            import ray
+    finished = not cfg.overwrite and _looks_finished(out)
+    # A missing local file is the parse's to report: no Ray start for that.
+    missing = not storage.is_uri(cfg.annotations) and not os.path.exists(cfg.annotations)
+    if not (finished or missing):
+        import ray
 
-            connect_ray(cfg.address, cfg.num_cpus)
-            cpus = ray.cluster_resources().get("CPU", cpus)
-            thread.join()
+        connect_ray(cfg.address, cfg.num_cpus)
+        cpus = ray.cluster_resources().get("CPU", cpus)
+    thread.join()
     if "error" in result:
         raise result["error"]
     return result["input"], cpus

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from rayseg import export, naming, storage
-from rayseg.coco import AnnotationGroups, CocoIndex, FileRecords, decode_annotation
+from rayseg.coco import AnnotationGroups, CocoIndex, decode_annotation, read_records
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
 from rayseg.records import Problem
@@ -39,7 +39,7 @@ class ImageRecord:
     height: int
     width: int
     annotations: tuple[bytes, ...]  # the annotations' original JSON bytes
-    stem: str = ""  # the image's unique output name stem (rayseg.naming); "" = from file_name
+    stem: str  # the image's unique output name stem (rayseg.naming.unique_stems)
 
 
 @dataclass(frozen=True)
@@ -156,11 +156,12 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
     start = time.monotonic()
     out = storage.locate(job.out)
     palette = storage.label_palette() if job.palette else None
+    inverse = {v: c for c, v in job.scheme.values.items()}  # pixel value -> category id
     rows, problems, failed, files = [], [], [], []
     pixels: Counter[int] = Counter()
     for rec in job.images:
         try:
-            row, png = render_record(rec, job, out, palette, problems)
+            row, png = render_record(rec, job, out, palette, inverse, problems)
         except _Skipped as e:
             problems.append(Problem(str(e), image_id=rec.id))
             failed.append(rec.id)
@@ -203,6 +204,7 @@ def render_record(
     job: ShardJob,
     out: storage.Location,
     palette: np.ndarray | None,
+    inverse: dict[int, int],
     problems: list[Problem],
 ) -> tuple[dict[str, Any], bytes]:
     """One image: its Parquet row and PNG, written; raises _Skipped for a listed failure."""
@@ -218,15 +220,13 @@ def render_record(
             raise _Skipped(reason)
     mask, image_problems = render_image(rec, job)
     counts = value_counts(mask)
-    inverse = {v: c for c, v in job.scheme.values.items()}
     categories = sorted(inverse[v] for v in counts if v in inverse)
-    stem = rec.stem or naming.base_stem(rec.file_name)
-    name = naming.mask_name(stem, categories, job.naming)
+    name = naming.mask_name(rec.stem, categories, job.naming)
     png = storage.encode_png(mask, palette=palette)
     # In place, not via a temporary: until the shard record exists a rerun rewrites the file.
     storage.write_bytes(out.join("masks", name), png, atomic=False)
     if job.layout == "voc":
-        export.write_voc_pair(out, stem, image_bytes, mask)
+        export.write_voc_pair(out, rec.stem, image_bytes, mask)
     problems.extend(image_problems)
     row = {
         "image_id": rec.id,
@@ -307,7 +307,8 @@ class ShardJobs(Sequence[ShardJob]):
         first = k * self.shard_size
         shard_images = self.index.images[first : first + self.shard_size]
         groups = [self.groups.positions(p) for p in range(first, first + len(shard_images))]
-        records = iter(self._records(np.concatenate(groups) if groups else np.zeros(0, int)))
+        positions = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+        records = iter(read_records(self.index.ann_raw, positions))
         images = tuple(
             ImageRecord(
                 im.id,
@@ -320,18 +321,6 @@ class ShardJobs(Sequence[ShardJob]):
             for p, im, group in zip(itertools.count(first), shard_images, groups)
         )
         return dataclasses.replace(self.template, shard=k, images=images)
-
-    def _records(self, positions: np.ndarray) -> list[bytes]:
-        """The annotations' bytes at `positions`, in that order."""
-        raw = self.index.ann_raw
-        if not isinstance(raw, FileRecords):
-            return [bytes(raw[i]) for i in positions.tolist()]
-        order = np.argsort(positions, kind="stable")
-        data = raw.read_many(positions[order])
-        result: list[bytes] = [b""] * len(positions)
-        for slot, blob in zip(order.tolist(), data, strict=True):
-            result[slot] = blob
-        return result
 
 
 def plan_jobs(
