@@ -122,7 +122,13 @@ def child(
     rayseg.shard.render_shard = noop_shard
     ray.wait = counting_wait
     with tempfile.TemporaryDirectory(dir=DATA_DIR, prefix="driver_bench_") as out:
-        cfg = MasksConfig(annotations=annotations, out=out, shard_size=shard_size, overwrite=True)
+        cfg = MasksConfig(
+            annotations=annotations,
+            out=out,
+            shard_size=shard_size,
+            overwrite=True,
+            render_while_ray_starts=False,  # every shard a (no-op) task
+        )
         memory = MemoryPoller(os.getpid())  # counts rayseg's parse child, not Ray's processes
         profiler = cProfile.Profile() if profile else None
         start, cpu = time.perf_counter(), time.process_time()

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,15 @@ def render_minimal(
     images: list[dict[str, Any]],
     anns_by_image: dict[int, list[dict[str, Any]]],
     out_dir: str | Path,
+    encode: Callable[[np.ndarray], bytes] | None = None,
 ) -> int:
-    """Fill, encode and write one PNG per image under out_dir; returns the number written."""
+    """Fill, encode and write one PNG per image under out_dir; returns the number written.
+
+    encode: mask -> PNG bytes in place of cv2.imencode (to tell the encoder's share apart)."""
     os.makedirs(out_dir, exist_ok=True)
     for im in images:
         mask = mask_of(im["height"], im["width"], anns_by_image.get(im["id"], []))
-        ok, buf = cv2.imencode(".png", mask, PNG_PARAMS)
+        buf = cv2.imencode(".png", mask, PNG_PARAMS)[1] if encode is None else encode(mask)
         with open(os.path.join(out_dir, Path(im["file_name"]).stem + ".png"), "wb") as f:
             f.write(buf)
     return len(images)

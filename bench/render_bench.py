@@ -13,7 +13,10 @@ Part 8k (make_coco.py --preset render: 8,000 images, 58,160 annotations), every 
 (b) pycocotools: COCO(file), annToMask per annotation, np.maximum of category_id*mask, cv2 PNG;
     serial.
 (m) the minimal pipeline (bench/minimal.py render_minimal) in this process: one core's rate, the
-    external baseline for what a core can do. Its masks' PNG-encode-only time is reported beside it.
+    external baseline for what a core can do. Its masks' PNG-encode-only time is reported beside it,
+    and (mN): N = all cores' render_minimal processes at once, each on every Nth image, into one
+    folder: what this machine's cores and file system give a minimal pipeline (file creation in
+    one folder does not always scale with cores).
 (c) `python -m rayseg masks --overwrite` as a subprocess, process start to exit, per rasterizer.
 Targets: (c opencv) >= 4x (a) end to end; (c coco) >= 0.5x (c opencv) end to end.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -213,13 +217,20 @@ class MinimalRate:
     images: int
     seconds: float  # best pass of render_minimal (fill, encode, write)
     encode_seconds: float  # PNG encoding alone of the same masks
+    parallel_seconds: float  # best pass of cores() render_minimal processes at once, one folder
 
     @property
     def rate(self) -> float:
         return self.images / self.seconds
 
+    @property
+    def parallel_rate(self) -> float:
+        return self.images / self.parallel_seconds
 
-def measure_minimal(path: Path, work: Path, limit: int, repeats: int) -> MinimalRate:
+
+def measure_minimal(
+    path: Path, work: Path, limit: int, repeats: int, *, processes: int | None = None
+) -> MinimalRate:
     """render_minimal on the file's first `limit` images in this process: the best of `repeats`
     passes, each into a fresh folder; then the PNG-encode-only time of the same masks."""
     images, groups = first_images(path, limit)
@@ -230,10 +241,19 @@ def measure_minimal(path: Path, work: Path, limit: int, repeats: int) -> Minimal
         render_minimal(images, groups, out)
         passes.append(time.perf_counter() - start)
         shutil.rmtree(out, ignore_errors=True)
+    parallel = []
+    n = processes or cores()
+    for k in range(repeats):
+        out = work / f"minimal_all_{k}"
+        start = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(n) as pool:
+            pool.starmap(render_minimal, [(images[i::n], groups, out) for i in range(n)])
+        parallel.append(time.perf_counter() - start)
+        shutil.rmtree(out, ignore_errors=True)
     encode = 0.0
     for s in range(0, len(images), 500):  # 500 masks at a time: 8,000 would be ~2.5 GB
         encode += encode_only(render_masks(images[s : s + 500], groups))
-    return MinimalRate(len(images), min(passes), encode)
+    return MinimalRate(len(images), min(passes), encode, min(parallel))
 
 
 # ---- (c) rayseg masks ----
@@ -340,6 +360,19 @@ def run_rayseg(path: Path, out: Path, rasterizer: str, python: str) -> RaysegRun
     )
 
 
+_BARE_RAY = (
+    "import ray; ray.init(address='local', num_cpus={cpus}, include_dashboard=False, "
+    "logging_level=40, _system_config={{'enable_metrics_collection': False}}); ray.shutdown()"
+)
+
+
+def ray_alone(python: str) -> float:
+    """Seconds a process takes to start and stop embedded Ray as rayseg does, with no work."""
+    start = time.perf_counter()
+    subprocess.run([python, "-c", _BARE_RAY.format(cpus=cores())], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def rendering_phase(shards_dir: Path) -> tuple[int, float, float]:
     """(images, seconds from the first shard's start to the last one's end, summed task seconds).
 
@@ -383,6 +416,9 @@ def minimal_lines(m: MinimalRate) -> list[str]:
         f"best pass; x {cores()} cores = {m.rate * cores():.0f} images/s",
         f"{'    of which PNG encode only':<34} {m.images:>7} {m.encode_seconds:>9.2f} "
         f"{m.images / m.encode_seconds:>9.1f}  {m.encode_seconds / m.seconds:.0%} of (m)'s time",
+        f"{f'(m{cores()}) minimal, {cores()} processes':<34} {m.images:>7} "
+        f"{m.parallel_seconds:>9.2f} {m.parallel_rate:>9.1f}  best pass; all cores at once into "
+        f"one folder: {m.parallel_rate / m.rate:.2f}x (m), what this machine gives {cores()} cores",
     ]
 
 
@@ -423,6 +459,7 @@ def report_8k(
     baselines: list[Result],
     minimal: MinimalRate,
     runs: dict[str, RaysegRun],
+    bare_ray: float,
 ) -> str:
     num_images, _ = counts
     size = path.stat().st_size
@@ -430,6 +467,10 @@ def report_8k(
     for r in baselines:
         lines.append(f"{r.label:<34} {r.images:>7} {r.seconds:>9.2f} {r.rate:>9.1f}  {r.note}")
     lines += minimal_lines(minimal)
+    lines.append(
+        f"{'(r) Ray start + stop alone':<34} {'':>7} {bare_ray:>9.2f} {'':>9}  process start to "
+        "exit, embedded Ray as rayseg starts it, no work"
+    )
     for run in runs.values():
         lines += rayseg_line(run, num_images, size)
     lines.append("ratios:")
@@ -440,6 +481,9 @@ def report_8k(
     if original and "opencv" in ok:
         value = rate["opencv"] / original.rate
         lines.append(ratio_line("(c opencv) / (a) original, end to end", value, TARGET_SPEEDUP))
+        # What any pipeline on these cores gets: the minimal one on all of them, with no Ray.
+        ceiling = original.seconds / (num_images / minimal.parallel_rate)
+        lines.append(ratio_line(f"  ceiling: (a) / (m{cores()}), no Ray at all", ceiling, None))
     pyco = next((r for r in baselines if r.label.startswith("(b)")), None)
     if pyco and "opencv" in ok:
         lines.append(
@@ -457,6 +501,9 @@ def report_8k(
             lines.append(
                 ratio_line(f"(c {k}) rendering phase / ({cores()} cores x (m))", phase, None)
             )
+        lines.append(
+            ratio_line(f"(c {k}) end to end / (m{cores()})", rate[k] / minimal.parallel_rate, None)
+        )
     return "\n".join(lines)
 
 
@@ -477,6 +524,10 @@ def report_whole(path: Path, counts: tuple[int, int], minimal: MinimalRate, run:
     if run.phase_seconds:
         phase = run.phase_images / run.phase_seconds / capacity
         lines.append(ratio_line(f"(c) rendering phase / ({cores()} cores x (m))", phase, None))
+    parallel = num_images / run.seconds / minimal.parallel_rate
+    lines.append(
+        ratio_line(f"(c) end to end / (m{cores()}), the same run's hardware", parallel, None)
+    )
     for label, peak in (
         ("driver process peak RSS / file size", run.driver_peak_bytes),
         ("driver + its non-Ray children, peak RSS / file size", run.tree_peak_bytes),
@@ -507,12 +558,14 @@ def part_8k(path: Path, work: Path, args: argparse.Namespace) -> str:
             shutil.rmtree(work / name)
     print(f"  minimal pipeline on {counts[0]} images ...", flush=True)
     minimal = measure_minimal(path, work, counts[0], args.minimal_repeats)
+    print("  Ray start and stop alone ...", flush=True)
+    bare = min(ray_alone(args.python) for _ in range(2))
     runs = {}
     for rasterizer in [r for r in args.rasterizers.split(",") if r]:
         print(f"  rayseg masks --rasterizer {rasterizer} ...", flush=True)
         out = work / f"rayseg_{rasterizer}"
         runs[rasterizer] = run_rayseg(path, out, rasterizer, args.python)
-    return report_8k(path, counts, baselines, minimal, runs)
+    return report_8k(path, counts, baselines, minimal, runs, bare)
 
 
 def part_whole(path: Path, work: Path, args: argparse.Namespace) -> str:

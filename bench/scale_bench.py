@@ -117,7 +117,22 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return min(runs, key=lambda r: r["phase_seconds"] or r["seconds"])
 
 
-def report(path: Path, results: dict[int, dict[str, Any]], repeat: int) -> str:
+def hardware_scaling(path: Path, images: int) -> tuple[float, float]:
+    """The minimal pipeline's images/s in 1 process and in 2 at once (one folder): how far this
+    machine's cores and file system let 2 workers scale without any Ray or rayseg."""
+    from render_bench import measure_minimal
+
+    work = Path(tempfile.mkdtemp(dir=DATA_DIR, prefix="scale_minimal_"))
+    try:
+        m = measure_minimal(path, work, images, repeats=1, processes=2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return m.rate, m.parallel_rate
+
+
+def report(
+    path: Path, results: dict[int, dict[str, Any]], repeat: int, minimal: tuple[float, float]
+) -> str:
     lines = [
         f"file: {path.name}; head num_cpus=0 + N worker nodes of 1 CPU; best of {repeat}",
         f"{'nodes':>5} {'images':>7} {'end to end s':>12} {'images/s':>9} {'phase s':>8} "
@@ -136,6 +151,11 @@ def report(path: Path, results: dict[int, dict[str, Any]], repeat: int) -> str:
     )
     lines.append(f"2 nodes / 1 node, end to end:      {end:5.2f}x   target ~{TARGET_SCALING}x")
     lines.append(f"2 nodes / 1 node, rendering phase: {phase:5.2f}x   target ~{TARGET_SCALING}x")
+    one_proc, two_procs = minimal
+    lines.append(
+        f"hardware reference, same run: the minimal pipeline (bench/minimal.py) {one_proc:.0f} "
+        f"images/s in 1 process, {two_procs:.0f} in 2 at once: {two_procs / one_proc:.2f}x"
+    )
     return "\n".join(lines)
 
 
@@ -163,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n} node(s) x 1 CPU on {path.name} ...", flush=True)
             runs.append(run_child(path, n, args.shard_size))
         results[n] = best(runs)
-    text = report(path, results, args.repeat)
+    print("minimal pipeline, 1 and 2 processes ...", flush=True)
+    minimal = hardware_scaling(path, QUICK_IMAGES if args.quick else 8000)
+    text = report(path, results, args.repeat, minimal)
     written = write_results("scale_bench", "quick" if args.quick else "full", text)
     print(f"\n{text}\n(written to {written})")
     return 0

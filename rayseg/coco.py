@@ -216,20 +216,25 @@ class FileRecords(Sequence[bytes]):
         GAP bytes apart: files that keep an image's annotations together take few calls.
         read_records takes any order."""
         fd, pread, out = self._open(), os.pread, []
-        starts = self.starts[positions].tolist()
-        ends = (self.starts[positions] + self.lengths[positions]).tolist()
-        i, n = 0, len(starts)
-        while i < n:
-            j = i
-            while j + 1 < n and starts[j + 1] - ends[j] < self.GAP:
-                j += 1
-            if i == j:
-                out.append(pread(fd, ends[i] - starts[i], starts[i]))
+        if len(positions) == 0:
+            return out
+        starts = self.starts[positions]
+        ends = starts + self.lengths[positions]
+        # Stretches: a new one where the next record starts GAP or more after this one ends.
+        breaks = np.flatnonzero(starts[1:] - ends[:-1] >= self.GAP) + 1
+        firsts = np.concatenate(([0], breaks)).tolist()
+        lasts = np.concatenate((breaks, [len(starts)])).tolist()
+        starts_list, ends_list = starts.tolist(), ends.tolist()
+        for i, stop in zip(firsts, lasts, strict=True):
+            base = starts_list[i]
+            span = pread(fd, ends_list[stop - 1] - base, base)
+            if stop - i == 1:
+                out.append(span)
             else:
-                base = starts[i]
-                span = pread(fd, ends[j] - base, base)
-                out.extend(span[starts[k] - base : ends[k] - base] for k in range(i, j + 1))
-            i = j + 1
+                out.extend(
+                    span[a - base : b - base]
+                    for a, b in zip(starts_list[i:stop], ends_list[i:stop], strict=True)
+                )
         return out
 
     def _open(self) -> int:

@@ -141,6 +141,11 @@ class MasksConfig(RayConfig):
         "check every finished shard deeply (masks and Parquet rows decode, sizes match) and "
         "render the damaged ones again (a plain rerun checks that files exist with their sizes)",
     )
+    render_while_ray_starts: bool = opt(
+        True,
+        "with a Ray of its own (no --address), render shards in this process until Ray is up "
+        "(on a small machine Ray's start-up takes as long as thousands of masks)",
+    )
     layout: str = opt(
         "rayseg",
         "voc: also a VOCdevkit/VOC2012 folder (JPEGImages, SegmentationClass, ImageSets, "

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rayseg import export, lease, storage, verify
@@ -23,11 +23,12 @@ from rayseg.coco import CocoIndex, load_coco, load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
 from rayseg.render import ValueScheme, value_scheme
-from rayseg.runtime import connect_ray
+from rayseg.runtime import Progress, connect_ray
 from rayseg.shard import (
     ShardJobs,
     auto_shard_size,
     plan_jobs,
+    render_shard,
     run_jobs,
     scheme_meta,
     shard_record_name,
@@ -188,35 +189,108 @@ def plan_masks(cfg: MasksConfig, *, cpus: float | None = None) -> MasksPlan:
     return MasksPlan(read.index, read.names, read.scheme, jobs)
 
 
-def read_input_while_ray_starts(
-    cfg: MasksConfig, out: storage.Location
-) -> tuple[MasksInput, float]:
+@dataclass(frozen=True)
+class Prepared:
+    """A run ready to render: its shards, those already finished, and those to do."""
+
+    read: MasksInput
+    jobs: ShardJobs
+    done: dict[int, dict[str, Any]]
+    todo: list[int]
+
+
+def prepare_run(cfg: MasksConfig, out: storage.Location, read: MasksInput, cpus: float) -> Prepared:
+    """Plan the shards, check the output against its previous plan and its finished shards."""
+    previous = None if cfg.overwrite else read_plan(out)
+    size = resolve_shard_size(cfg, previous, len(read.index.images), cpus)
+    jobs = plan_jobs(read.index, cfg, read.scheme, read.names, shard_size=size)
+    plan = {**fingerprint(read.index.digest, cfg), "shard_size": size, "num_shards": len(jobs)}
+    recorded = prepare_output(out, plan, previous, overwrite=cfg.overwrite)
+    done = finished_shards(out, recorded, deep=cfg.verify)
+    if cfg.layout == "voc":
+        export.prepare_voc(out)
+    return Prepared(read, jobs, done, [k for k in range(len(jobs)) if k not in done])
+
+
+@dataclass
+class StartUp:
+    """What the start-up thread hands over: the prepared run, and the shards it rendered itself
+    (with their records) before Ray was up."""
+
+    prepared: Prepared | None = None
+    rendered: dict[int, dict[str, Any]] = field(default_factory=dict)
+    progress: Progress | None = None
+    error: BaseException | None = None
+
+
+def prepare_while_ray_starts(cfg: MasksConfig, out: storage.Location) -> StartUp:
     """Parse the input (in a child process, waited on by a thread) while Ray starts in this
-    thread: both take seconds. Returns the input and the cluster's CPUs. Ray is not started
-    when the output looks finished."""
-    result: dict[str, Any] = {}
+    thread: both take seconds. When this run starts a Ray of its own, that thread then prepares
+    the run and renders shards in this process until Ray is up (on a small machine its start-up
+    is as long as the rendering). Ray is not started when the output looks finished."""
+    own = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    ray_up = threading.Event()  # set: the start-up thread renders no more shards
+    cluster: dict[str, float] = {}
+    state = StartUp()
 
-    def parse() -> None:
+    def start_up() -> None:
         try:
-            result["input"] = read_input(cfg, apart=True)
+            read = read_input(cfg, apart=True)
+            if not own:  # the cluster's CPUs decide the shard size
+                ray_up.wait()
+                if "CPU" not in cluster and not skip_ray:
+                    return  # Ray did not come up: the output is left untouched
+            state.prepared = prepare_run(cfg, out, read, cluster.get("CPU", local_cpus(cfg)))
+            todo = state.prepared.todo
+            if todo:
+                state.progress = Progress(
+                    sum(state.prepared.jobs.num_images(k) for k in todo), "masks"
+                )
+            if own and cfg.render_while_ray_starts and state.progress is not None:
+                state.rendered = render_until(state.prepared, ray_up, state.progress)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = e
+            state.error = e
 
-    thread = threading.Thread(target=parse, name="rayseg-parse", daemon=True)
-    thread.start()
-    cpus = float(cfg.num_cpus or os.cpu_count() or 1)
     finished = not cfg.overwrite and _looks_finished(out)
     # A missing local file is the parse's to report: no Ray start for that.
     missing = not storage.is_uri(cfg.annotations) and not os.path.exists(cfg.annotations)
-    if not (finished or missing):
-        import ray
+    skip_ray = finished or missing
+    thread = threading.Thread(target=start_up, name="rayseg-start-up", daemon=True)
+    thread.start()
+    try:
+        if not skip_ray:
+            import ray
 
-        connect_ray(cfg.address, cfg.num_cpus)
-        cpus = ray.cluster_resources().get("CPU", cpus)
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["input"], cpus
+            connect_ray(cfg.address, cfg.num_cpus)
+            cluster.update(ray.cluster_resources())
+    finally:
+        ray_up.set()
+        thread.join()
+    if state.error is not None:
+        raise state.error
+    return state
+
+
+def local_cpus(cfg: MasksConfig) -> float:
+    """The CPUs a Ray of this run's own gets: --num-cpus, or the ones this process may use."""
+    return float(cfg.num_cpus or len(os.sched_getaffinity(0)) or 1)
+
+
+def render_until(
+    prepared: Prepared, stop: threading.Event, progress: Progress
+) -> dict[int, dict[str, Any]]:
+    """Render shards from the front of prepared.todo in this process until `stop` is set; a
+    shard that fails here is left to the Ray tasks (which retry it)."""
+    records = {}
+    for k in prepared.todo:
+        if stop.is_set():
+            break
+        try:
+            records[k] = render_shard(prepared.jobs[k])
+        except Exception:  # noqa: BLE001 - the shard stays in todo: Ray renders and reports it
+            break
+        progress.update(prepared.jobs.num_images(k))
+    return records
 
 
 def _looks_finished(out: storage.Location) -> bool:
@@ -240,24 +314,29 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
 
 
 def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[str, Any]:
-    read, cpus = read_input_while_ray_starts(cfg, out)
-    index, scheme = read.index, read.scheme
-    previous = None if cfg.overwrite else read_plan(out)
-    size = resolve_shard_size(cfg, previous, len(index.images), cpus)
-    jobs = plan_jobs(index, cfg, scheme, read.names, shard_size=size)
-    plan = {**fingerprint(index.digest, cfg), "shard_size": size, "num_shards": len(jobs)}
-    recorded = prepare_output(out, plan, previous, overwrite=cfg.overwrite)
-    done = finished_shards(out, recorded, deep=cfg.verify)
-    if cfg.layout == "voc":
-        export.prepare_voc(out)
-    todo = [k for k in range(len(jobs)) if k not in done]
-    new_records, errors = run_jobs(jobs, todo, cfg)
+    started = prepare_while_ray_starts(cfg, out)
+    prepared, early = started.prepared, started.rendered
+    assert prepared is not None
+    index, scheme, jobs, done = (
+        prepared.read.index,
+        prepared.read.scheme,
+        prepared.jobs,
+        prepared.done,
+    )
+    todo = [k for k in prepared.todo if k not in early]
+    new_records, errors = run_jobs(jobs, todo, cfg, started.progress)
     for sub in ("masks", "parquet", "_shards"):
         # A worker killed mid-write (and retried by Ray) leaves its temporary behind.
         storage.remove_stray_temporaries(out.join(sub))
-    records = {**done, **{r["shard"]: r for r in new_records}}
+    records = {**done, **early, **{r["shard"]: r for r in new_records}}
     manifest = build_manifest(
-        cfg, index, scheme, jobs, records, new_shards=set(records) - set(done), names=read.names
+        cfg,
+        index,
+        scheme,
+        jobs,
+        records,
+        new_shards=set(records) - set(done),
+        names=prepared.read.names,
     )
     if cfg.layout == "voc":
         stems = dict(zip((im.id for im in index.images), jobs.stems, strict=True))

@@ -61,6 +61,31 @@ class ShardJob:
     max_pixels: int | None = None
     max_vertices: int | None = None
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickled (for Ray) with its images as columns and their annotations as one blob: for
+        # 200 COCO images ~0.85 ms of driver CPU, against ~2 ms as 200 records of ~7 strings.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        images = fields.pop("images")
+        annotations = [a for rec in images for a in rec.annotations]
+        columns = (
+            [(rec.id, rec.file_name, rec.height, rec.width, rec.stem) for rec in images],
+            [len(rec.annotations) for rec in images],
+            [len(a) for a in annotations],
+            b"".join(annotations),
+        )
+        return _unpack_job, (fields, columns)
+
+
+def _unpack_job(fields: dict[str, Any], columns: tuple[Any, ...]) -> ShardJob:
+    heads, counts, lengths, blob = columns
+    view, cuts = memoryview(blob), itertools.accumulate(lengths, initial=0)
+    pieces = iter([bytes(view[a:b]) for a, b in itertools.pairwise(cuts)])
+    images = tuple(
+        ImageRecord(i, name, h, w, tuple(itertools.islice(pieces, n)), stem)
+        for (i, name, h, w, stem), n in zip(heads, counts, strict=True)
+    )
+    return ShardJob(images=images, **fields)
+
 
 def scheme_meta(scheme: ValueScheme, names: dict[int, str]) -> dict[str, Any]:
     """The value scheme as stored in Parquet metadata and the manifest."""
@@ -153,6 +178,15 @@ def render_shard(job: ShardJob) -> dict[str, Any]:
     """Render, write PNGs and the Parquet part, then the shard record (the commit point).
 
     A record that cannot be rendered, named or written is a listed problem; the others go on."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # a task holds one CPU: OpenCV's thread pool would spin on the others
+    try:
+        return _render_shard(job)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _render_shard(job: ShardJob) -> dict[str, Any]:
     start = time.monotonic()
     out = storage.locate(job.out)
     palette = storage.label_palette() if job.palette else None
@@ -370,12 +404,16 @@ def in_flight_limit(cpus: float) -> int:
 
 
 def run_jobs(
-    jobs: ShardJobs, todo: list[int], cfg: MasksConfig
+    jobs: ShardJobs, todo: list[int], cfg: MasksConfig, progress: Progress | None = None
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """Render the shards `todo` as Ray tasks, a bounded number at a time; a worker that dies is
-    retried by Ray (max_retries)."""
+    retried by Ray (max_retries). `progress`: a bar already counting other shards of the run."""
     if not todo:
+        if progress is not None:
+            progress.close()
         return [], []
+    if progress is None:
+        progress = Progress(sum(jobs.num_images(k) for k in todo), "masks")
     import ray
 
     connect_ray(cfg.address, cfg.num_cpus)
@@ -385,7 +423,6 @@ def run_jobs(
     task = ray.remote(render_shard).options(**options)
     waiting = iter(todo)
     pending: dict[Any, int] = {}
-    progress = Progress(sum(jobs.num_images(k) for k in todo), "masks")
     records, errors = [], []
     checked = -float("inf")
     while True:

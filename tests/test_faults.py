@@ -124,6 +124,7 @@ def test_killed_render_worker_is_retried(big_coco, tmp_path):
             "--num-cpus",
             "2",
             "--verbose",  # Ray's own report of the dead worker is part of what is checked
+            "--no-render-while-ray-starts",  # every shard a Ray task: one of them is killed
         ],
         log,
     )

@@ -68,7 +68,13 @@ def test_decode_maps_values_to_train_ids():
         (b"junk", storage.encode_png(np.zeros((4, 6), np.uint8)), 2, "image does not decode"),
         ("jpeg", b"junk", 3, "mask does not decode"),
         ("jpeg", None, 3, "mask does not decode"),
-        ("jpeg", storage.encode_png(np.zeros((4, 6, 3), np.uint8)), 3, "mask does not decode"),
+        # A colour PNG is not a label mask.
+        (
+            "jpeg",
+            cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes(),
+            3,
+            "mask does not decode",
+        ),
         (
             "jpeg",
             storage.encode_png(np.zeros((4, 5), np.uint8)),

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_coco import square, tiny_coco, write_coco, write_images
 
-from rayseg import storage
+from rayseg import masks, storage
 from rayseg.coco import load_coco
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
@@ -118,6 +120,68 @@ def test_interrupted_run_redoes_only_unfinished_shards(dataset, tmp_path):
     assert manifest["counts"]["masks_written"] == 2 and manifest["counts"]["resumed"] == 3
     assert sorted(r["image_id"] for r in read_rows(out)) == [1, 2, 3, 4, 5]
     assert not [p for p in out.rglob("*") if storage.is_temporary(p.name)]
+
+
+def test_driver_renders_while_ray_starts_and_ray_renders_the_rest(tmp_path, monkeypatch):
+    """Shards the driver renders before Ray is up and those Ray renders make one output, each
+    image exactly once; a rerun resumes all of them."""
+    data = tiny_coco()
+    for k in range(6, 41):  # 40 images, 10 shards of 4
+        data["images"].append({"id": k, "file_name": f"extra{k}.jpg", "height": 20, "width": 20})
+        data["annotations"].append(
+            {
+                "id": 1000 + k,
+                "image_id": k,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": 36.0,
+                "bbox": [2, 2, 6, 6],
+                "segmentation": [square(2, 2, 8, 8)],
+            }
+        )
+    annotations = write_coco(tmp_path / "in.json", data)
+    out = tmp_path / "out"
+    real_connect = masks.connect_ray
+
+    def slow_start(address, num_cpus):  # Ray "starts" until the driver has finished 3 shards
+        deadline = time.monotonic() + 60
+        while len(list((out / "_shards").glob("shard-*.json"))) < 3:
+            assert time.monotonic() < deadline, "the driver rendered no shard while Ray started"
+            time.sleep(0.005)
+        real_connect(address, num_cpus)
+
+    def render_in_driver(job):  # 50 ms a shard: Ray comes up between two of them
+        record = render_shard(job)
+        time.sleep(0.05)
+        return record
+
+    monkeypatch.setattr(masks, "connect_ray", slow_start)
+    monkeypatch.setattr(masks, "render_shard", render_in_driver)
+    manifest = run_masks(masks_config(annotations, out, shard_size=4))
+    records = [json.loads(p.read_text()) for p in (out / "_shards").glob("shard-*.json")]
+    by_driver = [r["shard"] for r in records if r["pid"] == os.getpid()]
+    assert 3 <= len(by_driver) <= 4  # at most the one it was rendering when Ray came up
+    assert len(records) == 10 and manifest["counts"]["shards_run"] == 10
+    assert manifest["counts"]["masks_written"] == 40
+    written = sorted(i for r in records for i in r["written"])
+    assert written == list(range(1, 41))
+    assert sorted(r["image_id"] for r in read_rows(out)) == written
+    assert len(list((out / "masks").iterdir())) == 40
+    again = run_masks(masks_config(annotations, out, shard_size=4))
+    assert again["counts"]["resumed"] == 40 and again["counts"]["shards_run"] == 0
+
+
+def test_a_shard_job_pickles_to_an_equal_job(dataset, tmp_path):
+    import pickle
+
+    import ray.cloudpickle
+
+    annotations, _ = dataset
+    index = load_coco(str(annotations))
+    cfg = masks_config(annotations, tmp_path / "out", shard_size=3)
+    for job in plan_jobs(index, cfg, value_scheme([1, 3, 7], "category_id")):
+        assert job.images and any(rec.annotations for rec in job.images)
+        assert pickle.loads(ray.cloudpickle.dumps(job)) == job
 
 
 def test_ray_equals_single_process_path(dataset, tmp_path):

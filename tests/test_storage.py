@@ -1,5 +1,7 @@
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 import rayseg
 from rayseg import storage
@@ -57,3 +59,29 @@ def test_parquet_metadata_roundtrip(tmp_path):
     )
     assert storage.read_mask_meta(str(tmp_path)) == {**meta, "rayseg_version": rayseg.__version__}
     assert pq.read_table(tmp_path / "parquet").num_rows == 1
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_label_pngs_decode_the_same_in_opencv_pillow_and_torchvision(dtype):
+    import io
+
+    import torch
+    import torchvision.io
+    from PIL import Image
+
+    top = 255 if dtype == np.uint8 else 65535
+    mask = np.random.default_rng(1).integers(0, top + 1, size=(37, 53)).astype(dtype)
+    mask[0, :5] = [0, 1, 2, top - 1, top]
+    data = storage.encode_png(mask)
+    assert (cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) == mask).all()
+    assert (np.asarray(Image.open(io.BytesIO(data))).astype(dtype) == mask).all()
+    tensor = torchvision.io.decode_png(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), torchvision.io.ImageReadMode.UNCHANGED
+    )
+    assert (tensor[0].numpy().astype(dtype) == mask).all()
+
+
+def test_encode_png_refuses_what_is_not_a_label_image():
+    for bad in (np.zeros((4, 6, 3), np.uint8), np.zeros((4, 6), np.int32), np.zeros(4, np.uint8)):
+        with pytest.raises(ValueError, match="label PNG"):
+            storage.encode_png(bad)
