@@ -184,7 +184,7 @@ def read_input(cfg: MasksConfig, *, apart: bool = False) -> MasksInput:
 def plan_masks(cfg: MasksConfig, *, cpus: float | None = None) -> MasksPlan:
     """read_input and the shards (auto size for `cpus`, default this machine's)."""
     read = read_input(cfg)
-    size = resolve_shard_size(cfg, None, len(read.index.images), cpus or os.cpu_count() or 1)
+    size = resolve_shard_size(cfg, None, len(read.index.images), cpus or local_cpus(cfg))
     jobs = plan_jobs(read.index, cfg, read.scheme, read.names, shard_size=size)
     return MasksPlan(read.index, read.names, read.scheme, jobs)
 

@@ -404,16 +404,16 @@ def in_flight_limit(cpus: float) -> int:
 
 
 def run_jobs(
-    jobs: ShardJobs, todo: list[int], cfg: MasksConfig, progress: Progress | None = None
+    jobs: ShardJobs, todo: list[int], cfg: MasksConfig, progress: Progress | None
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """Render the shards `todo` as Ray tasks, a bounded number at a time; a worker that dies is
-    retried by Ray (max_retries). `progress`: a bar already counting other shards of the run."""
+    retried by Ray (max_retries). `progress`: the run's bar (None when nothing was to do), which
+    may already count shards rendered elsewhere; closed here."""
     if not todo:
         if progress is not None:
             progress.close()
         return [], []
-    if progress is None:
-        progress = Progress(sum(jobs.num_images(k) for k in todo), "masks")
+    assert progress is not None, "the run's bar exists whenever a shard is to do"
     import ray
 
     connect_ray(cfg.address, cfg.num_cpus)
