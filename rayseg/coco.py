@@ -3,19 +3,22 @@
 No pixels here. The file is parsed once with msgspec: image and annotation records are kept as
 `msgspec.Raw` (zero-copy slices of the file's bytes) beside small typed heads, so a 448 MB
 train2017 file parses in seconds at about its own size in memory, and later stages copy or hand
-out the chosen records' original bytes. Bad records become listed `Problem`s.
+out the chosen records' original bytes. `load_coco_apart` (the masks driver's) reads the file in
+blocks instead and keeps each record as a byte range of the file. Bad records become listed
+`Problem`s.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -120,23 +123,22 @@ def load_coco(path: str) -> CocoIndex:
     except msgspec.DecodeError as e:
         raise RaysegError(f"{path}: invalid JSON{_position(data, str(e))}") from None
     categories = _categories(path, raw.categories)
-    images, image_raw, problems = _images(raw.images)
-    ann_image_ids, ann_category_ids, ann_valid, ann_problems = _annotation_heads(
-        raw.annotations, {im.id for im in images}, {c.id for c in categories}
-    )
+    images, kept, problems = _images(raw.images, set())
+    heads = _decode_heads(raw.annotations)
+    ann_valid, ann_problems = _check_heads(heads, images, categories)
     return CocoIndex(
         path=path,
         images=images,
-        image_raw=image_raw,
-        ann_image_ids=ann_image_ids,
-        ann_category_ids=ann_category_ids,
+        image_raw=[raw.images[i] for i in kept],
+        ann_image_ids=heads.image_ids,
+        ann_category_ids=heads.category_ids,
         ann_valid=ann_valid,
         ann_raw=raw.annotations,
         categories=categories,
         categories_raw=raw.categories,
         info_raw=raw.info,
         licenses_raw=raw.licenses,
-        problems=problems + ann_problems,
+        problems=problems + heads.problems + ann_problems,
         num_images_in_file=len(raw.images),
         digest=hashlib.sha1(data).hexdigest(),
         buffer=data,
@@ -144,9 +146,10 @@ def load_coco(path: str) -> CocoIndex:
 
 
 def load_coco_apart(path: str) -> CocoIndex:
-    """load_coco in a child process, for a local file: the child holds the file and its parse
-    (~1.3x the file) and hands back the index with records as byte ranges (FileRecords), so
-    the caller never holds the file. Other locations load here, in memory."""
+    """load_coco in a child process, for a local file: the child reads the file in blocks
+    (_Scan: it holds a few blocks and the index it builds, not the file) and hands back the
+    index with records as byte ranges (FileRecords), so neither process holds the file. Other
+    locations load here, in memory."""
     if "://" in path or not os.path.isfile(path):
         return load_coco(path)
     # A fresh interpreter, not multiprocessing: no fork of a process that runs Ray's threads,
@@ -170,6 +173,13 @@ def _child(path: str) -> None:
 
 
 def _load_as_ranges(path: str) -> CocoIndex:
+    """load_coco with records as byte ranges. A file of the usual shape is read in blocks
+    (_Scan: the child holds a block or two, not the file); any other is parsed whole."""
+    with open(path, "rb") as f:
+        try:
+            return _Scan(path, f).index()
+        except _Unusual:
+            pass
     index = load_coco(path)
     data, stat = index.buffer, os.stat(path)
     index.ann_raw = FileRecords.locate(path, data, index.ann_raw, stat)
@@ -179,6 +189,257 @@ def _load_as_ranges(path: str) -> CocoIndex:
     index.licenses_raw = msgspec.Raw(bytes(index.licenses_raw))
     index.buffer = b""
     return index
+
+
+class _Unusual(Exception):
+    """A shape _Scan leaves to the whole-file parse (which also words every error)."""
+
+
+_SPACE = re.compile(rb"[ \t\r\n]*")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# After a record of an array of objects: the next record, or the array's end.
+_NEXT_RECORD = re.compile(rb"[ \t\r\n]*(?:,[ \t\r\n]*\{|\])")
+_ARRAY_END = re.compile(rb"\}[ \t\r\n]*\]")
+_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+_RAW = msgspec.json.Decoder(msgspec.Raw)
+_LISTS = ("images", "annotations", "categories")
+
+
+class _Scan:
+    """One forward read of a COCO file in blocks: the top-level object's keys are walked here,
+    its arrays are cut into runs of whole records, each run checked and split by msgspec.
+
+    A cut is only a guess (a "}" followed by ",{" or "]"); msgspec decoding "[" + run + "]" is
+    the proof: that parses only where the lexer, after the run, stands between two records of
+    the array (a cut inside a string or a nested value leaves it inside one). Anything else
+    (duplicate keys, a record over ~256 MiB, an array that does not end in an object, bad JSON)
+    raises _Unusual: the whole-file parse then gives the same index or the same error."""
+
+    BLOCK = 8 << 20  # bytes read at a time, and a run's usual size
+    RUN_MAX = 256 << 20  # a longer record is left to the whole parse
+
+    def __init__(self, path: str, f: Any) -> None:
+        self.path, self.f, self.stat = path, f, os.fstat(f.fileno())
+        self.buf, self.at, self.base = b"", 0, 0  # buf: the file from offset base; at: cursor
+        self.sha = hashlib.sha1()
+        self.spans: dict[str, tuple[int, int]] = {}  # key -> its value's (start, end) offsets
+        self.seen: set[int] = set()
+        self.images: list[Image] = []
+        self.image_problems: list[Problem] = []
+        self.num_images = 0
+        self.ranges: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {
+            "images": ([], []),
+            "annotations": ([], []),
+        }
+        self.heads: list[_Heads] = []
+        self.categories_raw: list[msgspec.Raw] = []
+
+    def index(self) -> CocoIndex:
+        self.walk()
+        self.sha.update(memoryview(self.buf)[: self.at])
+        if self.base + self.at != self.stat.st_size:
+            raise _Unusual  # changed under the read: the whole parse reads it again
+        categories = _categories(self.path, self.categories_raw)
+        heads = _Heads.join(self.heads)
+        ann_valid, ann_problems = _check_heads(heads, self.images, categories)
+        info, licenses = (self.raw_value(k, d) for k, d in (("info", b"{}"), ("licenses", b"[]")))
+        return CocoIndex(
+            path=self.path,
+            images=self.images,
+            image_raw=self.records("images"),
+            ann_image_ids=heads.image_ids,
+            ann_category_ids=heads.category_ids,
+            ann_valid=ann_valid,
+            ann_raw=self.records("annotations"),
+            categories=categories,
+            categories_raw=self.categories_raw,
+            info_raw=info,
+            licenses_raw=licenses,
+            problems=self.image_problems + heads.problems + ann_problems,
+            num_images_in_file=self.num_images,
+            digest=self.sha.hexdigest(),
+        )
+
+    def walk(self) -> None:
+        """The top-level object, key by key, to its end and the file's."""
+        self.expect(b"{")
+        keys = set()
+        while True:
+            match = self.match(_STRING)
+            try:
+                key = msgspec.json.decode(match)
+            except msgspec.DecodeError:
+                raise _Unusual from None
+            if key in keys:
+                raise _Unusual  # msgspec keeps the last: the whole parse does that
+            keys.add(key)
+            self.expect(b":")
+            first = self.peek()
+            start = self.base + self.at
+            if first == b"[":
+                self.array(key)
+            elif key in _LISTS:
+                raise _Unusual  # the whole parse says what is wrong with it
+            else:
+                self.value()
+            self.spans[key] = (start, self.base + self.at)
+            if self.peek() == b"}":
+                self.at += 1
+                break
+            self.expect(b",")
+        if self.peek() != b"" or not set(_LISTS) <= keys:
+            raise _Unusual
+
+    def array(self, key: str) -> None:
+        """An array's records, run by run, handed to take(); the cursor ends after its "]"."""
+        self.at += 1  # "["
+        if self.peek() == b"]":
+            self.at += 1
+            return
+        size = self.BLOCK
+        while True:
+            while len(self.buf) - self.at < size and self.more():
+                pass
+            run = self.run(size)
+            if run is None:
+                if len(self.buf) - self.at < size or size >= self.RUN_MAX:
+                    raise _Unusual
+                size *= 2  # a record longer than the run: look further
+                continue
+            piece, raws, end = run
+            self.take(key, piece, raws, self.base + self.at - 1)
+            self.at, size = end, self.BLOCK
+            c = self.peek()
+            self.at += 1
+            if c == b"]":
+                return
+            if c != b",":
+                raise _Unusual
+
+    def run(self, size: int) -> tuple[bytes, list[msgspec.Raw], int] | None:
+        """The longest run of whole records from the cursor within `size` bytes that a few
+        guesses find: the bytes "[" + run + "]", its records, and where the run ends in buf."""
+        buf, at = self.buf, self.at
+        for j in _run_ends(buf, at, min(len(buf), at + size)):
+            piece = b"".join((b"[", memoryview(buf)[at : j + 1], b"]"))
+            try:
+                return piece, _RAWS.decode(piece), j + 1
+            except msgspec.DecodeError:
+                continue
+        return None
+
+    def take(self, key: str, piece: bytes, raws: list[msgspec.Raw], offset: int) -> None:
+        """A run of `key`'s records; `offset`: the file offset of piece[0]."""
+        if key == "images":
+            images, kept, problems = _images(raws, self.seen, first=self.num_images)
+            self.num_images += len(raws)
+            self.images += images
+            self.image_problems += problems
+            self.add_ranges(key, piece, [raws[i] for i in kept], offset)
+        elif key == "annotations":
+            first = sum(len(h.ids) for h in self.heads)
+            self.heads.append(_decode_heads(raws, first=first))
+            self.add_ranges(key, piece, raws, offset)
+        elif key == "categories":
+            self.categories_raw += [msgspec.Raw(bytes(r)) for r in raws]
+
+    def add_ranges(self, key: str, piece: bytes, raws: list[msgspec.Raw], offset: int) -> None:
+        starts, lengths = _offsets(piece, raws)
+        self.ranges[key][0].append(starts + offset)
+        self.ranges[key][1].append(lengths)
+
+    def records(self, key: str) -> FileRecords:
+        starts, lengths = self.ranges[key]
+        joined = [np.concatenate(a) if a else np.empty(0, np.int64) for a in (starts, lengths)]
+        return FileRecords(self.path, joined[0], joined[1], self.stat)
+
+    def value(self) -> None:
+        """A value other than an array (info is an object): the shortest prefix up to a ","
+        or "}" that parses, tried at most 256 times."""
+        j = self.at
+        for _ in range(256):
+            ends = [k for k in (self.buf.find(b",", j), self.buf.find(b"}", j)) if k >= 0]
+            if not ends:
+                if not self.more():
+                    raise _Unusual
+                j = self.at
+                continue
+            j = min(ends)
+            try:
+                _RAW.decode(memoryview(self.buf)[self.at : j])
+            except msgspec.DecodeError:
+                j += 1
+                continue
+            self.at = j
+            return
+        raise _Unusual
+
+    def raw_value(self, key: str, default: bytes) -> msgspec.Raw:
+        if key not in self.spans:
+            return msgspec.Raw(default)
+        start, end = self.spans[key]
+        data = os.pread(self.f.fileno(), end - start, start).rstrip(b" \t\r\n")
+        return msgspec.Raw(data)
+
+    def more(self) -> bool:
+        """Read the next block onto buf (the bytes before the cursor are hashed and let go);
+        False at the file's end."""
+        block = self.f.read(self.BLOCK)
+        self.sha.update(memoryview(self.buf)[: self.at])
+        self.buf, self.base, self.at = self.buf[self.at :] + block, self.base + self.at, 0
+        return bool(block)
+
+    def peek(self) -> bytes:
+        """The next byte that is not white space (the cursor moves onto it); b"" at the end."""
+        while True:
+            self.at = _SPACE.match(self.buf, self.at).end()  # type: ignore[union-attr]
+            if self.at < len(self.buf) or not self.more():
+                return self.buf[self.at : self.at + 1]
+
+    def expect(self, char: bytes) -> None:
+        if self.peek() != char:
+            raise _Unusual
+        self.at += 1
+
+    def match(self, pattern: re.Pattern[bytes]) -> bytes:
+        """The pattern's match at the next non-space byte, reading on until it is whole."""
+        self.peek()
+        while True:
+            m = pattern.match(self.buf, self.at)
+            if m and m.end() < len(self.buf):
+                self.at = m.end()
+                return m.group()
+            if not self.more():
+                raise _Unusual
+
+
+def _run_ends(buf: bytes, at: int, stop: int) -> Iterator[int]:
+    """Guesses where a run of records from `at` may end: the last few "}" before `stop` that
+    a record or the array's end follows, then the first few "}" followed by "]" (one is the
+    array's own end, when it lies before `stop`)."""
+    j, found = stop, 0
+    for _ in range(64):
+        j = buf.rfind(b"}", at, j)
+        if j < 0 or found == 4:
+            break
+        if _NEXT_RECORD.match(buf, j + 1):
+            found += 1
+            yield j
+    for end in itertools.islice(_ARRAY_END.finditer(buf, at, stop), 4):
+        yield end.start()
+
+
+def _offsets(data: bytes, raws: Sequence[msgspec.Raw]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `raws` (in order, views of `data`) starts in `data`, and its length."""
+    starts = np.empty(len(raws), np.int64)
+    lengths = np.empty(len(raws), np.int64)
+    find, pos = data.find, 0
+    for i, raw in enumerate(raws):
+        # Only "," and white space lie between records, so the first match is the record.
+        pos = find(raw, pos)
+        starts[i], lengths[i] = pos, len(raw)
+        pos += len(raw)
+    return starts, lengths
 
 
 class FileRecords(Sequence[bytes]):
@@ -195,15 +456,7 @@ class FileRecords(Sequence[bytes]):
     @classmethod
     def locate(cls, path: str, data: bytes, raws: Sequence[msgspec.Raw], stat: Any) -> FileRecords:
         """Where each Raw (in file order, a view of `data`) lies in the file."""
-        starts = np.empty(len(raws), np.int64)
-        lengths = np.empty(len(raws), np.int64)
-        find, pos = data.find, 0
-        for i, raw in enumerate(raws):
-            # Only "," and whitespace lie between records, so the first match is the record.
-            pos = find(raw, pos)
-            starts[i], lengths[i] = pos, len(raw)
-            pos += len(raw)
-        return cls(path, starts, lengths, stat)
+        return cls(path, *_offsets(data, raws), stat)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -307,14 +560,18 @@ def _categories(path: str, raws: list[msgspec.Raw]) -> list[Category]:
     return sorted(cats, key=lambda c: c.id)
 
 
-def _images(raws: list[msgspec.Raw]) -> tuple[list[Image], list[msgspec.Raw], list[Problem]]:
+def _images(
+    raws: Sequence[msgspec.Raw], seen: set[int], *, first: int = 0
+) -> tuple[list[Image], list[int], list[Problem]]:
+    """The valid images of `raws` (records first, first + 1, ... of the file), the positions of
+    their records in `raws`, and the problems; `seen` (ids so far) is updated."""
     decoder = msgspec.json.Decoder(_ImageHead)
-    images, kept, problems, seen = [], [], [], set()
+    images, kept, problems = [], [], []
     for i, raw in enumerate(raws):
         try:
             h = decoder.decode(raw)
         except msgspec.MsgspecError:
-            problems.append(Problem(f"image record #{i} is not an object"))
+            problems.append(Problem(f"image record #{first + i} is not an object"))
             continue
         reason = _image_problem(h, seen)
         if reason:
@@ -323,7 +580,7 @@ def _images(raws: list[msgspec.Raw]) -> tuple[list[Image], list[msgspec.Raw], li
             continue
         seen.add(h.id)
         images.append(Image(h.id, h.file_name, h.height, h.width))
-        kept.append(raw)
+        kept.append(i)
     return images, kept, problems
 
 
@@ -354,10 +611,28 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and -INT64_MAX <= v <= INT64_MAX
 
 
-def _annotation_heads(
-    raws: list[msgspec.Raw], image_ids: set[int], category_ids: set[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
-    """(image id, category id, valid) per annotation, and the rejections."""
+@dataclass
+class _Heads:
+    """Ids of annotation records, -1 where a record did not decode (listed in problems)."""
+
+    ids: np.ndarray  # (N,) int64
+    image_ids: np.ndarray  # (N,) int64
+    category_ids: np.ndarray  # (N,) int64
+    decoded: np.ndarray  # (N,) bool
+    problems: list[Problem]
+
+    @classmethod
+    def join(cls, parts: list[_Heads]) -> _Heads:
+        """The heads of consecutive runs of records as one."""
+        if not parts:
+            return _decode_heads([])
+        keys = ("ids", "image_ids", "category_ids", "decoded")
+        arrays = [np.concatenate([getattr(p, k) for p in parts]) for k in keys]
+        return cls(*arrays, [q for p in parts for q in p.problems])
+
+
+def _decode_heads(raws: Sequence[msgspec.Raw], *, first: int = 0) -> _Heads:
+    """The ids of annotation records first, first + 1, ... of the file."""
     n = len(raws)
     ann_ids = np.zeros(n, dtype=np.int64)
     img = np.zeros(n, dtype=np.int64)
@@ -372,19 +647,31 @@ def _annotation_heads(
             malformed.append(i)
             continue
         ann_ids[i], img[i], cat[i] = h.id, h.image_id, h.category_id
-    problems = [_malformed_problem(i, raws[i]) for i in malformed]
     decoded = np.ones(n, dtype=bool)
     decoded[malformed] = False
-    bad_image = decoded & ~np.isin(img, np.fromiter(image_ids, np.int64, len(image_ids)))
-    bad_cat = decoded & ~bad_image & ~np.isin(cat, np.fromiter(category_ids, np.int64))
+    problems = [_malformed_problem(first + i, raws[i]) for i in malformed]
+    return _Heads(ann_ids, img, cat, decoded, problems)
+
+
+def _check_heads(
+    heads: _Heads, images: list[Image], categories: list[Category]
+) -> tuple[np.ndarray, list[Problem]]:
+    """Which annotations are valid (decoded, of a valid image, of a listed category), and a
+    problem for each decoded one that is not."""
+    img, cat = heads.image_ids, heads.category_ids
+    image_ids = np.fromiter((im.id for im in images), np.int64, len(images))
+    bad_image = heads.decoded & ~np.isin(img, image_ids)
+    category_ids = np.fromiter((c.id for c in categories), np.int64, len(categories))
+    bad_cat = heads.decoded & ~bad_image & ~np.isin(cat, category_ids)
+    problems = []
     for i in np.flatnonzero(bad_image | bad_cat):
         what = (
             f"image_id {img[i]} is not a valid image of the file"
             if bad_image[i]
             else f"category_id {cat[i]} is not in 'categories'"
         )
-        problems.append(Problem(what, image_id=int(img[i]), annotation_id=int(ann_ids[i])))
-    return img, cat, decoded & ~bad_image & ~bad_cat, problems
+        problems.append(Problem(what, image_id=int(img[i]), annotation_id=int(heads.ids[i])))
+    return heads.decoded & ~bad_image & ~bad_cat, problems
 
 
 def _malformed_problem(i: int, raw: msgspec.Raw) -> Problem:

@@ -1,11 +1,15 @@
 """rayseg.coco: loading and validating an instances file (no pixels)."""
 
 import hashlib
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tiny_coco import tiny_coco, write_coco
 
+from rayseg import coco
 from rayseg.coco import FileRecords, annotations_by_image, load_coco, load_coco_apart
 from rayseg.errors import RaysegError
 
@@ -106,3 +110,120 @@ def test_read_many_matches_single_reads_near_and_far(tiny, monkeypatch):
     assert index.ann_raw.read_many(positions) == one_by_one  # one stretch: a single read
     monkeypatch.setattr(FileRecords, "GAP", 0)  # every record a read of its own
     assert index.ann_raw.read_many(positions[::2]) == one_by_one[::2]
+
+
+def same_index(scanned, whole) -> None:
+    """Two indexes of one file agree on every field; records compared by their bytes."""
+    assert scanned.images == whole.images
+    for name in ("image_raw", "ann_raw"):
+        mine, theirs = getattr(scanned, name), getattr(whole, name)
+        assert [bytes(mine[i]) for i in range(len(mine))] == [bytes(r) for r in theirs], name
+    for name in ("ann_image_ids", "ann_category_ids", "ann_valid"):
+        assert getattr(scanned, name).tolist() == getattr(whole, name).tolist(), name
+    assert scanned.categories == whole.categories
+    assert [bytes(r) for r in scanned.categories_raw] == [bytes(r) for r in whole.categories_raw]
+    assert bytes(scanned.info_raw) == bytes(whole.info_raw)
+    assert bytes(scanned.licenses_raw) == bytes(whole.licenses_raw)
+    assert [p.to_dict() for p in scanned.problems] == [p.to_dict() for p in whole.problems]
+    assert (scanned.num_images_in_file, scanned.digest) == (whole.num_images_in_file, whole.digest)
+
+
+def scan(path, block: int):
+    """_Scan with `block`-byte reads; raises _Unusual where it leaves a file to the whole parse."""
+    with open(path, "rb") as f:
+        scanner = coco._Scan(str(path), f)
+        scanner.BLOCK = block
+        return scanner.index()
+
+
+def hostile_records() -> dict:
+    """tiny_coco with records whose strings hold what a cut looks for, and bad records."""
+    data = tiny_coco()
+    data["images"].insert(2, 17)  # not an object: a listed problem
+    data["images"][0]["file_name"] = 'a},{"id": 9}].jpg'
+    data["images"].append({"id": 6, "file_name": "b.jpg", "height": 0, "width": 20})
+    data["annotations"].insert(1, {"id": "x", "image_id": 1, "category_id": 1})
+    data["annotations"][0]["note"] = '}] ,{ \\" }'
+    data["annotations"].append({"id": 92, "image_id": 1, "category_id": 95, "segmentation": []})
+    return data
+
+
+def reordered() -> dict:
+    """Categories first, annotations before images, no licenses, info not an object."""
+    data = tiny_coco()
+    return {
+        "categories": data["categories"],
+        "annotations": data["annotations"],
+        "extra": [{"a": [1, {"b": "}]"}]}, {}],
+        "images": data["images"],
+        "info": "made, by {hand}",
+    }
+
+
+SCANNED_SHAPES = {
+    "compact": lambda p: write_coco(p, tiny_coco()),
+    "indented": lambda p: p.write_text(json.dumps(tiny_coco(), indent=2)) and p,
+    "hostile records": lambda p: write_coco(p, hostile_records()),
+    "keys reordered": lambda p: write_coco(p, reordered()),
+    "escaped key": lambda p: (
+        p.write_text(json.dumps(tiny_coco()).replace('"images"', '"imag\\u0065s"')) and p
+    ),
+}
+
+
+@pytest.mark.parametrize("block", [1, 16, 4096])
+@pytest.mark.parametrize("shape", sorted(SCANNED_SHAPES))
+def test_scanning_in_blocks_gives_the_whole_parse_index(tmp_path, shape, block):
+    path = SCANNED_SHAPES[shape](tmp_path / "in.json")
+    same_index(scan(path, block), load_coco(str(path)))
+
+
+def test_real_coco_scanned_in_blocks_gives_the_whole_parse_index():
+    path = Path(__file__).parents[2] / "shared" / "data" / "coco_sample" / "annotations.json"
+    if not path.exists():
+        pytest.skip("../shared/data/coco_sample is not here")
+    whole = load_coco(str(path))
+    for block in (4096, 1 << 20):
+        same_index(scan(path, block), whole)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # msgspec keeps the last of a repeated key: the whole parse does it so.
+        b'{"images": [{"id": 1}], "images": [], "annotations": [], "categories": [{"id": 1}]}',
+        # An array whose last record is not an object: no cut can be proved.
+        b'{"images": [{"id": 1, "file_name": "a", "height": 2, "width": 2}, 7], '
+        b'"annotations": [], "categories": [{"id": 1}]}',
+        b'{"images": [], "annotations": [], "categories": [{"id": 1}]} trailing',
+    ],
+)
+def test_other_shapes_are_parsed_whole_with_the_same_result(tmp_path, content):
+    path = tmp_path / "in.json"
+    path.write_bytes(content)
+    with pytest.raises(coco._Unusual):
+        scan(path, 16)
+    try:
+        whole = load_coco(str(path))
+    except RaysegError as e:
+        with pytest.raises(RaysegError, match=re.escape(str(e))):
+            load_coco_apart(str(path))
+    else:
+        same_index(load_coco_apart(str(path)), whole)
+
+
+def test_the_scan_holds_blocks_not_the_file(tmp_path, monkeypatch):
+    data = tiny_coco()
+    data["annotations"] = data["annotations"] * 400  # ~130 KB of records, each < 300 bytes
+    path = write_coco(tmp_path / "in.json", data)
+    held = []
+    more = coco._Scan.more
+
+    def counting_more(self):
+        found = more(self)
+        held.append(len(self.buf))
+        return found
+
+    monkeypatch.setattr(coco._Scan, "more", counting_more)
+    same_index(scan(path, 4096), load_coco(str(path)))
+    assert len(held) > 20 and max(held) <= 2 * 4096 + 300
