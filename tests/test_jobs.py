@@ -44,11 +44,26 @@ class Head:
         return env
 
     def get(self, path: str, *, auth: bool = True, token: str | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(self.url + path)
+        return self.request(path, auth=auth, token=token)
+
+    def request(
+        self,
+        path: str,
+        body: dict | None = None,
+        *,
+        auth: bool = True,
+        token: str | None = None,
+        timeout: float = 5,
+    ) -> tuple[int, bytes]:
+        """GET `path`, or POST `body` as JSON to it."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
         if auth:
             request.add_header("Authorization", f"Bearer {token or self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -119,18 +134,52 @@ def start_head(tmp: Path, ray_tmpdir: str) -> Head:
             start_new_session=True,
         )
     head = Head(proc, f"http://127.0.0.1:{dashboard}", token, env, log)
-    deadline = time.monotonic() + 90
+    try:
+        wait_until_jobs_run(head, time.monotonic() + 120)
+    except BaseException:
+        stop_head(head)
+        raise
+    return head
+
+
+def wait_until_jobs_run(head: Head, deadline: float) -> None:
+    """Return once a no-op job has been accepted and has succeeded.
+
+    The dashboard answers /api/jobs/ before the head's job agent has registered; a submission in
+    that gap fails with "No available agent to submit job" after 10 s (Ray's own wait), which a
+    busy 2-core machine can exceed.
+    """
+    submission = f"rayseg-ready-{uuid.uuid4().hex[:8]}"
+    status, body = 0, b""
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if head.proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {head.proc.returncode}:\n{tail(head)}")
         try:
-            if head.get("/api/jobs/")[0] == 200:
-                return head
-        except OSError:
-            pass
+            job = {"entrypoint": "true", "submission_id": submission}
+            status, body = head.request("/api/jobs/", job, timeout=30)
+            if status == 200:
+                break
+            status, body = head.get(f"/api/jobs/{submission}")
+            if status == 200:  # an earlier POST was accepted after its answer timed out
+                break
+        except OSError as e:
+            status, body = 0, str(e).encode()
+        time.sleep(1)
+    else:
+        answer = f"{status}: {body[-500:]!r}"
+        raise RuntimeError(f"the head took no job in time ({answer}):\n{tail(head)}")
+    while time.monotonic() < deadline:
+        state = json.loads(head.get(f"/api/jobs/{submission}")[1])["status"]
+        if state == "SUCCEEDED":
+            return
+        if state in ("FAILED", "STOPPED"):
+            raise RuntimeError(f"the no-op job ended {state}:\n{tail(head)}")
         time.sleep(0.5)
-    stop_head(head)
-    raise RuntimeError(f"head node did not come up in 90 s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"the no-op job did not finish in time:\n{tail(head)}")
+
+
+def tail(head: Head) -> str:
+    return head.log.read_text(errors="replace")[-3000:]
 
 
 def stop_head(head: Head) -> None:
