@@ -174,7 +174,7 @@ def _child(path: str) -> None:
 
 def _load_as_ranges(path: str) -> CocoIndex:
     """load_coco with records as byte ranges. A file of the usual shape is read in blocks
-    (_Scan: the child holds a block or two, not the file); any other is parsed whole."""
+    (_Scan); any other is parsed whole."""
     with open(path, "rb") as f:
         try:
             return _Scan(path, f).index()
@@ -226,7 +226,7 @@ class _Scan:
         self.seen: set[int] = set()
         self.images: list[Image] = []
         self.image_problems: list[Problem] = []
-        self.num_images = 0
+        self.num_images = self.num_annotations = 0
         self.ranges: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {
             "images": ([], []),
             "annotations": ([], []),
@@ -337,8 +337,8 @@ class _Scan:
             self.image_problems += problems
             self.add_ranges(key, piece, [raws[i] for i in kept], offset)
         elif key == "annotations":
-            first = sum(len(h.ids) for h in self.heads)
-            self.heads.append(_decode_heads(raws, first=first))
+            self.heads.append(_decode_heads(raws, first=self.num_annotations))
+            self.num_annotations += len(raws)
             self.add_ranges(key, piece, raws, offset)
         elif key == "categories":
             self.categories_raw += [msgspec.Raw(bytes(r)) for r in raws]
@@ -570,8 +570,8 @@ def _images(
     for i, raw in enumerate(raws):
         try:
             h = decoder.decode(raw)
-        except msgspec.MsgspecError:
-            problems.append(Problem(f"image record #{first + i} is not an object"))
+        except msgspec.MsgspecError as e:
+            problems.append(Problem(_unreadable("image", first + i, e)))
             continue
         reason = _image_problem(h, seen)
         if reason:
@@ -674,11 +674,19 @@ def _check_heads(
     return heads.decoded & ~bad_image & ~bad_cat, problems
 
 
+def _unreadable(kind: str, i: int, error: msgspec.MsgspecError) -> str:
+    """Why record #i could not be read: not an object, or bytes that are not JSON (a string of
+    invalid UTF-8, say); the rest of the file was read."""
+    if isinstance(error, msgspec.ValidationError):
+        return f"{kind} record #{i} is not an object"
+    return f"{kind} record #{i} is not valid JSON: {error}"
+
+
 def _malformed_problem(i: int, raw: msgspec.Raw) -> Problem:
     try:
         h = msgspec.json.decode(raw, type=_LenientAnnHead)
-    except msgspec.MsgspecError:
-        return Problem(f"annotation record #{i} is not an object")
+    except msgspec.MsgspecError as e:
+        return Problem(_unreadable("annotation", i, e))
     for key in ("id", "image_id", "category_id"):
         value = getattr(h, key)
         if not _is_int(value):

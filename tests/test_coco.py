@@ -64,6 +64,18 @@ def test_problems_keep_the_manifest_shape(tmp_path):
     ]
 
 
+def test_a_record_that_is_not_utf8_is_a_listed_problem(tmp_path):
+    index = load_coco(str(invalid_utf8(tmp_path / "in.json")))
+    image = tiny_coco()["images"][1]["id"]
+    assert image not in {im.id for im in index.images}
+    assert index.problems[0].to_dict() == {
+        "image_id": None,
+        "reason": "image record #1 is not valid JSON: Invalid UTF-8 encoded string",
+    }
+    # The annotation's unread field is not checked; its image's are listed as that image's.
+    assert {p.image_id for p in index.problems[1:]} == {image}
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -160,11 +172,21 @@ def reordered() -> dict:
     }
 
 
+def invalid_utf8(path):
+    """An image whose file_name and an annotation whose extra field are not UTF-8."""
+    data = tiny_coco()
+    data["images"][1]["file_name"] = "BAD.jpg"
+    data["annotations"][0]["note"] = "BAD"
+    path.write_bytes(json.dumps(data).encode().replace(b"BAD", b"\xff\xfe"))
+    return path
+
+
 SCANNED_SHAPES = {
     "compact": lambda p: write_coco(p, tiny_coco()),
     "indented": lambda p: p.write_text(json.dumps(tiny_coco(), indent=2)) and p,
     "hostile records": lambda p: write_coco(p, hostile_records()),
     "keys reordered": lambda p: write_coco(p, reordered()),
+    "invalid UTF-8": invalid_utf8,
     "escaped key": lambda p: (
         p.write_text(json.dumps(tiny_coco()).replace('"images"', '"imag\\u0065s"')) and p
     ),
