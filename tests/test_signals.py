@@ -61,13 +61,14 @@ class Run:
             time.sleep(0.05)
 
     def finish(self, *, timeout: float = 240) -> tuple[int, list[str], list[str]]:
-        """(exit status, output lines, command lines of processes alive 5 s after it exited)."""
+        """(exit status, output lines, command lines of processes alive 10 s after it exited:
+        Ray's own take a second or two, longer on a busy machine)."""
         try:
             rc = self.proc.wait(timeout=timeout)
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         left = [command_line(pid) for pid in self.alive()]
