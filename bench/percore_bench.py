@@ -74,7 +74,8 @@ def profile_parts(job: ShardJob, out: str, repeats: int) -> list[tuple[str, floa
     """
     records = job.images
     shapes = [_shapes(rec, job) for rec in records]
-    masks = [render_image(rec, job)[0] for rec in records]
+    rendered = [render_image(rec, job) for rec in records]
+    masks = [m for m, _, _ in rendered]
     pngs = [storage.encode_png(m) for m in masks]
     target = storage.locate(out)
     options = {"rasterizer": job.rasterizer, "overlap": job.overlap, "crowd": job.crowd}
@@ -96,7 +97,7 @@ def profile_parts(job: ShardJob, out: str, repeats: int) -> list[tuple[str, floa
                 for shape in s
             ],
         ),
-        ("histogram", lambda: [value_counts(m) for m in masks]),
+        ("histogram", lambda: [value_counts(m, v) for m, _, v in rendered]),
         ("PNG encode", lambda: [storage.encode_png(m) for m in masks]),
         (
             "mask file write",

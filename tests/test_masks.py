@@ -75,7 +75,7 @@ def rendered(cfg: MasksConfig) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for job in planned.jobs:
         for rec in job.images:
-            mask, _ = render_image(rec, job)
+            mask, _, _ = render_image(rec, job)
             anns = [json.loads(raw) for raw in rec.annotations]
             out[rec.id] = (mask, reference_target(anns, rec.height, rec.width))
     return out

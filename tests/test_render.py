@@ -11,6 +11,7 @@ from tiny_coco import square
 from rayseg.config import CROWD_MODES, OVERLAPS, RASTERIZERS
 from rayseg.errors import RaysegError
 from rayseg.render import Shape, ValueScheme, render_mask, value_scheme
+from rayseg.shard import value_counts
 
 
 def coco_reference(height: int, width: int, shapes: list[Shape]) -> np.ndarray:
@@ -327,3 +328,20 @@ def test_opencv_fills_into_the_mask_the_pixels_of_its_windows(scene):
         latest = np.where(mask > 0, mask, latest)
     assert np.array_equal(render_mask(height, width, shapes, overlap="max")[0], highest)
     assert np.array_equal(render_mask(height, width, shapes, overlap="last")[0], latest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from([np.uint8, np.uint16]),
+    present=st.lists(st.integers(0, 255), min_size=1, max_size=20),
+    expected=st.lists(st.integers(0, 300), max_size=20),
+    seed=st.integers(0, 2**16),
+)
+def test_value_counts_counts_every_value_whatever_is_expected(dtype, present, expected, seed):
+    """Expected values that miss one present (or name absent ones) never drop or invent pixels."""
+    rng = np.random.default_rng(seed)
+    mask = rng.choice(np.array(present, dtype=dtype), size=(13, 17))
+    values, pixels = np.unique(mask, return_counts=True)
+    truth = {int(v): int(n) for v, n in zip(values, pixels, strict=True)}
+    assert value_counts(mask, expected) == truth
+    assert value_counts(mask, truth) == truth  # the fast path, every value expected
