@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -112,6 +113,19 @@ class CocoIndex:
     digest: str = ""  # sha1 of the file's bytes, from the one read that parsed it
     buffer: bytes = field(default=b"", repr=False)  # the bytes the Raws view; b"" with FileRecords
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The images as columns: pickling 118k Image objects one by one takes ~0.7 s both ways.
+        state = dict(self.__dict__)
+        images = state.pop("images")
+        state["image_columns"] = tuple(
+            [getattr(im, k) for im in images] for k in ("id", "file_name", "height", "width")
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        columns = state.pop("image_columns")
+        self.__dict__.update(state, images=list(map(Image, *columns)))
+
 
 def load_coco(path: str) -> CocoIndex:
     """Parse and validate; fatal problems raise RaysegError, per-record ones are listed."""
@@ -191,6 +205,25 @@ def _load_as_ranges(path: str) -> CocoIndex:
     return index
 
 
+class _Digest:
+    """sha1 of the bytes handed over, in order, taken in a thread beside the parse (hashlib
+    lets go of the GIL); one block waits while the one before it is hashed."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha1()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rayseg-sha1")
+        self.pending: Future[None] | None = None
+
+    def update(self, data: memoryview) -> None:
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.pool.submit(self.sha.update, data)
+
+    def hexdigest(self) -> str:
+        self.pool.shutdown()
+        return self.sha.hexdigest()
+
+
 class _Unusual(Exception):
     """A shape _Scan leaves to the whole-file parse (which also words every error)."""
 
@@ -221,7 +254,7 @@ class _Scan:
     def __init__(self, path: str, f: Any) -> None:
         self.path, self.f, self.stat = path, f, os.fstat(f.fileno())
         self.buf, self.at, self.base = b"", 0, 0  # buf: the file from offset base; at: cursor
-        self.sha = hashlib.sha1()
+        self.sha = _Digest()
         self.spans: dict[str, tuple[int, int]] = {}  # key -> its value's (start, end) offsets
         self.seen: set[int] = set()
         self.images: list[Image] = []
@@ -335,7 +368,7 @@ class _Scan:
             self.num_images += len(raws)
             self.images += images
             self.image_problems += problems
-            self.add_ranges(key, piece, [raws[i] for i in kept], offset)
+            self.add_ranges(key, piece, raws, offset, np.asarray(kept, np.intp))
         elif key == "annotations":
             self.heads.append(_decode_heads(raws, first=self.num_annotations))
             self.num_annotations += len(raws)
@@ -343,10 +376,13 @@ class _Scan:
         elif key == "categories":
             self.categories_raw += [msgspec.Raw(bytes(r)) for r in raws]
 
-    def add_ranges(self, key: str, piece: bytes, raws: list[msgspec.Raw], offset: int) -> None:
-        starts, lengths = _offsets(piece, raws)
-        self.ranges[key][0].append(starts + offset)
-        self.ranges[key][1].append(lengths)
+    def add_ranges(
+        self, key: str, piece: bytes, raws: list[msgspec.Raw], offset: int, keep: Any = slice(None)
+    ) -> None:
+        """The file ranges of `raws` (all of the run's records, in order), those at `keep`."""
+        starts, lengths = _run_offsets(piece, raws)
+        self.ranges[key][0].append(starts[keep] + offset)
+        self.ranges[key][1].append(lengths[keep])
 
     def records(self, key: str) -> FileRecords:
         starts, lengths = self.ranges[key]
@@ -439,6 +475,40 @@ def _offsets(data: bytes, raws: Sequence[msgspec.Raw]) -> tuple[np.ndarray, np.n
         pos = find(raw, pos)
         starts[i], lengths[i] = pos, len(raw)
         pos += len(raw)
+    return starts, lengths
+
+
+_SEPARATOR = np.zeros(256, bool)  # the bytes between two records of an array
+_SEPARATOR[list(b" \t\r\n,")] = True
+_GAP_MAX = 64
+
+
+def _run_offsets(piece: bytes, raws: Sequence[msgspec.Raw]) -> tuple[np.ndarray, np.ndarray]:
+    """_offsets for `raws` that are all the records of the array `piece`, in order: when the
+    first gap's width fits every record, the offsets follow by arithmetic.
+
+    The proof, record by record: a record starts with neither white space nor ",", so the
+    separator run after one ends where the next starts; if the bytes in each predicted gap are
+    all separators and the byte after it is not, every gap is as predicted."""
+    n = len(raws)
+    lengths = np.fromiter(map(len, raws), np.int64, n)
+    if n < 2:
+        return _offsets(piece, raws)
+    first = piece.find(raws[0])
+    gap = piece.find(raws[1], first + len(raws[0])) - first - len(raws[0])
+    starts = np.empty(n, np.int64)
+    starts[0] = first
+    np.cumsum(lengths[:-1] + gap, out=starts[1:])
+    starts[1:] += first
+    data = np.frombuffer(piece, np.uint8)
+    if not 0 < gap <= _GAP_MAX or starts[-1] + lengths[-1] > len(data):
+        return _offsets(piece, raws)
+    ends = starts[:-1] + lengths[:-1]
+    fits = ~_SEPARATOR[data[starts[1:]]]
+    for k in range(gap):
+        fits &= _SEPARATOR[data[ends + k]]
+    if not fits.all():
+        return _offsets(piece, raws)
     return starts, lengths
 
 

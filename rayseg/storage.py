@@ -146,6 +146,12 @@ def exists(loc: Location) -> bool:
 
 def list_files(loc: Location) -> list[str]:
     """Base names of the files directly inside `loc` ([] if it does not exist)."""
+    if loc.is_local:  # no stat per file: 0.1 s, not 0.5 s, for a folder of 118k masks
+        try:
+            with os.scandir(loc.path) as entries:
+                return sorted(e.name for e in entries if e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
     info = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     return sorted(i.base_name for i in info if i.type == pafs.FileType.File)
 

@@ -5,8 +5,11 @@ import json
 import re
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_coco import tiny_coco, write_coco
 
 from rayseg import coco
@@ -181,12 +184,21 @@ def invalid_utf8(path):
     return path
 
 
+def uneven_gaps(path):
+    """Records one compact, the next indented: the first gap's width fits no later one."""
+    data = tiny_coco()
+    text = json.dumps(data, separators=(",", ":"))
+    first = json.dumps(data["annotations"][0], separators=(",", ":"))
+    return path.write_text(text.replace(first + ",", first + " ,\n  ", 1)) and path
+
+
 SCANNED_SHAPES = {
     "compact": lambda p: write_coco(p, tiny_coco()),
     "indented": lambda p: p.write_text(json.dumps(tiny_coco(), indent=2)) and p,
     "hostile records": lambda p: write_coco(p, hostile_records()),
     "keys reordered": lambda p: write_coco(p, reordered()),
     "invalid UTF-8": invalid_utf8,
+    "uneven gaps": uneven_gaps,
     "escaped key": lambda p: (
         p.write_text(json.dumps(tiny_coco()).replace('"images"', '"imag\\u0065s"')) and p
     ),
@@ -207,6 +219,31 @@ def test_real_coco_scanned_in_blocks_gives_the_whole_parse_index():
     whole = load_coco(str(path))
     for block in (4096, 1 << 20):
         same_index(scan(path, block), whole)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.integers() | st.text(alphabet=' ,{}[]"\\ab\n'),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(_JSON_VALUES, max_size=8),
+    gaps=st.lists(st.sampled_from([",", ", ", " ,", ",\n  ", "\t,\r\n"]), min_size=8, max_size=8),
+    uniform=st.booleans(),
+)
+def test_run_offsets_agree_with_finding_each_record(records, gaps, uniform):
+    texts = [json.dumps(r) for r in records]
+    gaps = [gaps[0]] * len(gaps) if uniform else gaps
+    piece = ("[ " + "".join(t + g for t, g in zip(texts, gaps))).encode()
+    piece = piece[: len(piece) - len(gaps[len(texts) - 1])] if texts else piece
+    piece += b" ]"
+    raws = msgspec.json.decode(piece, type=list[msgspec.Raw])
+    starts, lengths = coco._run_offsets(piece, raws)
+    assert [piece[a : a + n] for a, n in zip(starts, lengths)] == [t.encode() for t in texts]
+    assert (starts.tolist(), lengths.tolist()) == tuple(a.tolist() for a in coco._offsets(piece, raws))
 
 
 @pytest.mark.parametrize(
