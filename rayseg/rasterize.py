@@ -353,15 +353,25 @@ def _opencv_parts(
         if not parts:
             return None
         extent = _extent(parts)
-    low_x, low_y, high_x, high_y = extent
-    top, left = max(0, math.floor(low_y) - 1), max(0, math.floor(low_x) - 1)
-    bottom, right = min(height, math.ceil(high_y) + 1), min(width, math.ceil(high_x) + 1)
+    top, left, bottom, right = polygon_window(height, width, extent)
     if bottom <= top or right <= left:
         return None
     # COCO puts pixel centres at +0.5, cv2 at integers.
     scale = 1 << _CV_SHIFT
     fixed = [np.round((p - 0.5) * scale).astype(np.int32) for p in parts]
     return (top, left, bottom, right), fixed
+
+
+def polygon_window(
+    height: int, width: int, extent: tuple[float, float, float, float]
+) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right): the box, cut to the image, that holds every pixel cv2 fills for
+    a polygon of this extent (min x, min y, max x, max y); empty when bottom <= top or right <=
+    left. A pixel of margin on each side covers the shift of pixel centres and the rounding."""
+    low_x, low_y, high_x, high_y = extent
+    top, left = max(0, math.floor(low_y) - 1), max(0, math.floor(low_x) - 1)
+    bottom, right = min(height, math.ceil(high_y) + 1), min(width, math.ceil(high_x) + 1)
+    return top, left, bottom, right
 
 
 def _clip_to_image(height: int, width: int, points: np.ndarray) -> np.ndarray:

@@ -22,11 +22,13 @@ from rayseg.rasterize import (
     coco_polygon_masks,
     fill_opencv_polygon,
     opencv_polygon_mask,
+    polygon_window,
     read_geometry,
 )
 from rayseg.records import BACKGROUND, DTYPE_MAX, Problem
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+Window = tuple[int, int, int, int]  # top, left, bottom, right: mask[top:bottom, left:right]
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def render_mask(
     ignore_value: int = 255,
     dtype: str = "uint8",
     max_vertices: int | None = None,
+    windows: dict[int, Window] | None = None,
 ) -> tuple[np.ndarray, list[Problem]]:
     """The (height, width) semantic mask of `shapes` and the problems met on the way.
 
@@ -131,6 +134,8 @@ def render_mask(
       It bounds one polygon's cost: fillPoly's time grows with the square of its vertices when
       the edges cross, pycocotools' trace takes 80 bytes per pixel of outline. Besides that
       trace, memory is the mask and each object's window.
+    windows: if given, filled with each non-zero value the mask may hold and a window that holds
+      all of that value's pixels (for counting them without a pass over the whole mask).
     Bad records are skipped or repaired and reported as Problems; a non-positive image size or an
     unknown option is the caller's error (ValueError).
     """
@@ -148,6 +153,9 @@ def render_mask(
         max_vertices=max_vertices,
     )
     mask = _compose(height, width, layers, overlap=overlap, ignore_value=ignore_value, dtype=dtype)
+    if windows is not None:
+        contested = overlap in ("ignore", "ignore_any")
+        windows.update(_value_windows(height, width, layers, ignore_value if contested else None))
     return mask, problems
 
 
@@ -231,6 +239,29 @@ def _value_problem(value: Any, dtype: str, ignore_value: int) -> str | None:
             f"{ignore_value}); annotation skipped"
         )
     return None
+
+
+def _value_windows(
+    height: int, width: int, layers: list[_Layer], contested: int | None
+) -> dict[int, Window]:
+    """Each layer value's window: the box around its layers' extents. `contested`: a value that
+    may stand where layers overlap (ignore), so anywhere in the box around all of them."""
+    extents: dict[int, list[tuple[float, float, float, float]]] = {}
+    for layer in layers:
+        if layer.polygons is not None:
+            extent = layer.polygons.extent
+        else:  # a window of pixels, as the extent of their centres
+            rows, cols = layer.mask.shape
+            extent = (layer.left, layer.top, layer.left + cols - 1, layer.top + rows - 1)
+        extents.setdefault(layer.value, []).append(extent)
+        if contested is not None:
+            extents.setdefault(contested, []).append(extent)
+    windows = {}
+    for value, around in extents.items():
+        low_x, low_y, high_x, high_y = zip(*around, strict=True)
+        extent = (min(low_x), min(low_y), max(high_x), max(high_y))
+        windows[value] = polygon_window(height, width, extent)
+    return windows
 
 
 # ---- composition ------------------------------------------------------------------------------

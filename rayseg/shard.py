@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -28,7 +28,7 @@ from rayseg.coco import AnnotationGroups, CocoIndex, decode_annotation, read_rec
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
 from rayseg.records import Problem
-from rayseg.render import Shape, ValueScheme, render_mask
+from rayseg.render import Shape, ValueScheme, Window, render_mask
 from rayseg.runtime import Progress, connect_ray, forwarded_env
 
 
@@ -101,9 +101,11 @@ def scheme_meta(scheme: ValueScheme, names: dict[int, str]) -> dict[str, Any]:
     }
 
 
-def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[Problem], set[int]]:
-    """One image's mask, its per-annotation problems and the values it may hold (background,
-    ignore and each drawn shape's)."""
+def render_image(
+    rec: ImageRecord, job: ShardJob
+) -> tuple[np.ndarray, list[Problem], dict[int, Window]]:
+    """One image's mask, its per-annotation problems and the windows of the values drawn
+    (render_mask's)."""
     shapes: list[Shape] = []
     problems: list[Problem] = []
     for raw in rec.annotations:
@@ -116,6 +118,7 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[Prob
         if value is None:  # a category left out by --classes: not drawn, by request
             continue
         shapes.append(Shape(ann.id, value, ann.segmentation, bool(ann.iscrowd)))
+    windows: dict[int, Window] = {}
     mask, render_problems = render_mask(
         rec.height,
         rec.width,
@@ -126,26 +129,33 @@ def render_image(rec: ImageRecord, job: ShardJob) -> tuple[np.ndarray, list[Prob
         ignore_value=job.scheme.ignore_value,
         dtype=job.scheme.dtype,
         max_vertices=job.max_vertices,
+        windows=windows,
     )
     problems += [dataclasses.replace(p, image_id=rec.id) for p in render_problems]
-    values = {job.scheme.background_value, job.scheme.ignore_value, *(s.value for s in shapes)}
-    return mask, problems, values
+    return mask, problems, windows
 
 
 FEW_VALUES = 16  # up to this many, counting value by value beats a histogram of the mask
 
 
-def value_counts(mask: np.ndarray, expected: Collection[int] = ()) -> dict[int, int]:
-    """Pixels per mask value. `expected`: the values the mask should hold; when they are few
-    they are counted one by one (~0.02 ms each for 640x480), and that result stands only if it
-    accounts for every pixel: any other value sends it to the full histogram."""
-    if 0 < len(expected) <= FEW_VALUES:
-        counts = {}
-        for v in set(expected):
-            n = int(np.count_nonzero(mask == v))
+def value_counts(mask: np.ndarray, windows: Mapping[int, Window] | None = None) -> dict[int, int]:
+    """Pixels per mask value. `windows`: the non-zero values the mask should hold, each with a
+    window said to hold all its pixels (render_mask's). When they are few, each value is counted
+    in its window and the zeros are the rest; that result stands only if it accounts for every
+    non-zero pixel: a value not named, or a pixel outside its window, sends it to the full
+    histogram."""
+    if windows is not None and len(windows) <= FEW_VALUES:
+        nonzero = int(np.count_nonzero(mask))
+        counts = {0: mask.size - nonzero} if nonzero < mask.size else {}
+        found = 0
+        for v, (top, left, bottom, right) in windows.items():
+            if v == 0:
+                continue
+            n = int(np.count_nonzero(mask[top:bottom, left:right] == v))
             if n:
                 counts[int(v)] = n
-        if sum(counts.values()) == mask.size:
+                found += n
+        if found == nonzero:
             return counts
     if mask.dtype == np.uint8 and mask.size < 2**24:
         # calcHist counts in float32, exact below 2**24 pixels, and beats np.bincount here.
@@ -267,8 +277,8 @@ def render_record(
         image_bytes, reason = read_image(rec, job.images_dir)
         if reason:
             raise _Skipped(reason)
-    mask, image_problems, values = render_image(rec, job)
-    counts = value_counts(mask, values)
+    mask, image_problems, windows = render_image(rec, job)
+    counts = value_counts(mask, windows)
     categories = sorted(inverse[v] for v in counts if v in inverse)
     name = naming.mask_name(rec.stem, categories, job.naming)
     png = storage.encode_png(mask, palette=palette)

@@ -298,6 +298,7 @@ def test_mask_holds_only_background_shape_values_and_ignore(
     height, width, shapes = scene
     # scale 2 pushes some values past uint8, where they must be skipped, not wrapped
     shapes = [Shape(s.annotation_id, s.value * scale, s.segmentation, s.iscrowd) for s in shapes]
+    windows = {}
     mask, problems = render_mask(
         height,
         width,
@@ -307,11 +308,17 @@ def test_mask_holds_only_background_shape_values_and_ignore(
         crowd=crowd,
         ignore_value=ignore_value,
         dtype=dtype,
+        windows=windows,
     )
     assert mask.shape == (height, width) and mask.dtype == np.dtype(dtype)
     allowed = {0, ignore_value} | {s.value for s in shapes}
     assert set(np.unique(mask).tolist()) <= allowed
     assert all(p.annotation_id in {s.annotation_id for s in shapes} for p in problems)
+    # Each non-zero value's window holds all of its pixels (what value_counts' fast path needs).
+    for value in set(np.unique(mask).tolist()) - {0}:
+        top, left, bottom, right = windows[value]
+        inside = np.count_nonzero(mask[top:bottom, left:right] == value)
+        assert inside == np.count_nonzero(mask == value), (value, windows[value])
 
 
 @settings(max_examples=100, deadline=None)
@@ -330,18 +337,25 @@ def test_opencv_fills_into_the_mask_the_pixels_of_its_windows(scene):
     assert np.array_equal(render_mask(height, width, shapes, overlap="last")[0], latest)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     dtype=st.sampled_from([np.uint8, np.uint16]),
     present=st.lists(st.integers(0, 255), min_size=1, max_size=20),
-    expected=st.lists(st.integers(0, 300), max_size=20),
+    named=st.lists(
+        st.tuples(st.integers(0, 300), st.lists(st.integers(-2, 20), min_size=4, max_size=4)),
+        max_size=20,
+    ),
     seed=st.integers(0, 2**16),
 )
-def test_value_counts_counts_every_value_whatever_is_expected(dtype, present, expected, seed):
-    """Expected values that miss one present (or name absent ones) never drop or invent pixels."""
+def test_value_counts_counts_every_value_whatever_the_windows_say(dtype, present, named, seed):
+    """Windows that miss a value, cut off some of its pixels or name absent values never drop or
+    invent pixels; windows that hold every pixel give the same counts (the fast path)."""
     rng = np.random.default_rng(seed)
     mask = rng.choice(np.array(present, dtype=dtype), size=(13, 17))
     values, pixels = np.unique(mask, return_counts=True)
     truth = {int(v): int(n) for v, n in zip(values, pixels, strict=True)}
-    assert value_counts(mask, expected) == truth
-    assert value_counts(mask, truth) == truth  # the fast path, every value expected
+    windows = {v: tuple(box) for v, box in named}  # negative bounds slice from the end
+    assert value_counts(mask, windows) == truth
+    whole = {v: (0, 0, 13, 17) for v in truth}
+    assert value_counts(mask, whole) == truth
+    assert value_counts(mask) == truth
