@@ -84,7 +84,29 @@ def stop_ray() -> None:
 
     _SIGNALS.connected = False
     _SIGNALS.stopping = True
+    end_autoscaler_monitor()
     ray.shutdown()
+
+
+def end_autoscaler_monitor() -> None:
+    """Kill the autoscaler monitor of a Ray this process started, before ray.shutdown.
+
+    ray.shutdown stops the GCS first and then the monitor, whose SIGTERM handler reports to the
+    dead GCS until Ray kills it a second later: 1.0 of the 1.35 s a shutdown takes (measured with
+    Ray 2.60). A local Ray's monitor holds nothing to save. Ray's process table is private: where
+    it is not as expected, nothing is done and the shutdown only takes longer.
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    if not isinstance(processes, dict):
+        return
+    for info in processes.get("monitor", []):
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=1)
 
 
 # ---- signals ---------------------------------------------------------------------------------

@@ -203,6 +203,30 @@ def test_resume_skips_a_truncated_newest_checkpoint(interrupted_training, tmp_pa
 # ---- in-process: the pieces ----------------------------------------------------------------
 
 
+_MONITOR_FIRST = """
+import ray
+from rayseg import runtime
+runtime.connect_ray(None, 1)
+processes = ray._private.worker._global_node.all_processes
+monitor = processes["monitor"][0].process
+others = [i.process for kind, infos in processes.items() if kind != "monitor" for i in infos]
+runtime.end_autoscaler_monitor()
+print(monitor.poll() is not None, bool(others) and all(p.poll() is None for p in others))
+runtime.stop_ray()
+print(all(p.poll() is not None for p in others))
+"""
+
+
+def test_stopping_our_ray_ends_its_autoscaler_monitor_first(ray_tmpdir):
+    # Ray's shutdown would stop the GCS first and then wait a second on the monitor; this also
+    # fails if Ray's private process table changes shape (end_autoscaler_monitor would no-op).
+    done = subprocess.run(
+        [sys.executable, "-c", _MONITOR_FIRST], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "True"], done.stdout + done.stderr[-3000:]
+
+
 def test_interrupted_line_says_how_far_the_command_got():
     runtime.Progress.latest = None
     assert cli.interrupted_line("predict") == (
