@@ -237,13 +237,16 @@ _JSON_VALUES = st.recursive(
 def test_run_offsets_agree_with_finding_each_record(records, gaps, uniform):
     texts = [json.dumps(r) for r in records]
     gaps = [gaps[0]] * len(gaps) if uniform else gaps
-    piece = ("[ " + "".join(t + g for t, g in zip(texts, gaps))).encode()
+    piece = ("[ " + "".join(t + g for t, g in zip(texts, gaps[: len(texts)], strict=True))).encode()
     piece = piece[: len(piece) - len(gaps[len(texts) - 1])] if texts else piece
     piece += b" ]"
     raws = msgspec.json.decode(piece, type=list[msgspec.Raw])
     starts, lengths = coco._run_offsets(piece, raws)
-    assert [piece[a : a + n] for a, n in zip(starts, lengths)] == [t.encode() for t in texts]
-    assert (starts.tolist(), lengths.tolist()) == tuple(a.tolist() for a in coco._offsets(piece, raws))
+    assert [piece[a : a + n] for a, n in zip(starts, lengths, strict=True)] == [
+        t.encode() for t in texts
+    ]
+    searched = coco._offsets(piece, raws)
+    assert (starts.tolist(), lengths.tolist()) == (searched[0].tolist(), searched[1].tolist())
 
 
 @pytest.mark.parametrize(
