@@ -12,7 +12,7 @@ import pytest
 from tiny_coco import square, tiny_coco, write_coco, write_images
 
 from rayseg import masks, storage
-from rayseg.coco import load_coco
+from rayseg.coco import annotations_by_image, load_coco
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
 from rayseg.masks import run_masks
@@ -171,17 +171,24 @@ def test_driver_renders_while_ray_starts_and_ray_renders_the_rest(tmp_path, monk
     assert again["counts"]["resumed"] == 40 and again["counts"]["shards_run"] == 0
 
 
-def test_a_shard_job_pickles_to_an_equal_job(dataset, tmp_path):
+def test_a_shard_job_carries_each_image_its_own_annotations_and_pickles_equal(dataset, tmp_path):
     import pickle
 
     import ray.cloudpickle
 
     annotations, _ = dataset
     index = load_coco(str(annotations))
+    by_image = annotations_by_image(index)
     cfg = masks_config(annotations, tmp_path / "out", shard_size=3)
+    images = []
     for job in plan_jobs(index, cfg, value_scheme([1, 3, 7], "category_id")):
         assert job.images and any(rec.annotations for rec in job.images)
         assert pickle.loads(ray.cloudpickle.dumps(job)) == job
+        for rec in job.images:
+            images.append(rec.id)
+            own = by_image.get(rec.id, [])
+            assert list(rec.annotations) == [bytes(index.ann_raw[p]) for p in own]
+    assert images == [im.id for im in index.images]
 
 
 def test_ray_equals_single_process_path(dataset, tmp_path):
