@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any
 
 import msgspec
@@ -118,7 +118,7 @@ class CocoIndex:
         state = dict(self.__dict__)
         images = state.pop("images")
         state["image_columns"] = tuple(
-            [getattr(im, k) for im in images] for k in ("id", "file_name", "height", "width")
+            [getattr(im, f.name) for im in images] for f in fields(Image)
         )
         return state
 
