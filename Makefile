@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-cluster cluster-try lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Every case on the namespace cluster of tests/cluster (root and Linux namespaces; ~15 min).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m '' tests/cluster
+
+# A head, three workers and a client as separate hosts on this machine; runs the demo job.
+cluster-try: $(STAMP)
+	$(BIN)/python tests/cluster/nscluster.py try
 
 lint: $(STAMP)
 	$(BIN)/ruff check rayseg jobs tests bench

@@ -211,6 +211,11 @@ class TrainConfig(RayConfig):
     cpus_per_worker: float | None = opt(
         None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)", above=0
     )
+    gpus_per_worker: float = opt(
+        1.0, "with --use-gpu: GPUs per worker (0.5: two workers share one GPU, over gloo)",
+        above=0,
+        max=1,
+    )
     seed: int = opt(SPLIT_SEED, "random seed (model init; the validation split)")
 
 

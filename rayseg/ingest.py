@@ -277,7 +277,9 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
 # ---- Ray Data -----------------------------------------------------------------------------
 
 
-def read_rows(summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False):
+def read_rows(
+    summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False, num_cpus: float = 1.0
+):
     """ray.data.Dataset of the rows whose image_id is in `ids` (columns image_id, image, mask).
 
     shuffle: Parquet parts in a new random order each epoch; unlike a block shuffle it keeps
@@ -287,21 +289,35 @@ def read_rows(summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False):
     from ray.data.expressions import col
 
     ds = ray.data.read_parquet(
-        list(summary.paths), filesystem=summary.location.fs, shuffle="files" if shuffle else None
+        list(summary.paths),
+        filesystem=summary.location.fs,
+        shuffle="files" if shuffle else None,
+        num_cpus=num_cpus,
     )
     ds = ds.select_columns(["image_id", "image", "mask"])
     return ds.filter(expr=col("image_id").is_in([int(i) for i in ids]))
 
 
 def train_dataset(
-    summary: DataSummary, ids: np.ndarray, *, lut: np.ndarray, crop_size: int, batch_size: int
+    summary: DataSummary,
+    ids: np.ndarray,
+    *,
+    lut: np.ndarray,
+    crop_size: int,
+    batch_size: int,
+    num_cpus: float = 1.0,
 ):
-    """Shuffled-order, augmented training rows (decode + augment in map_batches tasks)."""
-    return read_rows(summary, ids, shuffle=True).map_batches(
+    """Shuffled-order, augmented training rows (decode + augment in map_batches tasks).
+
+    num_cpus: what each task asks of Ray (train.data_task_cpus: less than 1 where training
+    workers hold fractions of CPUs, so the tasks fit beside them).
+    """
+    return read_rows(summary, ids, shuffle=True, num_cpus=num_cpus).map_batches(
         train_batch,
         fn_kwargs={"lut": lut, "crop_size": crop_size},
         batch_size=batch_size,
         batch_format="numpy",
+        num_cpus=num_cpus,
     )
 
 
@@ -312,11 +328,13 @@ def val_dataset(
     lut: np.ndarray,
     canvas: tuple[int, int],
     batch_size: int,
+    num_cpus: float = 1.0,
 ):
     """Validation rows at full resolution, padded to `canvas`."""
-    return read_rows(summary, ids).map_batches(
+    return read_rows(summary, ids, num_cpus=num_cpus).map_batches(
         val_batch,
         fn_kwargs={"lut": lut, "height": canvas[0], "width": canvas[1]},
         batch_size=batch_size,
         batch_format="numpy",
+        num_cpus=num_cpus,
     )

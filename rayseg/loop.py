@@ -124,7 +124,9 @@ def build_training(
         weights=cfg.weights,
         weights_backbone=cfg.weights_backbone,
     )
-    if world_size > 1 and cfg.sync_bn and device.type == "cuda":
+    # SyncBatchNorm needs NCCL: workers sharing a GPU talk over gloo (train.collective_backend).
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+    if world_size > 1 and cfg.sync_bn and device.type == "cuda" and nccl:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if channels_last:

@@ -97,13 +97,15 @@ def plan_stages(cfg: PipelineConfig) -> Stages:
     root = out.uri.rstrip("/")
     if cfg.masks is None or cfg.train is None:
         raise RaysegError("pipeline: the config needs at least 'masks' and 'train' sections")
-    if (cfg.synth or cfg.subset) and not out.is_local:
-        raise RaysegError(
-            "pipeline: synth and subset write local files; use a local 'out' or set 'masks.out'"
-            " and 'train.out' to s3:// and run those stages only"
-        )
     ray = ray_settings(cfg)
     synth, subset, masks = _plan_data(cfg, root)
+    for name, section in (("synth", synth), ("subset", subset)):
+        if section and not storage.locate(section.out).is_local:
+            raise RaysegError(
+                f"pipeline: {name} writes local files, but its output would be {section.out}; "
+                f"set '{name}.out' to a local path (on a cluster: the head's disk, where the "
+                "driver reads it)"
+            )
     train = _fill(cfg.train, data=masks.out, out=f"{root}/train")
     val_masks = None
     if cfg.evaluate is None or cfg.evaluate.data is None:

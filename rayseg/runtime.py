@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -53,14 +55,14 @@ def connect_ray(
     common = {"logging_level": logging.WARNING if loud else logging.ERROR, "log_to_driver": True}
     if address or os.environ.get("RAY_ADDRESS"):
         with signals_deferred():
-            ray.init(address=address or None, **common)
+            ray.init(address=address or None, runtime_env=job_env(), **common)
             _SIGNALS.connected = True
         quiet_driver(loud)
         return
     # Embedded Ray of our own ("local": never silently join another cluster on this machine).
     # No metrics exporter (nothing reads it) and no dashboard unless asked: start-up stays at
     # seconds. `--address auto` joins a running cluster instead.
-    with signals_deferred():
+    with signals_deferred(), private_tmpdir():
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -86,6 +88,34 @@ def stop_ray() -> None:
     _SIGNALS.stopping = True
     end_autoscaler_monitor()
     ray.shutdown()
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+
+
+_SCRATCH: list[str] = []  # the temp folders of the Ray this process started (private_tmpdir)
+
+
+@contextmanager
+def private_tmpdir() -> Iterator[None]:
+    """Ray's processes started inside get a temp folder of their own, removed by stop_ray.
+
+    The dashboard's forkserver and Ray's workers make temp folders (`pymp-*`, scratch files)
+    that a killed process never removes: one per run in /tmp. RAY_TMPDIR is pinned to where Ray
+    would put its session folder anyway, so its logs stay where they were.
+    """
+    system = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    scratch = tempfile.mkdtemp(prefix="rayseg-tmp-", dir=system)
+    _SCRATCH.append(scratch)
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "TMPDIR")}
+    os.environ.update(RAY_TMPDIR=system, TMPDIR=scratch)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def end_autoscaler_monitor() -> None:
@@ -350,6 +380,33 @@ class WorkerBars:
         if self.progress is not None:
             self.progress.close()
         self.label = self.progress = None
+
+
+def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The runtime_env of a job on a joined cluster: the driver's AWS_*, and the socket hook.
+
+    On a cluster, tasks run on other hosts under their raylet's environment, not the driver's:
+    Ray Data's read tasks, storage probes, Ray Train's workers and their data all reach S3 with
+    the driver's endpoint and credentials only through the job's runtime_env. Every worker
+    process also runs rayseg.netif.pin_socket_interface, so gloo and NCCL talk on the interface
+    of the node's Ray address (Ray takes a setup hook only job-wide). What the submitted job
+    already sets (`ray job submit --runtime-env-json`) is left to it: Ray refuses to merge a key
+    given twice. An embedded Ray's workers inherit the driver's environment and share one host.
+    """
+    from rayseg.netif import SETUP_HOOK
+
+    environ = os.environ if environ is None else environ
+    submitted = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    given = submitted.get("runtime_env") or {}
+    env = {
+        k: v
+        for k, v in environ.items()
+        if k.startswith("AWS_") and k not in (given.get("env_vars") or {})
+    }
+    runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
+    if "worker_process_setup_hook" not in given:
+        runtime_env["worker_process_setup_hook"] = SETUP_HOOK
+    return runtime_env
 
 
 def forwarded_env(*uris: str | None) -> dict[str, Any]:

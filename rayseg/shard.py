@@ -29,7 +29,7 @@ from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
 from rayseg.records import Problem
 from rayseg.render import Shape, ValueScheme, Window, render_mask
-from rayseg.runtime import Progress, connect_ray, forwarded_env
+from rayseg.runtime import Progress, connect_ray
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,7 @@ def _render_shard(job: ShardJob) -> dict[str, Any]:
         "masks": files,
         "part_bytes": part_bytes,
         "node": socket.gethostname(),
+        "node_ip": _node_ip(),  # hostnames repeat (containers, images); Ray's address does not
         "node_id": _node_id(),
         "pid": os.getpid(),
         "seconds": round(time.monotonic() - start, 3),
@@ -318,6 +319,17 @@ def _node_id() -> str | None:
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - the node id is informational only
+        pass
+    return None
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - the address is informational only
         pass
     return None
 
@@ -444,10 +456,8 @@ def run_jobs(
     import ray
 
     connect_ray(cfg.address, cfg.num_cpus)
-    options: dict[str, Any] = {"name": "render_shard", "num_cpus": 1, "max_retries": 3}
-    if env := forwarded_env(cfg.out):
-        options["runtime_env"] = env
-    task = ray.remote(render_shard).options(**options)
+    # The driver's AWS_* reach the tasks through the job's runtime_env (runtime.job_env).
+    task = ray.remote(render_shard).options(name="render_shard", num_cpus=1, max_retries=3)
     waiting = iter(todo)
     pending: dict[Any, int] = {}
     records, errors = [], []

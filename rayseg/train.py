@@ -18,6 +18,7 @@ import logging
 import math
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayseg import checkpoint, ingest, loop, runtime, storage
+from rayseg import checkpoint, ingest, loop, netif, runtime, storage, waits
 from rayseg.config import TrainConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.models import (
@@ -47,6 +48,7 @@ class Plan:
     run_uri: str
     steps_per_epoch: int
     threads: int
+    data_cpus: float  # what each data-loading task asks of Ray (data_task_cpus)
     num_train: int
     num_val: int
     resume_uri: str | None = None  # the newest checkpoint that loads (checkpoint.resume_point)
@@ -296,15 +298,57 @@ def worker_resources(cfg: TrainConfig, node_cpus: list[float]) -> tuple[float, i
     """(CPUs reserved per worker, torch threads per worker), given the CPUs of each node.
 
     With GPUs a worker needs one CPU. CPU training gets all CPUs but one, shared out (no more
-    than a node has): Ray Data decodes on the CPUs that Train did not reserve.
+    than a node has): Ray Data decodes on the CPUs that Train did not reserve. On a cluster of
+    several nodes, where Ray Train restarts the workers after a failure (max_failures != 0), the
+    share is planned as if the largest node were gone: restarted on the nodes left, the workers
+    would otherwise hold every CPU, and the data loading they wait for could never be placed.
     """
     if cfg.cpus_per_worker is not None:
         cpus = cfg.cpus_per_worker
     elif cfg.use_gpu:
         cpus = 1.0
     else:
-        cpus = max(0.5, min((sum(node_cpus) - 1) / cfg.num_workers, max(node_cpus)))
+        usable = sum(node_cpus)
+        if len(node_cpus) > 1 and cfg.max_failures != 0:
+            usable -= max(node_cpus)
+        cpus = max(0.5, min((usable - 1) / cfg.num_workers, max(node_cpus)))
     return cpus, max(1, int(cpus))
+
+
+def data_task_cpus(cpus_per_worker: float) -> float:
+    """CPUs each data-loading task asks for: 1, or what a worker's fraction of a CPU leaves.
+
+    Workers of 0.5 CPU, one per 1-CPU node, leave half a CPU on each: a task asking for a whole
+    one would wait forever beside them, however many such halves the cluster has.
+    """
+    fraction = cpus_per_worker % 1
+    return 1.0 if fraction < 1e-6 else round(1 - fraction, 3)
+
+
+def collective_backend(cfg: TrainConfig) -> str:
+    """The process group's backend: NCCL for a GPU per worker; gloo on CPUs, and where workers
+    share a GPU (NCCL refuses two ranks on one device)."""
+    return "nccl" if cfg.use_gpu and cfg.gpus_per_worker >= 1 else "gloo"
+
+
+def worker_bundle(cfg: TrainConfig, cpus_per_worker: float) -> dict[str, float]:
+    """What each Ray Train worker reserves."""
+    gpus = {"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}
+    return {"CPU": cpus_per_worker, **gpus}
+
+
+def check_gpu_count(cfg: TrainConfig, have: float) -> None:
+    if not cfg.use_gpu:
+        return
+    if have <= 0:
+        raise RaysegError("--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)")
+    need = cfg.gpus_per_worker * cfg.num_workers
+    if need > have + 1e-9:
+        raise RaysegError(
+            f"--use-gpu with {cfg.num_workers} workers x {cfg.gpus_per_worker:g} GPUs needs "
+            f"{need:g} GPUs; the cluster has {have:g} (lower --num-workers, or share GPUs "
+            "with --gpus-per-worker 0.5)"
+        )
 
 
 def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
@@ -312,7 +356,7 @@ def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
     import ray
 
     have = ray.cluster_resources()
-    runtime.check_gpus(cfg.use_gpu, workers=cfg.num_workers)
+    check_gpu_count(cfg, have.get("GPU", 0))
     need = cpus_per_worker * cfg.num_workers
     if need > have.get("CPU", 0):
         raise RaysegError(
@@ -331,30 +375,36 @@ def datasets_for(plan: Plan, split: Split) -> dict[str, Any]:
             lut=lut,
             crop_size=cfg.crop_size,
             batch_size=cfg.batch_size,
+            num_cpus=plan.data_cpus,
         )
     }
     canvas = ingest.val_canvas(split.val, split.val_ids)
     for rank, ids in enumerate(ingest.shard_ids(split.val_ids, cfg.num_workers)):
         datasets[f"val_{rank}"] = ingest.val_dataset(
-            split.val, ids, lut=lut, canvas=canvas, batch_size=cfg.batch_size
-        )
+            split.val, ids, lut=lut, canvas=canvas, batch_size=cfg.batch_size,
+            num_cpus=plan.data_cpus,
+        )  # fmt: skip
     return datasets
 
 
 def build_trainer(plan: Plan, split: Split, run: storage.Location, cpus_per_worker: float):
     """Ray Train: a TorchTrainer running train_loop_per_worker on cfg.num_workers workers."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = plan.cfg
     storage_path, name = storage_for(run)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
+        torch_config=TorchConfig(backend=collective_backend(cfg)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker},
+            resources_per_worker=worker_bundle(cfg, cpus_per_worker),
+            # CPU ranks on distinct hosts where there are several (each gets a host's cores);
+            # GPU ranks packed (Ray's default): fast links within a node.
+            placement_strategy="PACK" if cfg.use_gpu else "SPREAD",
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -366,7 +416,6 @@ def build_trainer(plan: Plan, split: Split, run: storage.Location, cpus_per_work
                 checkpoint_score_attribute="val_miou",
                 checkpoint_score_order="max",
             ),
-            worker_runtime_env=runtime.forwarded_env(cfg.data, cfg.val_data, cfg.out),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets_for(plan, split),
@@ -392,6 +441,8 @@ def fit(trainer) -> None:
                 cause = cause.__cause__ or getattr(cause, "cause", None)
             if isinstance(cause, RaysegError):
                 raise RaysegError(str(cause)) from None
+        if line := netif.collective_failure("".join(traceback.format_exception(e))):
+            raise RaysegError(line) from None
         raise
 
 
@@ -412,6 +463,7 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
         run_uri=checked.run.uri,
         steps_per_epoch=checked.steps_per_epoch,
         threads=threads,
+        data_cpus=data_task_cpus(cpus_per_worker),
         num_train=len(split.train_ids),
         num_val=len(split.val_ids),
         resume_uri=checked.resume.uri,
@@ -421,7 +473,9 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
         f"{plan.class_map.num_classes} classes, {cfg.num_workers} workers x {cfg.batch_size} "
         f"images/step, {plan.steps_per_epoch} steps/epoch"
     )
-    fit(build_trainer(plan, split, checked.run, cpus_per_worker))
+    held = {"training workers": cpus_per_worker * cfg.num_workers}
+    with waits.ResourceWatch(held=held):  # a line whenever work waits on a CPU that is held
+        fit(build_trainer(plan, split, checked.run, cpus_per_worker))
 
 
 # ---- driver: the command ---------------------------------------------------------------------

@@ -66,6 +66,24 @@ def test_plan_refuses_missing_sections_and_images(tmp_path):
         pipeline.plan_stages(cfg)
 
 
+def test_subset_stays_local_while_shared_outputs_go_to_s3(tmp_path):
+    # A cluster run: the subset file is the driver's (head's) own; everything else is shared.
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "out: s3://b/run\n"
+        "subset: {annotations: /head/a.json, out: /head/subset.json, num_images: 5}\n"
+        "masks: {images_dir: s3://b/images}\n"
+        "train: {epochs: 1}\n"
+    )
+    st = pipeline.plan_stages(load_config(PipelineConfig, str(path)))
+    assert st.masks.annotations == "/head/subset.json"
+    for shared in (st.masks.out, st.train.out, st.val_masks, st.evaluate.out, st.predict.out):
+        assert shared.startswith("s3://b/run/"), shared
+    path.write_text(path.read_text().replace("out: /head/subset.json, ", ""))
+    with pytest.raises(RaysegError, match="set 'subset.out' to a local path"):
+        pipeline.plan_stages(load_config(PipelineConfig, str(path)))
+
+
 def test_demo_reads_its_settings_file(tmp_path):
     demo_file = tmp_path / "demo.yaml"
     out = tmp_path / "from-file"

@@ -54,9 +54,38 @@ def test_worker_resources_leave_a_cpu_for_data():
     cfg = TrainConfig(data="d", out="o", num_workers=2)
     assert train.worker_resources(cfg, [2.0]) == (0.5, 1)
     assert train.worker_resources(TrainConfig(data="d", out="o"), [2.0]) == (1.0, 1)
-    assert train.worker_resources(TrainConfig(data="d", out="o"), [8.0, 8.0]) == (8.0, 8)
+    # Several nodes: planned as if the largest were lost, so a restart leaves CPUs for data.
+    assert train.worker_resources(TrainConfig(data="d", out="o"), [8.0, 8.0]) == (7.0, 7)
+    assert train.worker_resources(cfg, [1.0, 1.0, 1.0]) == (0.5, 1)
+    no_restarts = TrainConfig(data="d", out="o", max_failures=0)
+    assert train.worker_resources(no_restarts, [8.0, 8.0]) == (8.0, 8)
     assert train.worker_resources(TrainConfig(data="d", out="o", use_gpu=True), [16.0]) == (1, 1)
     assert train.worker_resources(TrainConfig(data="d", out="o", cpus_per_worker=3), [16]) == (3, 3)
+
+
+def test_workers_sharing_a_gpu_talk_over_gloo():
+    base = {"data": "d", "out": "o", "use_gpu": True, "num_workers": 2}
+    gpu = load_config(TrainConfig, overrides=base)
+    shared = load_config(TrainConfig, overrides={**base, "gpus_per_worker": 0.5})
+    assert train.collective_backend(gpu) == "nccl"
+    assert train.collective_backend(shared) == "gloo"  # NCCL refuses two ranks on one device
+    assert train.collective_backend(TrainConfig(data="d", out="o")) == "gloo"
+    assert train.worker_bundle(shared, 1.0) == {"CPU": 1.0, "GPU": 0.5}
+    assert train.worker_bundle(TrainConfig(data="d", out="o"), 0.5) == {"CPU": 0.5}
+    train.check_gpu_count(shared, 1.0)  # 2 workers x 0.5 share the one GPU
+    with pytest.raises(RaysegError, match="needs 2 GPUs; the cluster has 1 "):
+        train.check_gpu_count(gpu, 1.0)
+    with pytest.raises(RaysegError, match="has no GPUs"):
+        train.check_gpu_count(shared, 0)
+    with pytest.raises(RaysegError, match="gpus_per_worker"):
+        load_config(TrainConfig, overrides={**base, "gpus_per_worker": 2})
+
+
+def test_data_tasks_fit_beside_fractional_workers():
+    assert train.data_task_cpus(1.0) == 1.0
+    assert train.data_task_cpus(7.0) == 1.0
+    assert train.data_task_cpus(0.5) == 0.5
+    assert train.data_task_cpus(1.75) == 0.25
 
 
 def test_unknown_config_key_names_the_nearest():

@@ -1,0 +1,166 @@
+"""Say what a run waits for: work Ray cannot place, for longer than a short while, in one line.
+
+A Ray cluster that lost a node, or whose CPUs are all held, leaves tasks pending without a word
+(`ray status` shows "Pending Demands"). ResourceWatch is a driver thread, around a long call
+(training, a masks run): every `interval` seconds it asks Ray's state API for tasks and actors
+waiting for a node, and once the same need has waited `after` seconds it prints, then every
+`every` seconds while it lasts:
+
+    waiting 60 s for 1 CPU for data loading; the cluster has 2 CPUs, 2 held by training workers
+
+`describe_wait` is the pure part (what to say); `pending_needs` the Ray part (what is pending).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Ray's states for work that waits for a place to run (the state API's names).
+PENDING_TASK = "PENDING_NODE_ASSIGNMENT"
+PENDING_ACTOR = "PENDING_CREATION"
+
+
+@dataclass(frozen=True)
+class Need:
+    """One kind of pending work: what it is for and the resources each one asks for."""
+
+    what: str
+    resources: tuple[tuple[str, float], ...]
+
+
+def purpose(name: str) -> str:
+    """A user's word for a Ray task or actor name."""
+    if name.startswith(("Read", "MapBatches", "Map(", "Filter", "Project")) or "->" in name:
+        return "data loading"
+    if "RayTrainWorker" in name:
+        return "a training worker"
+    if name == "render_shard":
+        return "mask rendering"
+    return name or "a task"
+
+
+def amount(resources: Mapping[str, float]) -> str:
+    """'1 CPU', '0.5 CPU and 1 GPU' (Ray's internal memory and bundle keys left out)."""
+    parts = []
+    for key, value in sorted(resources.items()):
+        if key in ("memory", "object_store_memory") or "_group_" in key or key.startswith("node:"):
+            continue
+        parts.append(f"{value:g} {key}")
+    return " and ".join(parts) or "resources"
+
+
+def describe_wait(
+    need: Need,
+    seconds: float,
+    *,
+    total: Mapping[str, float],
+    available: Mapping[str, float],
+    held: Mapping[str, float],
+) -> str:
+    """One line; `held` names what holds CPUs ({"training workers": 2.0}), if rayseg knows."""
+    cpus = total.get("CPU", 0)
+    used = cpus - available.get("CPU", 0)
+    holders = ", ".join(f"{v:g} held by {k}" for k, v in held.items() if v) or f"{used:g} in use"
+    return (
+        f"waiting {seconds:.0f} s for {amount(dict(need.resources))} for {need.what}; "
+        f"the cluster has {cpus:g} CPUs, {holders}"
+    )
+
+
+def pending_needs() -> list[Need]:
+    """Tasks and actors of this job that wait for a node (Ray's state API, via the dashboard)."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    job = ray.get_runtime_context().get_job_id()
+    needs = []
+    tasks = list_tasks(
+        filters=[("state", "=", PENDING_TASK), ("job_id", "=", job)],
+        detail=True,
+        timeout=10,
+        raise_on_missing_output=False,
+    )
+    for t in tasks:
+        needs.append(Need(purpose(t.name), tuple(sorted((t.required_resources or {}).items()))))
+    actors = list_actors(
+        filters=[("state", "=", PENDING_ACTOR), ("job_id", "=", job)],
+        detail=True,
+        timeout=10,
+        raise_on_missing_output=False,
+    )
+    for a in actors:
+        name = a.class_name or ""
+        needs.append(Need(purpose(name), tuple(sorted((a.required_resources or {}).items()))))
+    return needs
+
+
+def cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
+    import ray
+
+    return ray.cluster_resources(), ray.available_resources()
+
+
+@dataclass
+class ResourceWatch:
+    """A driver thread saying what pending work waits for (see the module docstring)."""
+
+    held: Mapping[str, float] = field(default_factory=dict)
+    after: float = 30.0
+    every: float = 60.0
+    interval: float = 5.0
+    say: Callable[[str], None] = print
+    needs: Callable[[], list[Need]] = pending_needs
+    resources: Callable[[], tuple[dict[str, float], dict[str, float]]] = cluster_resources
+    clock: Callable[[], float] = time.monotonic
+    _since: dict[Need, float] = field(default_factory=dict)
+    _said: dict[Need, float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def check(self) -> list[str]:
+        """One look: the lines due now (and the waits remembered for the next look)."""
+        now = self.clock()
+        pending = set(self.needs())
+        self._since = {n: self._since.get(n, now) for n in pending}
+        self._said = {n: t for n, t in self._said.items() if n in pending}
+        due = [
+            n
+            for n, since in self._since.items()
+            if now - since >= self.after and now - self._said.get(n, -float("inf")) >= self.every
+        ]
+        if not due:
+            return []
+        total, available = self.resources()
+        lines = []
+        for need in due:
+            self._said[need] = now
+            lines.append(
+                describe_wait(
+                    need, now - self._since[need], total=total, available=available, held=self.held
+                )
+            )
+        return lines
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                lines = self.check()
+            except Exception as e:  # the state API is the dashboard's; without it, say so once
+                self.say(f"(cannot see what Ray is waiting for: {type(e).__name__}: {e})")
+                return
+            for line in lines:
+                self.say(line)
+
+    def __enter__(self) -> ResourceWatch:
+        self._thread = threading.Thread(target=self._run, name="rayseg-waits", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
