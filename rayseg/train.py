@@ -338,10 +338,9 @@ def worker_bundle(cfg: TrainConfig, cpus_per_worker: float) -> dict[str, float]:
 
 
 def check_gpu_count(cfg: TrainConfig, have: float) -> None:
+    """RaysegError unless `have` GPUs hold the workers (a GPU each, or --gpus-per-worker)."""
     if not cfg.use_gpu:
         return
-    if have <= 0:
-        raise RaysegError("--use-gpu: the Ray cluster has no GPUs (drop --use-gpu to run on CPUs)")
     need = cfg.gpus_per_worker * cfg.num_workers
     if need > have + 1e-9:
         raise RaysegError(
@@ -356,12 +355,19 @@ def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
     import ray
 
     have = ray.cluster_resources()
+    runtime.check_gpus(cfg.use_gpu)
     check_gpu_count(cfg, have.get("GPU", 0))
     need = cpus_per_worker * cfg.num_workers
     if need > have.get("CPU", 0):
         raise RaysegError(
             f"{cfg.num_workers} workers x {cpus_per_worker:g} CPUs need {need:g} CPUs; "
             f"the cluster has {have.get('CPU', 0):g} (lower --num-workers or --cpus-per-worker)"
+        )
+    if have.get("CPU", 0) - need < data_task_cpus(cpus_per_worker) - 1e-9:
+        raise RaysegError(
+            f"{cfg.num_workers} workers x {cpus_per_worker:g} CPUs hold all {have['CPU']:g} "
+            "CPUs of the cluster: none is left for loading their data (lower --num-workers "
+            "or --cpus-per-worker)"
         )
 
 
@@ -473,8 +479,13 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
         f"{plan.class_map.num_classes} classes, {cfg.num_workers} workers x {cfg.batch_size} "
         f"images/step, {plan.steps_per_epoch} steps/epoch"
     )
-    held = {"training workers": cpus_per_worker * cfg.num_workers}
-    with waits.ResourceWatch(held=held):  # a line whenever work waits on a CPU that is held
+    held = cpus_per_worker * cfg.num_workers
+
+    def needs() -> list[waits.Need]:
+        return waits.starved_data(held, plan.data_cpus) + waits.pending_needs()
+
+    # A line whenever work waits for a CPU that is held (or gone with a lost node).
+    with waits.ResourceWatch(held={"training workers": held}, needs=needs):
         fit(build_trainer(plan, split, checked.run, cpus_per_worker))
 
 

@@ -32,25 +32,41 @@ class Need:
     resources: tuple[tuple[str, float], ...]
 
 
-def purpose(name: str) -> str:
-    """A user's word for a Ray task or actor name."""
-    if name.startswith(("Read", "MapBatches", "Map(", "Filter", "Project")) or "->" in name:
+DATA_WORK = ("Read", "MapBatches", "MapWorker", "Map(", "Filter", "Project", "ListFiles", "Footer")
+
+
+def purpose(name: str) -> str | None:
+    """A user's word for a Ray task or actor name (None: Ray's own, not the user's work)."""
+    if name.startswith(DATA_WORK) or "->" in name:
         return "data loading"
     if "RayTrainWorker" in name:
         return "a training worker"
     if name == "render_shard":
         return "mask rendering"
-    return name or "a task"
+    return None
+
+
+def counted(resources: Mapping[str, float]) -> dict[str, float]:
+    """The resources a user sizes a cluster by (Ray's memory, bundle and node keys left out)."""
+    return {
+        k: v
+        for k, v in sorted(resources.items())
+        if v
+        and k not in ("memory", "object_store_memory")
+        and "_group_" not in k
+        and not k.startswith("node:")
+    }
 
 
 def amount(resources: Mapping[str, float]) -> str:
-    """'1 CPU', '0.5 CPU and 1 GPU' (Ray's internal memory and bundle keys left out)."""
-    parts = []
-    for key, value in sorted(resources.items()):
-        if key in ("memory", "object_store_memory") or "_group_" in key or key.startswith("node:"):
-            continue
-        parts.append(f"{value:g} {key}")
-    return " and ".join(parts) or "resources"
+    """'1 CPU', '0.5 CPU and 1 GPU'."""
+    return " and ".join(f"{v:g} {k}" for k, v in counted(resources).items()) or "resources"
+
+
+def short(need: Need, available: Mapping[str, float]) -> bool:
+    """The cluster has less free than one of `need` asks for (work that asks for nothing, or
+    for what is free, waits on something else: a worker process starting on a busy machine)."""
+    return any(available.get(k, 0) < v for k, v in counted(dict(need.resources)).items())
 
 
 def describe_wait(
@@ -85,7 +101,8 @@ def pending_needs() -> list[Need]:
         raise_on_missing_output=False,
     )
     for t in tasks:
-        needs.append(Need(purpose(t.name), tuple(sorted((t.required_resources or {}).items()))))
+        if what := purpose(t.name):
+            needs.append(Need(what, tuple(sorted((t.required_resources or {}).items()))))
     actors = list_actors(
         filters=[("state", "=", PENDING_ACTOR), ("job_id", "=", job)],
         detail=True,
@@ -93,9 +110,19 @@ def pending_needs() -> list[Need]:
         raise_on_missing_output=False,
     )
     for a in actors:
-        name = a.class_name or ""
-        needs.append(Need(purpose(name), tuple(sorted((a.required_resources or {}).items()))))
+        if what := purpose(a.class_name or ""):
+            needs.append(Need(what, tuple(sorted((a.required_resources or {}).items()))))
     return needs
+
+
+def starved_data(held_cpus: float, data_cpus: float) -> list[Need]:
+    """Data loading, when the workers hold so much of the cluster's CPUs that none of its tasks
+    fits (as after a lost node). Ray Data then submits nothing, so no task shows as pending."""
+    import ray
+
+    if ray.cluster_resources().get("CPU", 0) - held_cpus < data_cpus - 1e-9:
+        return [Need("data loading", (("CPU", data_cpus),))]
+    return []
 
 
 def cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
@@ -135,6 +162,8 @@ class ResourceWatch:
         if not due:
             return []
         total, available = self.resources()
+        # Past 4x `after`, a wait is said whatever it waits on (a CPU free on no single node).
+        due = [n for n in due if short(n, available) or now - self._since[n] >= 4 * self.after]
         lines = []
         for need in due:
             self._said[need] = now

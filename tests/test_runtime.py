@@ -163,9 +163,8 @@ def test_job_env_forwards_aws_and_the_socket_hook_but_not_what_the_job_sets():
 def test_an_embedded_ray_leaves_no_temp_folder(tmp_path):
     # The dashboard's forkserver makes a pymp-* folder that outlives a killed dashboard: Ray's
     # processes get a temp folder of their own, removed when rayseg stops its Ray.
-    import subprocess
-
     import shutil
+    import subprocess
     import tempfile
     from pathlib import Path
 

@@ -75,7 +75,7 @@ def test_workers_sharing_a_gpu_talk_over_gloo():
     train.check_gpu_count(shared, 1.0)  # 2 workers x 0.5 share the one GPU
     with pytest.raises(RaysegError, match="needs 2 GPUs; the cluster has 1 "):
         train.check_gpu_count(gpu, 1.0)
-    with pytest.raises(RaysegError, match="has no GPUs"):
+    with pytest.raises(RaysegError, match="needs 1 GPUs; the cluster has 0 "):
         train.check_gpu_count(shared, 0)
     with pytest.raises(RaysegError, match="gpus_per_worker"):
         load_config(TrainConfig, overrides={**base, "gpus_per_worker": 2})

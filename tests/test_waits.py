@@ -13,6 +13,8 @@ def test_purpose_names_rays_work_in_user_words():
     assert waits.purpose("MapBatches(val_batch)") == "data loading"
     assert waits.purpose("RayTrainWorker") == "a training worker"
     assert waits.purpose("render_shard") == "mask rendering"
+    assert waits.purpose("FooterReader") == waits.purpose("ListFiles") == "data loading"
+    assert waits.purpose("PlacementGroupCleaner") is None  # Ray's own: not said
 
 
 def test_describe_wait_says_what_holds_the_cpus():
@@ -68,6 +70,27 @@ def test_watch_speaks_after_the_wait_then_every_so_often():
     pending[0] = [DATA]
     now[0] = 110
     assert watch.check() == []  # a new wait starts from zero
+
+
+def test_watch_keeps_quiet_about_work_that_waits_on_nothing_held():
+    # Ray Data's 0-CPU actors starting on a busy machine, or a CPU that is free: no resource
+    # wait; said only once it lasts 4x `after`.
+    now = [0.0]
+    starting = Need("data loading", (("memory", 1.0),))
+    free = Need("data loading", (("CPU", 1.0),))
+    watch = ResourceWatch(
+        after=30,
+        needs=lambda: [starting, free],
+        resources=lambda: ({"CPU": 2.0}, {"CPU": 1.0}),
+        clock=lambda: now[0],
+    )
+    for t in (0, 30, 60, 119):
+        now[0] = t
+        assert watch.check() == []
+    now[0] = 120
+    lines = watch.check()
+    assert len(lines) == 2 and all(x.startswith("waiting 120 s for") for x in lines)
+    assert any(x.endswith("2 CPUs, 1 in use") for x in lines)
 
 
 def test_watch_thread_reports_and_stops():

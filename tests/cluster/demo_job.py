@@ -130,13 +130,19 @@ def bucket(c: NsCluster, prefix: str = "") -> dict[str, int]:
 
 
 def read_json(c: NsCluster, key: str):
+    return read_jsons(c, [key])[0]
+
+
+def read_jsons(c: NsCluster, keys: list[str]) -> list:
+    """The JSON objects at s3://BUCKET/key for each key, read in one process on the client."""
     return c.python(
         "client",
         "import boto3, json, sys\n"
-        "body = boto3.client('s3').get_object(Bucket=sys.argv[1], Key=sys.argv[2])['Body']\n"
-        "print(json.dumps(json.loads(body.read())))",
+        "s3 = boto3.client('s3')\n"
+        "print(json.dumps([json.loads(s3.get_object(Bucket=sys.argv[1], Key=k)['Body'].read())"
+        " for k in sys.argv[2:]]))",
         c.bucket,
-        key,
+        *keys,
         env=c.s3_env(),
     )
 
@@ -179,16 +185,32 @@ def api(c: NsCluster, path: str, *, token: bool = True) -> tuple[int, object]:
     )
 
 
-def train_ranks(c: NsCluster) -> list[list[tuple[int, str]]]:
-    """Ray Train's own record of each run attempt: [(world rank, node address), ...] per attempt.
-
-    Read from Ray Train's state (the dashboard's /api/train/v2/runs/v1), newest run first.
-    """
+def train_ranks(c: NsCluster, run: str) -> list[list[tuple[int, str]]]:
+    """Ray Train's own record of the run named `run` (the run folder's name): for each attempt,
+    [(world rank, node address), ...] (the dashboard's /api/train/v2/runs/v1)."""
     status, body = api(c, "/api/train/v2/runs/v1")
     if status != 200:
         raise RuntimeError(f"Ray Train state: HTTP {status}: {str(body)[:500]}")
     attempts = []
-    for run in body["train_runs"]:
-        for attempt in run.get("attempts", []):
+    for found in body["train_runs"]:
+        if found["name"] != run:
+            continue
+        for attempt in sorted(found.get("attempts", []), key=lambda a: a["start_time_ns"]):
             attempts.append(sorted((w["world_rank"], w["node_ip"]) for w in attempt["workers"]))
     return attempts
+
+
+def parquet_ids(c: NsCluster, prefix: str) -> list[int]:
+    """The image_id column of every Parquet part under s3://BUCKET/prefix, read with pyarrow."""
+    return c.python(
+        "client",
+        "import json, sys\n"
+        "import pyarrow.dataset as ds\n"
+        "from pyarrow import fs\n"
+        "s3 = fs.S3FileSystem(endpoint_override=sys.argv[1], region='us-east-1')\n"
+        "table = ds.dataset(sys.argv[2], filesystem=s3, format='parquet').to_table(['image_id'])\n"
+        "print(json.dumps(table.column('image_id').to_pylist()))",
+        c.s3_endpoint,
+        f"{c.bucket}/{prefix}",
+        env=c.s3_env(),
+    )

@@ -15,9 +15,11 @@ from demo_job import (
     api,
     bucket,
     job,
+    parquet_ids,
     pipeline_config,
     prepare_data,
     read_json,
+    read_jsons,
     submit,
     train_ranks,
     write_config,
@@ -70,16 +72,17 @@ def test_pipeline_job_completes_from_a_separate_client(ns, pipeline_run):
     # Masks: every image once, rendered on at least two worker hosts (Ray's own node addresses).
     masks = [k for k in keys if k.startswith("run/masks/masks/")]
     assert len(masks) == IMAGES
-    records = [read_json(ns, k) for k in keys if k.startswith("run/masks/_shards/shard-")]
+    records = read_jsons(ns, [k for k in keys if k.startswith("run/masks/_shards/shard-")])
     written = Counter(i for r in records for i in r["written"])
     assert sorted(written) == list(range(1, IMAGES + 1)) and set(written.values()) == {1}
     hosts = {r["node_ip"] for r in records}
     assert len(hosts) >= 2 and hosts <= {ns.hosts[w].address for w in WORKERS}, hosts
     manifest = read_json(ns, "run/masks/manifest.json")
     assert manifest["counts"]["masks_written"] == IMAGES
+    assert sorted(parquet_ids(ns, "run/masks/parquet")) == list(range(1, IMAGES + 1))
 
     # Training: 2 ranks on 2 distinct hosts, by Ray Train's own record of the run.
-    (attempt,) = train_ranks(ns)
+    (attempt,) = train_ranks(ns, "train")
     assert [rank for rank, _ in attempt] == [0, 1]
     assert len({address for _, address in attempt}) == 2, attempt
     for name in ("model.pt", "metrics.jsonl", "summary.json", "split.json"):
@@ -118,10 +121,11 @@ def test_host_lost_during_masks(ns, annotations):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     deadline = time.monotonic() + 240
-    while not any("_shards/shard-" in k for k in bucket(ns, "masks-lost/")):
+    while not (done := [k for k in bucket(ns, "masks-lost/") if "_shards/shard-" in k]):
         assert time.monotonic() < deadline, job(ns, "logs", sid)[-4000:]
-        time.sleep(0.5)
+        time.sleep(1)
     ns.kill_host("worker1")
+    assert len(done) < IMAGES, "the run ended before the host was lost"
     try:
         while "SUCCEEDED" not in (status := job(ns, "status", sid)):
             assert "FAILED" not in status and "STOPPED" not in status, job(ns, "logs", sid)
@@ -131,7 +135,7 @@ def test_host_lost_during_masks(ns, annotations):
         ns.revive("worker1")
     keys = bucket(ns, "masks-lost/")
     assert len([k for k in keys if k.startswith("masks-lost/masks/")]) == IMAGES
-    records = [read_json(ns, k) for k in keys if "/_shards/shard-" in k]
+    records = read_jsons(ns, [k for k in keys if "/_shards/shard-" in k])
     assert len(records) == IMAGES  # one record per shard of one image
     written = Counter(i for r in records for i in r["written"])
     assert sorted(written) == list(range(1, IMAGES + 1)) and set(written.values()) == {1}
