@@ -112,6 +112,14 @@ def job(c: NsCluster, verb: str, sid: str, *, timeout: float = 120) -> str:
     return result.stdout + result.stderr
 
 
+def job_status(c: NsCluster, sid: str) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED: the job API's word, from the client."""
+    status, body = api(c, f"/api/jobs/{sid}")
+    if status != 200:
+        raise RuntimeError(f"job {sid}: HTTP {status}: {str(body)[:300]}")
+    return body["status"]
+
+
 def bucket(c: NsCluster, prefix: str = "") -> dict[str, int]:
     """Every object under s3://BUCKET/prefix with its size (no folder markers), from the client."""
     return c.python(

@@ -15,6 +15,7 @@ from demo_job import (
     api,
     bucket,
     job,
+    job_status,
     parquet_ids,
     pipeline_config,
     prepare_data,
@@ -108,7 +109,8 @@ def test_nothing_is_left_on_a_hosts_own_disk(ns, pipeline_run):
     assert [f for f in new_tmp if not f.startswith("/tmp/ray/")] == []
     home = {f for f in private_files(ns, "head") if f.startswith("/root/")}
     home = {f for f in home if not f.startswith("/root/data/")}
-    assert home == {"/root/job.yaml", "/root/run-subset.json"}  # the config, the subset
+    # The job's config, the subset and the settings it was made with.
+    assert home == {"/root/job.yaml", "/root/run-subset.json", "/root/run-subset.json.config.yaml"}
 
 
 def test_host_lost_during_masks(ns, annotations):
@@ -127,8 +129,8 @@ def test_host_lost_during_masks(ns, annotations):
     ns.kill_host("worker1")
     assert len(done) < IMAGES, "the run ended before the host was lost"
     try:
-        while "SUCCEEDED" not in (status := job(ns, "status", sid)):
-            assert "FAILED" not in status and "STOPPED" not in status, job(ns, "logs", sid)
+        while (status := job_status(ns, sid)) != "SUCCEEDED":
+            assert status not in ("FAILED", "STOPPED"), job(ns, "logs", sid)[-4000:]
             assert time.monotonic() < deadline + 240, job(ns, "logs", sid)[-4000:]
             time.sleep(2)
     finally:
