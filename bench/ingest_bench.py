@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,7 +45,7 @@ from rayseg import ingest, storage  # noqa: E402
 from rayseg.models import class_map_from_meta  # noqa: E402
 
 GPU_RATE = 272.0
-PACE = 0.75  # the simulated step consumes this share of (c)'s steady rate
+PACE = 0.5  # the simulated step consumes this share of (c)'s steady rate
 VAL_PAUSE_S = 2.0  # simulated validation between epochs
 
 
@@ -147,21 +147,22 @@ def before_dataset(summary, ids, *, lut, crop_size, batch_size):
 # ---- (a) the work alone, and the wins -------------------------------------------------------
 
 
-def work_alone(rows, fn, lut, crop: int, batch: int, limit: int) -> float:
-    """images/s of fn (a train_batch) over the first `limit` rows, this thread only."""
+def work_alone(rows, fn, lut, crop: int, batch: int, limit: int) -> tuple[float, float]:
+    """(images/s, images per CPU second) of fn (a train_batch) over `limit` rows, one thread."""
     cv2.setNumThreads(1)
     n = min(limit, len(rows["image_id"]))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     for i in range(0, n, batch):
         fn({k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop)
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), n / (time.thread_time() - cpu)
 
 
-def time_per_image(fn, count: int) -> float:
-    start = time.perf_counter()
+def time_per_image(fn, count: int, clock=time.thread_time) -> float:
+    """CPU ms per call of fn(i), this thread (steady under load from elsewhere)."""
+    start = clock()
     for i in range(count):
         fn(i)
-    return 1e3 * (time.perf_counter() - start) / count
+    return 1e3 * (clock() - start) / count
 
 
 def wins(rows, lut, crop: int, count: int = 300) -> dict[str, float]:
@@ -171,6 +172,8 @@ def wins(rows, lut, crop: int, count: int = 300) -> dict[str, float]:
     full = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     half = cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION
     cv2.setNumThreads(1)
+    for i in range(count):  # warm-up: page in the bytes, load the codecs
+        cv2.imdecode(np.frombuffer(imgs[i], np.uint8), full)
     out = {
         "jpeg_decode_full": time_per_image(
             lambda i: cv2.imdecode(np.frombuffer(imgs[i], np.uint8), full), count
@@ -182,23 +185,32 @@ def wins(rows, lut, crop: int, count: int = 300) -> dict[str, float]:
         "lut_numpy": time_per_image(lambda i: lut[pairs[i][1]], count),
         "lut_cv2": time_per_image(lambda i: ingest.to_train_ids(pairs[i][1], lut), count),
     }
-    for name, aug in (("resize_then_crop", before_augment), ("crop_then_resize", ingest.augment)):
-        out[name] = time_per_image(
-            lambda i, aug=aug: aug(
+    images = np.zeros((2, crop, crop, 3), np.uint8)  # a batch's slots
+    masks = np.full((2, crop, crop), ingest.TRAIN_IGNORE, np.uint8)
+
+    def resize_then_crop(i: int) -> None:  # then copied into the batch, as before
+        images[0].fill(0), masks[0].fill(ingest.TRAIN_IGNORE)  # as a fresh batch holds
+        rng = np.random.default_rng(i)
+        images[0], masks[0] = before_augment(*pairs[i], crop_size=crop, rng=rng)
+
+    def crop_then_resize(i: int) -> None:  # written into the batch
+        images[1].fill(0), masks[1].fill(ingest.TRAIN_IGNORE)  # as a fresh batch holds
+        ingest.augment_into(*pairs[i], images[1], masks[1], rng=np.random.default_rng(i))
+
+    out["resize_then_crop_into_batch"] = time_per_image(resize_then_crop, count)
+    out["crop_then_resize_into_batch"] = time_per_image(crop_then_resize, count)
+    batches = {k: v[:count] for k, v in rows.items()}
+    for name, fn in (("before", before_train_batch), ("after", ingest.train_batch)):
+        out[f"train_batch_{name}"] = 1e3 / work_alone(batches, fn, lut, crop, 16, count)[1]
+    for threads in (1, cv2.getNumberOfCPUs()):  # CPU of all threads: what the other tasks lose
+        cv2.setNumThreads(threads)
+        out[f"resize_then_crop_process_cpu_{threads}_cv2_threads"] = time_per_image(
+            lambda i: before_augment(
                 pairs[i][0], pairs[i][1], crop_size=crop, rng=np.random.default_rng(i)
             ),
             count,
+            time.process_time,
         )
-    batches = {k: v[:count] for k, v in rows.items()}
-    for name, fn in (("before", before_train_batch), ("after", ingest.train_batch)):
-        out[f"train_batch_{name}"] = 1e3 / work_alone(batches, fn, lut, crop, 16, count)
-    cv2.setNumThreads(cv2.getNumberOfCPUs())
-    out["resize_then_crop_all_cv2_threads"] = time_per_image(
-        lambda i: before_augment(
-            pairs[i][0], pairs[i][1], crop_size=crop, rng=np.random.default_rng(i)
-        ),
-        count,
-    )
     cv2.setNumThreads(1)
     return {k: round(v, 3) for k, v in out.items()}
 
@@ -221,11 +233,11 @@ class RowDataset:
         return {k: v[0] for k, v in out.items()}
 
 
-def dataloader(rows, lut, crop: int, batch: int, workers: int, epochs: int) -> float:
-    """(b): steady images/s of a torch DataLoader with `workers` processes."""
+def make_loader(rows, lut, crop: int, batch: int, workers: int):
+    """(b): a torch DataLoader with `workers` persistent processes."""
     import torch
 
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         RowDataset(rows, lut, crop),
         batch_size=batch,
         shuffle=True,
@@ -234,47 +246,106 @@ def dataloader(rows, lut, crop: int, batch: int, workers: int, epochs: int) -> f
         persistent_workers=True,
         prefetch_factor=4,
     )
-    rates = [rate(loader) for _ in range(epochs + 1)][1:]
-    del loader
-    return float(np.median(rates))
 
 
-def rate(batches) -> float:
-    n, start = 0, time.perf_counter()
+def cpu_seconds(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds so far of this process and its descendants (Ray's gcs, raylet and workers,
+    DataLoader workers), leaving out `exclude`."""
+    import psutil  # Ray's own copy (ray/thirdparty_files), on sys.path once ray is imported
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        if p.pid in exclude:
+            continue
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
+def epoch(batches, exclude: set[int]) -> tuple[float, float, float]:
+    """One pass: (images/s, images per CPU second of the whole process tree, consumer (this
+    process's) CPU seconds per image). The CPU figure is what a core gives when others load the
+    machine too: wall time then counts their share, CPU time does not."""
+    n, cpu0 = 0, cpu_seconds(exclude)
+    start, mine = time.perf_counter(), time.process_time()
     for b in batches:
         n += len(b["image_id"])
-    return n / (time.perf_counter() - start)
+    wall, mine = time.perf_counter() - start, time.process_time() - mine
+    cpu1 = cpu_seconds(exclude)
+    used = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+    return n / wall, n / max(used, 1e-9), mine / max(n, 1)
 
 
 # ---- (c), (d) Ray Data, consumed as rayseg train consumes it --------------------------------
 
 
-def torch_batches(split, batch: int):
+def torch_batches(split, batch: int, *, shuffle_buffer: bool = True):
     """train.py's iter_torch_batches call (rayseg.train.train_batches), on CPU."""
     return split.iter_torch_batches(
         batch_size=batch,
         drop_last=True,
-        local_shuffle_buffer_size=4 * batch,
+        local_shuffle_buffer_size=4 * batch if shuffle_buffer else None,
         prefetch_batches=2,
         device="cpu",
     )
 
 
-def ray_rate(ds, batch: int, epochs: int) -> float:
-    """Steady images/s: the median of `epochs` passes after a first one."""
+def ray_descendants(pids: set[int]) -> set[int]:
+    """Every process below `pids` now (Ray's workers start and end under the raylet)."""
+    import psutil
+
+    out = set()
+    for pid in pids:
+        try:
+            out |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            continue
+    return out
+
+
+def split_one(ds):
     (split,) = ds.streaming_split(1, equal=True)  # Ray Train's DataConfig does this per worker
-    rates = [rate(torch_batches(split, batch)) for _ in range(epochs + 1)][1:]
-    return float(np.median(rates))
+    return split
+
+
+def interleaved(runs: dict, rounds: int, exclude: dict) -> dict[str, dict[str, float]]:
+    """Each run's epochs taken in turn (a b c a b c ...), so load from elsewhere hits all alike.
+
+    runs: name -> callable returning one epoch's batches; exclude: name -> pids that are not
+    its own (the other pipeline's workers). The first round is a warm-up. Returns name ->
+    medians over the later rounds.
+    """
+    seen: dict[str, list[tuple[float, float, float]]] = {k: [] for k in runs}
+    for r in range(rounds + 1):
+        for name, batches in runs.items():
+            got = epoch(batches(), exclude[name]())
+            print(f"  round {r} {name}: {got[0]:.1f} images/s, {got[1]:.1f} per CPU s", flush=True)
+            if r:
+                seen[name].append(got)
+    return {
+        k: {
+            "images_per_s": float(np.median([x[0] for x in v])),
+            "images_per_cpu_s": float(np.median([x[1] for x in v])),
+            "all_images_per_s": [round(x[0], 1) for x in v],
+            "all_images_per_cpu_s": [round(x[1], 1) for x in v],
+            "consumer_cpu_s_per_image": float(np.median([x[2] for x in v])),
+        }
+        for k, v in seen.items()
+    }
 
 
 def ray_waits(ds, batch: int, epochs: int, step_rate: float) -> list[float]:
     """Share of each epoch's time blocked on data, behind a step of `step_rate` images/s."""
     from rayseg.loop import Prefetched
 
-    (split,) = ds.streaming_split(1, equal=True)
+    split = split_one(ds)
     shares = []
-    batches = Prefetched(torch_batches(split, batch))
-    for epoch in range(epochs):
+    batches = Prefetched(torch_batches(split, batch))  # as train.py: fetching starts here
+    for e in range(epochs):
         waited, start = 0.0, time.perf_counter()
         it = iter(batches)
         while True:
@@ -285,7 +356,7 @@ def ray_waits(ds, batch: int, epochs: int, step_rate: float) -> list[float]:
                 break
             time.sleep(len(b["image_id"]) / step_rate)  # the GPU step
         shares.append(waited / (time.perf_counter() - start))
-        if epoch + 1 < epochs:
+        if e + 1 < epochs:
             batches = Prefetched(torch_batches(split, batch))  # starts during validation
             time.sleep(VAL_PAUSE_S)
     return shares
@@ -299,10 +370,11 @@ def main() -> int:
     p.add_argument("--crop-size", type=int, default=480)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
-    p.add_argument("--epochs", type=int, default=2, help="timed passes after the first")
+    p.add_argument("--rounds", type=int, default=2, help="timed epochs of each, after the first")
     p.add_argument("--gpu-rate", type=float, default=GPU_RATE, help="images/s one GPU trains")
     args = p.parse_args()
-    import ray
+    import ray  # noqa: I001  (first: psutil below is Ray's own copy, ray/thirdparty_files)
+    import psutil
 
     from rayseg.runtime import connect_ray
 
@@ -312,59 +384,107 @@ def main() -> int:
     ids = np.unique(summary.image_ids)
     rows = load_rows(summary)
     crop, bs, cores = args.crop_size, args.batch_size, args.cpus
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    load_start = os.getloadavg()
 
     win = wins(rows, lut, crop)
-    log(f"wins (ms per image): {win}")
-    limit = min(len(ids), 800)
-    alone = work_alone(rows, ingest.train_batch, lut, crop, bs, limit)
-    alone_before = work_alone(rows, before_train_batch, lut, crop, bs, limit)
-    log(f"(a) work alone: {alone:.1f} images/s (before: {alone_before:.1f})")
-    loader = dataloader(rows, lut, crop, bs, cores, args.epochs)
-    log(f"(b) DataLoader, {cores} workers: {loader:.1f} images/s")
+    print(f"wins (ms per image): {win}", flush=True)
+    sub = {k: v[: min(len(ids), 400)] for k, v in rows.items()}
+    alone = {"after": [], "before": []}
+    for _ in range(2 * args.rounds + 1):  # interleaved, like the pipelines below
+        alone["after"].append(work_alone(sub, ingest.train_batch, lut, crop, bs, len(ids)))
+        alone["before"].append(work_alone(sub, before_train_batch, lut, crop, bs, len(ids)))
+    one = {k: [float(np.median([x[j] for x in v])) for j in (0, 1)] for k, v in alone.items()}
+    print(f"(a) work alone (images/s, per CPU s): {one}", flush=True)
 
+    loader = make_loader(rows, lut, crop, bs, cores)
+    iter(loader)  # fork its workers before Ray starts threads in this process
+    loader_pids = {w.pid for w in loader._iterator._workers}
     connect_ray(None, cores)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    after = ray_rate(ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs),
-                     bs, args.epochs)
-    log(f"(c) rayseg: {after:.1f} images/s")
-    before = ray_rate(before_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs),
-                      bs, args.epochs)
-    log(f"(d) rayseg before: {before:.1f} images/s")
+    ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
+    ray_pids -= loader_pids
+    after = split_one(ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs))
+    before = split_one(before_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs))
+    runs = {
+        "dataloader": lambda: loader,
+        "rayseg": lambda: torch_batches(after, bs),
+        "rayseg_before": lambda: torch_batches(before, bs),
+        "rayseg_no_local_shuffle": lambda: torch_batches(after, bs, shuffle_buffer=False),
+    }
+    not_dataloader = lambda: set(ray_pids) | ray_descendants(ray_pids)  # noqa: E731
+    exclude = {k: (lambda: loader_pids) for k in runs}
+    exclude["dataloader"] = not_dataloader
+    got = interleaved(runs, args.rounds, exclude)
+    rate = {k: v["images_per_s"] for k, v in got.items()}
+    cpu_rate = {k: v["images_per_cpu_s"] for k, v in got.items()}
+    step = PACE * rate["rayseg"]
     waits = ray_waits(
         ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs),
-        bs, args.epochs + 1, PACE * after,
+        bs,
+        args.rounds + 1,
+        step,
     )
-    log(f"waits behind a {PACE * after:.1f} images/s step: {[round(w, 3) for w in waits]}")
+    print(f"waits behind a {step:.1f} images/s step: {[round(w, 3) for w in waits]}", flush=True)
     ray.shutdown()
 
-    per = lambda r: round(r / cores, 1)  # noqa: E731
+    def figures(name: str) -> dict[str, float]:
+        return {
+            "images_per_s_per_core": round(cpu_rate[name], 1),
+            "wall_images_per_s_per_core": round(rate[name] / cores, 1),
+        }
+
+    consumer = got["rayseg"]["consumer_cpu_s_per_image"]
+    per_core = cpu_rate["rayseg"]
     result = {
         "cores": cores,
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_avg_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "per_core_is": "images per CPU second of the whole process tree (wall_*: images/s / cores)",
         "images": int(len(ids)),
         "crop_size": crop,
         "batch_size": bs,
-        "epochs_timed": args.epochs,
+        "rounds_timed": args.rounds,
         "work_alone": {
-            "images_per_s_per_core": round(alone, 1),
-            "before_images_per_s_per_core": round(alone_before, 1),
+            "images_per_s_per_core": round(one["after"][1], 1),
+            "wall_images_per_s_per_core": round(one["after"][0], 1),
+            "before_images_per_s_per_core": round(one["before"][1], 1),
+            "before_wall_images_per_s_per_core": round(one["before"][0], 1),
         },
-        "dataloader": {"images_per_s_per_core": per(loader), "num_workers": cores},
+        "dataloader": {**figures("dataloader"), "num_workers": cores},
         "rayseg": {
-            "images_per_s_per_core": per(after),
-            "vs_cores_x_work_alone": round(after / (cores * alone), 3),
-            "vs_dataloader": round(after / loader, 3),
+            **figures("rayseg"),
+            "vs_cores_x_work_alone": round(per_core / one["after"][1], 3),
+            "vs_dataloader": round(per_core / cpu_rate["dataloader"], 3),
+            "wall_vs_cores_x_work_alone": round(rate["rayseg"] / (cores * one["after"][0]), 3),
+            "wall_vs_dataloader": round(rate["rayseg"] / rate["dataloader"], 3),
             "first_epoch_wait": round(waits[0], 3),
             "later_epoch_wait": round(float(np.median(waits[1:])), 3),
-            "paced_step_images_per_s": round(PACE * after, 1),
+            "paced_step_images_per_s": round(step, 1),
+            "consumer_cpu_s_per_image": round(consumer, 5),
+            "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
         },
-        "rayseg_before": {"images_per_s_per_core": per(before)},
-        "wins_ms_per_image": win,
+        "rayseg_before": figures("rayseg_before"),
+        "rayseg_no_local_shuffle": {
+            **figures("rayseg_no_local_shuffle"),
+            "consumer_cpu_s_per_image": round(
+                got["rayseg_no_local_shuffle"]["consumer_cpu_s_per_image"], 5
+            ),
+        },
+        "epochs": {
+            k: {"images_per_s": v["all_images_per_s"], "per_cpu_s": v["all_images_per_cpu_s"]}
+            for k, v in got.items()
+        },
+        "work_alone_rounds": {k: [[round(x, 1) for x in r] for r in v] for k, v in alone.items()},
+        "wins_cpu_ms_per_image": win,
         "gpu_rate": args.gpu_rate,
-        "cores_per_gpu_272": round(args.gpu_rate / (after / cores), 2),
+        "cores_per_gpu_272": round(args.gpu_rate / per_core, 2),
+        # The worker's own share (consumer); decoding runs in Ray Data tasks on the other CPUs.
+        "gpu_cpus_per_worker": max(1, math.ceil(consumer * args.gpu_rate)),
+        "wall_cores_per_gpu_272": round(args.gpu_rate / (rate["rayseg"] / cores), 2),
     }
-    log(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -34,6 +34,14 @@ from rayseg.records import TRAIN_IGNORE, Problem
 SCALE_RANGE = (0.5, 2.0)
 FLIP_PROBABILITY = 0.5
 
+# CPUs a GPU training worker should reserve (`--cpus-per-worker` on GPU), from
+# bench/ingest_bench.py (issue 22, bench/results/ingest_bench_run*.json): the worker's side of
+# this ingest (Ray Data's batching, local shuffle and torch conversion in iter_torch_batches)
+# took under a fifth of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate").
+# Decoding runs in Ray Data tasks on the CPUs the worker does not reserve, so reserving more
+# would take them from the decoder: a node needs "cores_per_gpu_272" further CPUs per GPU.
+GPU_CPUS_PER_WORKER = 1
+
 # Codes in a batch's "problem" column.
 PROBLEMS = {
     1: "row has no image bytes (masks ran without --images-dir)",
