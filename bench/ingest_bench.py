@@ -14,14 +14,19 @@ All in one process tree, on the same rows, epochs after the first ("steady state
     Train does, then iter_torch_batches with train.py's arguments).
 (d) rayseg before issue 22: the same wiring with the previous per-image recipe (resize the whole
     image, then crop; numpy look-up table), kept here as `before_train_batch`.
-Per core = images/s / cores. The waits: (c) again, paced by a simulated step that takes 75% of
-(c)'s steady rate, with a validation pause between epochs during which the next epoch's first
-batch is fetched (rayseg.loop.Prefetched, as train.py does): the share of each epoch's time spent
-blocked on data, first epoch and later epochs.
-Cheap wins are timed per image in this process (ms): decode at half size, crop before resize,
-the look-up table, OpenCV threads.
+Per core: images per CPU second of the whole process tree (this process, its DataLoader workers,
+Ray's gcs, raylet, actors and task workers; for (a) this thread), beside wall images/s / cores:
+on a machine that others load too, wall time counts their share and CPU time does not.
+The waits: (c) again on --wait-images images, paced by a simulated step at half (c)'s wall rate,
+with a validation pause between epochs during which the next epoch's first batch is fetched
+(rayseg.loop.Prefetched, as train.py does): the share of each epoch's time spent blocked on data,
+the first epoch and the later ones. --no-local-shuffle also times (c) without train.py's local
+shuffle buffer (its cost to the consumer).
+Cheap wins are timed per image in this thread (CPU ms): decode at half size (JPEG DCT scaling),
+crop before resize, the look-up table, OpenCV threads (CPU of all threads).
 Cores per GPU = the GPU step rate (272 images/s: deeplabv3_resnet50, 480 px, batch 16, bf16 +
-channels_last + torch.compile on one H200, bench/results/gpu_bench_h200.json) / (c) per core.
+channels_last + torch.compile on one H200, bench/results/gpu_bench_h200.json) / (c) per core;
+gpu_cpus_per_worker = the consumer's CPU at that rate, rounded up (Ray Data decodes elsewhere).
 """
 
 from __future__ import annotations
@@ -372,6 +377,8 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2, help="timed epochs of each, after the first")
     p.add_argument("--gpu-rate", type=float, default=GPU_RATE, help="images/s one GPU trains")
+    p.add_argument("--wait-images", type=int, default=1000, help="images per epoch for the waits")
+    p.add_argument("--no-local-shuffle", action="store_true", help="also time without it")
     args = p.parse_args()
     import ray  # noqa: I001  (first: psutil below is Ray's own copy, ray/thirdparty_files)
     import psutil
@@ -409,8 +416,9 @@ def main() -> int:
         "dataloader": lambda: loader,
         "rayseg": lambda: torch_batches(after, bs),
         "rayseg_before": lambda: torch_batches(before, bs),
-        "rayseg_no_local_shuffle": lambda: torch_batches(after, bs, shuffle_buffer=False),
     }
+    if args.no_local_shuffle:  # train.py's local shuffle buffer: its cost to the consumer
+        runs["rayseg_no_local_shuffle"] = lambda: torch_batches(after, bs, shuffle_buffer=False)
     not_dataloader = lambda: set(ray_pids) | ray_descendants(ray_pids)  # noqa: E731
     exclude = {k: (lambda: loader_pids) for k in runs}
     exclude["dataloader"] = not_dataloader
@@ -418,8 +426,9 @@ def main() -> int:
     rate = {k: v["images_per_s"] for k, v in got.items()}
     cpu_rate = {k: v["images_per_cpu_s"] for k, v in got.items()}
     step = PACE * rate["rayseg"]
+    few = ids[: args.wait_images]
     waits = ray_waits(
-        ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs),
+        ingest.train_dataset(summary, few, lut=lut, crop_size=crop, batch_size=bs),
         bs,
         args.rounds + 1,
         step,
@@ -462,16 +471,23 @@ def main() -> int:
             "first_epoch_wait": round(waits[0], 3),
             "later_epoch_wait": round(float(np.median(waits[1:])), 3),
             "paced_step_images_per_s": round(step, 1),
+            "wait_epoch_images": int(len(few)),
             "consumer_cpu_s_per_image": round(consumer, 5),
             "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
         },
         "rayseg_before": figures("rayseg_before"),
-        "rayseg_no_local_shuffle": {
-            **figures("rayseg_no_local_shuffle"),
-            "consumer_cpu_s_per_image": round(
-                got["rayseg_no_local_shuffle"]["consumer_cpu_s_per_image"], 5
-            ),
-        },
+        **(
+            {
+                "rayseg_no_local_shuffle": {
+                    **figures("rayseg_no_local_shuffle"),
+                    "consumer_cpu_s_per_image": round(
+                        got["rayseg_no_local_shuffle"]["consumer_cpu_s_per_image"], 5
+                    ),
+                }
+            }
+            if args.no_local_shuffle
+            else {}
+        ),
         "epochs": {
             k: {"images_per_s": v["all_images_per_s"], "per_cpu_s": v["all_images_per_cpu_s"]}
             for k, v in got.items()
