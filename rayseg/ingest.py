@@ -37,7 +37,7 @@ FLIP_PROBABILITY = 0.5
 # CPUs a GPU training worker should reserve (`--cpus-per-worker` on GPU), from
 # bench/ingest_bench.py (issue 22, bench/results/ingest_bench_run*.json): the worker's side of
 # this ingest (Ray Data's batching, local shuffle and torch conversion in iter_torch_batches)
-# took under a fifth of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate").
+# took 0.13-0.14 of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate").
 # Decoding runs in Ray Data tasks on the CPUs the worker does not reserve, so reserving more
 # would take them from the decoder: a node needs "cores_per_gpu_272" further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
@@ -223,9 +223,10 @@ def augment_into(
 ) -> None:
     """augment, written into a (S, S, 3) image and (S, S) mask that already hold 0 and ignore.
 
-    Only the crop is resampled (issue 22: 2x less work than resizing the whole image, then
-    cropping): the same random draws, the same masks as cv2.resize's nearest neighbour, the
-    image within 1 level of cv2.resize's bilinear (warpAffine quantises positions to 1/32 px).
+    Only the crop is resampled (issue 22: 1.6x less CPU than resizing the whole image, then
+    cropping and copying, bench/ingest_bench.py): the same random draws, the same masks as
+    cv2.resize's nearest neighbour, the image within 1 level of cv2.resize's bilinear
+    (warpAffine quantises sample positions to 1/32 px).
     """
     crop = out_mask.shape[0]
     h, w = mask.shape
