@@ -1,122 +1,508 @@
-"""Training ingest throughput per CPU core on COCO-sized images, and the CPUs one GPU needs.
+"""Training ingest per CPU core: the work alone, a torch DataLoader, and rayseg's Ray Data ingest.
 
-    python bench/ingest_bench.py                       # 400 synthetic 640x480 JPEGs, crop 480
-    python bench/ingest_bench.py --data OUT/masks      # any `rayseg masks --images-dir` output
+    python bench/ingest_bench.py --images 2000 --json bench/results/ingest_bench.json
+    python bench/ingest_bench.py --data OUT/masks --json x.json   # any `rayseg masks --images-dir`
 
-The pipeline is rayseg's training ingest: Parquet -> JPEG + PNG decode -> random resize 0.5-2x ->
-480 crop -> flip -> batch of 16 (rayseg.ingest.train_dataset).
-(a) one process, one thread, no Ray: rayseg.ingest.train_batch over the rows (the work itself).
-(b) the Ray Data dataset with --cpus CPUs, iterated as Ray Train's workers do (iter_batches),
-    per core = images/s / cpus: Ray Data's scheduling and object transfer included.
-The CPUs that sustain a GPU step rate R (default 272 images/s: deeplabv3_resnet50, 480 px,
-batch 16, bf16 + channels_last + torch.compile on one H200, bench/results/gpu_bench_h200.json)
-are R / (b)'s per-core rate.
+The work is rayseg's training recipe per image: JPEG + PNG decode, random resize 0.5-2x, 480 crop
+padded with ignore, flip, batch of 16 (rayseg.ingest.train_batch). Synthetic data: 640x480 JPEGs
+(rayseg synth), Parquet parts of 200 rows (the `rayseg masks` default for large inputs).
+All in one process tree, on the same rows, epochs after the first ("steady state"):
+(a) work alone: train_batch in this process, one thread, no Ray, no torch.
+(b) torch DataLoader, num_workers = cores, persistent workers, rows in memory (fork-shared),
+    the same per-image work in __getitem__, default collate. The peer users would pick instead.
+(c) rayseg: ingest.train_dataset, consumed as `rayseg train` consumes it (streaming_split as Ray
+    Train does, then iter_torch_batches with train.py's arguments).
+(d) rayseg before issue 22: the same wiring with the previous per-image recipe (resize the whole
+    image, then crop; numpy look-up table), kept here as `before_train_batch`.
+Per core: images per CPU second of the whole process tree (this process, its DataLoader workers,
+Ray's gcs, raylet, actors and task workers; for (a) this thread), beside wall images/s / cores:
+on a machine that others load too, wall time counts their share and CPU time does not.
+The waits: (c) again on --wait-images images, paced by a simulated step at half (c)'s wall rate,
+with a validation pause between epochs during which the next epoch's first batch is fetched
+(rayseg.loop.Prefetched, as train.py does): the share of each epoch's time spent blocked on data,
+the first epoch and the later ones. --no-local-shuffle also times (c) without train.py's local
+shuffle buffer (its cost to the consumer).
+Cheap wins are timed per image in this thread (CPU ms): decode at half size (JPEG DCT scaling),
+crop before resize, the look-up table, OpenCV threads (CPU of all threads).
+Cores per GPU = the GPU step rate (272 images/s: deeplabv3_resnet50, 480 px, batch 16, bf16 +
+channels_last + torch.compile on one H200, bench/results/gpu_bench_h200.json) / (c) per core;
+gpu_cpus_per_worker = the consumer's CPU at that rate, rounded up (Ray Data decodes elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from train_bench import make_data  # noqa: E402  (bench/ is on sys.path when run as a script)
-
-from rayseg import ingest  # noqa: E402
+from rayseg import ingest, storage  # noqa: E402
 from rayseg.models import class_map_from_meta  # noqa: E402
 
 GPU_RATE = 272.0
+PACE = 0.5  # the simulated step consumes this share of (c)'s steady rate
+VAL_PAUSE_S = 2.0  # simulated validation between epochs
 
 
-def single_core(summary: ingest.DataSummary, lut: np.ndarray, crop: int, batch: int) -> float:
-    """(a): images/s of train_batch in this process, one OpenCV thread."""
-    import cv2
+def make_data(folder: Path, num_images: int) -> str:
+    """Synthetic 640x480 images -> masks Parquet with embedded JPEGs (cached per count)."""
+    from rayseg.config import MasksConfig, SynthConfig
+    from rayseg.masks import run_masks
+    from rayseg.synth import run_synth
 
-    cv2.setNumThreads(1)
-    rows = [
-        t
+    masks = folder / f"ingest-masks-{num_images}"
+    if not (masks / "manifest.json").exists():
+        synth = folder / f"ingest-synth-{num_images}"
+        run_synth(SynthConfig(out=str(synth), num_images=num_images, width=640, height=480))
+        run_masks(
+            MasksConfig(
+                annotations=str(synth / "annotations.json"),
+                out=str(masks),
+                images_dir=str(synth / "images"),
+                shard_size=200,
+            )
+        )
+    return str(masks)
+
+
+def load_rows(summary: ingest.DataSummary) -> dict[str, np.ndarray]:
+    """Every row's encoded columns in memory (object arrays of bytes), as a Ray Data batch."""
+    tables = [
+        pq.read_table(p, filesystem=summary.location.fs, columns=["image_id", "image", "mask"])
         for p in summary.paths
-        for t in [
-            pq.read_table(p, filesystem=summary.location.fs, columns=["image_id", "image", "mask"])
-        ]
     ]
-    n = 0
-    start = time.perf_counter()
-    for table in rows:
-        for chunk in table.to_batches(max_chunksize=batch):
-            cols = {
-                k: np.array(chunk.column(k).to_pylist(), dtype=object) for k in ("image", "mask")
-            }
-            cols["image_id"] = np.asarray(chunk.column("image_id").to_pylist())
-            ingest.train_batch(cols, lut=lut, crop_size=crop)
-            n += chunk.num_rows
-    return n / (time.perf_counter() - start)
+    cols = {k: [v for t in tables for v in t[k].to_pylist()] for k in ("image", "mask")}
+    rows = {k: np.array(v, dtype=object) for k, v in cols.items()}
+    rows["image_id"] = np.concatenate([t["image_id"].to_numpy() for t in tables])
+    return rows
 
 
-def ray_data(summary, ids, lut: np.ndarray, crop: int, batch: int, cpus: int, epochs: int):
-    """(b): images/s of the Ray Data dataset over `epochs` passes after one warm-up pass."""
-    import ray
+# ---- the recipe before issue 22, for (d) and the wins -------------------------------------
 
-    from rayseg.runtime import connect_ray
 
-    connect_ray(None, cpus)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=batch)
-    rates = []
-    for epoch in range(epochs + 1):
-        n, start = 0, time.perf_counter()
-        for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2):
-            n += len(b["image_id"])
-        if epoch:  # the first pass pays Ray Data's start-up
-            rates.append(n / (time.perf_counter() - start))
-    ray.shutdown()
-    return float(np.median(rates))
+def before_augment(image, mask, *, crop_size, rng):
+    """Resize the whole image, pad, then crop and flip (rayseg.ingest.augment until issue 22)."""
+    s = rng.uniform(*ingest.SCALE_RANGE)
+    h, w = mask.shape
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    image, mask = before_pad(image, mask, max(crop_size, size[1]), max(crop_size, size[0]))
+    y = int(rng.integers(0, mask.shape[0] - crop_size + 1))
+    x = int(rng.integers(0, mask.shape[1] - crop_size + 1))
+    image = image[y : y + crop_size, x : x + crop_size]
+    mask = mask[y : y + crop_size, x : x + crop_size]
+    if rng.random() < ingest.FLIP_PROBABILITY:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def before_pad(image, mask, height, width):
+    h, w = mask.shape
+    if (h, w) == (height, width):
+        return image, mask
+    out_image = np.zeros((height, width, 3), np.uint8)
+    out_mask = np.full((height, width), ingest.TRAIN_IGNORE, np.uint8)
+    out_image[:h, :w] = image
+    out_mask[:h, :w] = mask
+    return out_image, out_mask
+
+
+def before_train_batch(batch, *, lut, crop_size):
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng()
+    n = len(batch["image_id"])
+    images = np.zeros((n, crop_size, crop_size, 3), np.uint8)
+    masks = np.full((n, crop_size, crop_size), ingest.TRAIN_IGNORE, np.uint8)
+    problem = np.zeros(n, np.uint8)
+    for i in range(n):
+        try:
+            image, mask = ingest.decode_pair(batch["image"][i], batch["mask"][i])
+        except ingest.SampleError as e:
+            problem[i] = e.code
+            continue
+        images[i], masks[i] = before_augment(image, lut[mask], crop_size=crop_size, rng=rng)
+    return {
+        "image": images,
+        "mask": masks,
+        "image_id": np.asarray(batch["image_id"], np.int64),
+        "problem": problem,
+    }
+
+
+def before_dataset(summary, ids, *, lut, crop_size, batch_size):
+    return ingest.read_rows(summary, ids, shuffle=True).map_batches(
+        before_train_batch,
+        fn_kwargs={"lut": lut, "crop_size": crop_size},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
+
+
+# ---- (a) the work alone, and the wins -------------------------------------------------------
+
+
+def work_alone(rows, fn, lut, crop: int, batch: int, limit: int) -> tuple[float, float]:
+    """(images/s, images per CPU second) of fn (a train_batch) over `limit` rows, one thread."""
+    cv2.setNumThreads(1)
+    n = min(limit, len(rows["image_id"]))
+    start, cpu = time.perf_counter(), time.thread_time()
+    for i in range(0, n, batch):
+        fn({k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop)
+    return n / (time.perf_counter() - start), n / (time.thread_time() - cpu)
+
+
+def time_per_image(fn, count: int, clock=time.thread_time) -> float:
+    """CPU ms per call of fn(i), this thread (steady under load from elsewhere)."""
+    start = clock()
+    for i in range(count):
+        fn(i)
+    return 1e3 * (clock() - start) / count
+
+
+def wins(rows, lut, crop: int, count: int = 300) -> dict[str, float]:
+    """ms per image of each step and each cheap win, one thread unless named."""
+    imgs, msks = rows["image"][:count], rows["mask"][:count]
+    pairs = [ingest.decode_pair(a, b) for a, b in zip(imgs, msks, strict=True)]
+    full = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    half = cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION
+    cv2.setNumThreads(1)
+    for i in range(count):  # warm-up: page in the bytes, load the codecs
+        cv2.imdecode(np.frombuffer(imgs[i], np.uint8), full)
+    out = {
+        "jpeg_decode_full": time_per_image(
+            lambda i: cv2.imdecode(np.frombuffer(imgs[i], np.uint8), full), count
+        ),
+        "jpeg_decode_half_dct": time_per_image(
+            lambda i: cv2.imdecode(np.frombuffer(imgs[i], np.uint8), half), count
+        ),
+        "png_decode": time_per_image(lambda i: storage.decode_png(msks[i]), count),
+        "lut_numpy": time_per_image(lambda i: lut[pairs[i][1]], count),
+        "lut_cv2": time_per_image(lambda i: ingest.to_train_ids(pairs[i][1], lut), count),
+    }
+    images = np.zeros((2, crop, crop, 3), np.uint8)  # a batch's slots
+    masks = np.full((2, crop, crop), ingest.TRAIN_IGNORE, np.uint8)
+
+    def resize_then_crop(i: int) -> None:  # then copied into the batch, as before
+        images[0].fill(0), masks[0].fill(ingest.TRAIN_IGNORE)  # as a fresh batch holds
+        rng = np.random.default_rng(i)
+        images[0], masks[0] = before_augment(*pairs[i], crop_size=crop, rng=rng)
+
+    def crop_then_resize(i: int) -> None:  # written into the batch
+        images[1].fill(0), masks[1].fill(ingest.TRAIN_IGNORE)  # as a fresh batch holds
+        ingest.augment_into(*pairs[i], images[1], masks[1], rng=np.random.default_rng(i))
+
+    out["resize_then_crop_into_batch"] = time_per_image(resize_then_crop, count)
+    out["crop_then_resize_into_batch"] = time_per_image(crop_then_resize, count)
+    batches = {k: v[:count] for k, v in rows.items()}
+    for name, fn in (("before", before_train_batch), ("after", ingest.train_batch)):
+        out[f"train_batch_{name}"] = 1e3 / work_alone(batches, fn, lut, crop, 16, count)[1]
+    for threads in (1, cv2.getNumberOfCPUs()):  # CPU of all threads: what the other tasks lose
+        cv2.setNumThreads(threads)
+        out[f"resize_then_crop_process_cpu_{threads}_cv2_threads"] = time_per_image(
+            lambda i: before_augment(
+                pairs[i][0], pairs[i][1], crop_size=crop, rng=np.random.default_rng(i)
+            ),
+            count,
+            time.process_time,
+        )
+    cv2.setNumThreads(1)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+# ---- (b) torch DataLoader -------------------------------------------------------------------
+
+
+class RowDataset:
+    """torch map-style dataset over rows held in memory: item i -> one decoded, augmented row."""
+
+    def __init__(self, rows, lut, crop: int) -> None:
+        self.rows, self.lut, self.crop = rows, lut, crop
+
+    def __len__(self) -> int:
+        return len(self.rows["image_id"])
+
+    def __getitem__(self, i: int):
+        one = {k: v[i : i + 1] for k, v in self.rows.items()}
+        out = ingest.train_batch(one, lut=self.lut, crop_size=self.crop)
+        return {k: v[0] for k, v in out.items()}
+
+
+def make_loader(rows, lut, crop: int, batch: int, workers: int):
+    """(b): a torch DataLoader with `workers` persistent processes."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        RowDataset(rows, lut, crop),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=4,
+    )
+
+
+def cpu_seconds(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds so far of this process and its descendants (Ray's gcs, raylet and workers,
+    DataLoader workers), leaving out `exclude`."""
+    import psutil  # Ray's own copy (ray/thirdparty_files), on sys.path once ray is imported
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        if p.pid in exclude:
+            continue
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
+def epoch(batches, exclude: set[int]) -> tuple[float, float, float]:
+    """One pass: (images/s, images per CPU second of the whole process tree, consumer (this
+    process's) CPU seconds per image). The CPU figure is what a core gives when others load the
+    machine too: wall time then counts their share, CPU time does not."""
+    n, cpu0 = 0, cpu_seconds(exclude)
+    start, mine = time.perf_counter(), time.process_time()
+    for b in batches:
+        n += len(b["image_id"])
+    wall, mine = time.perf_counter() - start, time.process_time() - mine
+    cpu1 = cpu_seconds(exclude)
+    used = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+    return n / wall, n / max(used, 1e-9), mine / max(n, 1)
+
+
+# ---- (c), (d) Ray Data, consumed as rayseg train consumes it --------------------------------
+
+
+def torch_batches(split, batch: int, *, shuffle_buffer: bool = True):
+    """train.py's iter_torch_batches call (rayseg.train.train_batches), on CPU."""
+    return split.iter_torch_batches(
+        batch_size=batch,
+        drop_last=True,
+        local_shuffle_buffer_size=4 * batch if shuffle_buffer else None,
+        prefetch_batches=2,
+        device="cpu",
+    )
+
+
+def ray_descendants(pids: set[int]) -> set[int]:
+    """Every process below `pids` now (Ray's workers start and end under the raylet)."""
+    import psutil
+
+    out = set()
+    for pid in pids:
+        try:
+            out |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            continue
+    return out
+
+
+def split_one(ds):
+    (split,) = ds.streaming_split(1, equal=True)  # Ray Train's DataConfig does this per worker
+    return split
+
+
+def interleaved(runs: dict, rounds: int, exclude: dict) -> dict[str, dict[str, float]]:
+    """Each run's epochs taken in turn (a b c a b c ...), so load from elsewhere hits all alike.
+
+    runs: name -> callable returning one epoch's batches; exclude: name -> pids that are not
+    its own (the other pipeline's workers). The first round is a warm-up. Returns name ->
+    medians over the later rounds.
+    """
+    seen: dict[str, list[tuple[float, float, float]]] = {k: [] for k in runs}
+    for r in range(rounds + 1):
+        for name, batches in runs.items():
+            got = epoch(batches(), exclude[name]())
+            print(f"  round {r} {name}: {got[0]:.1f} images/s, {got[1]:.1f} per CPU s", flush=True)
+            if r:
+                seen[name].append(got)
+    return {
+        k: {
+            "images_per_s": float(np.median([x[0] for x in v])),
+            "images_per_cpu_s": float(np.median([x[1] for x in v])),
+            "all_images_per_s": [round(x[0], 1) for x in v],
+            "all_images_per_cpu_s": [round(x[1], 1) for x in v],
+            "consumer_cpu_s_per_image": float(np.median([x[2] for x in v])),
+        }
+        for k, v in seen.items()
+    }
+
+
+def ray_waits(ds, batch: int, epochs: int, step_rate: float) -> list[float]:
+    """Share of each epoch's time blocked on data, behind a step of `step_rate` images/s."""
+    from rayseg.loop import Prefetched
+
+    split = split_one(ds)
+    shares = []
+    batches = Prefetched(torch_batches(split, batch))  # as train.py: fetching starts here
+    for e in range(epochs):
+        waited, start = 0.0, time.perf_counter()
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            b = next(it, None)
+            waited += time.perf_counter() - t
+            if b is None:
+                break
+            time.sleep(len(b["image_id"]) / step_rate)  # the GPU step
+        shares.append(waited / (time.perf_counter() - start))
+        if e + 1 < epochs:
+            batches = Prefetched(torch_batches(split, batch))  # starts during validation
+            time.sleep(VAL_PAUSE_S)
+    return shares
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="a `rayseg masks` output with embedded images")
-    p.add_argument("--num-images", type=int, default=400)
+    p.add_argument("--images", type=int, default=2000, help="synthetic images to make")
+    p.add_argument("--data", help="a `rayseg masks` output with embedded images instead")
+    p.add_argument("--json", help="write the results here")
     p.add_argument("--crop-size", type=int, default=480)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
-    p.add_argument("--epochs", type=int, default=2, help="timed passes after a warm-up pass")
+    p.add_argument("--rounds", type=int, default=2, help="timed epochs of each, after the first")
     p.add_argument("--gpu-rate", type=float, default=GPU_RATE, help="images/s one GPU trains")
+    p.add_argument("--wait-images", type=int, default=1000, help="images per epoch for the waits")
+    p.add_argument("--no-local-shuffle", action="store_true", help="also time without it")
     args = p.parse_args()
-    data = args.data or make_data(REPO / "bench" / "_data", args.num_images, width=640, height=480)
+    import ray  # noqa: I001  (first: psutil below is Ray's own copy, ray/thirdparty_files)
+    import psutil
+
+    from rayseg.runtime import connect_ray
+
+    data = args.data or make_data(REPO / "bench" / "_data", args.images)
     summary = ingest.scan_data(data)
     lut = class_map_from_meta(summary.meta).train_lut()
     ids = np.unique(summary.image_ids)
-    one = single_core(summary, lut, args.crop_size, args.batch_size)
-    many = ray_data(summary, ids, lut, args.crop_size, args.batch_size, args.cpus, args.epochs)
-    per_core = many / args.cpus
-    result = {
-        "images": int(len(ids)),
-        "crop_size": args.crop_size,
-        "batch_size": args.batch_size,
-        "cpus": args.cpus,
-        "single_core_images_per_s": round(one, 1),
-        "ray_data_images_per_s": round(many, 1),
-        "ray_data_images_per_s_per_core": round(per_core, 1),
-        "ray_data_vs_single_core": round(per_core / one, 3),
-        "gpu_rate": args.gpu_rate,
-        "cpus_per_gpu": round(args.gpu_rate / per_core, 1),
+    rows = load_rows(summary)
+    crop, bs, cores = args.crop_size, args.batch_size, args.cpus
+    load_start = os.getloadavg()
+
+    win = wins(rows, lut, crop)
+    print(f"wins (ms per image): {win}", flush=True)
+    sub = {k: v[: min(len(ids), 400)] for k, v in rows.items()}
+    alone = {"after": [], "before": []}
+    for _ in range(2 * args.rounds + 1):  # interleaved, like the pipelines below
+        alone["after"].append(work_alone(sub, ingest.train_batch, lut, crop, bs, len(ids)))
+        alone["before"].append(work_alone(sub, before_train_batch, lut, crop, bs, len(ids)))
+    one = {k: [float(np.median([x[j] for x in v])) for j in (0, 1)] for k, v in alone.items()}
+    print(f"(a) work alone (images/s, per CPU s): {one}", flush=True)
+
+    loader = make_loader(rows, lut, crop, bs, cores)
+    iter(loader)  # fork its workers before Ray starts threads in this process
+    loader_pids = {w.pid for w in loader._iterator._workers}
+    connect_ray(None, cores)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
+    ray_pids -= loader_pids
+    after = split_one(ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs))
+    before = split_one(before_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs))
+    runs = {
+        "dataloader": lambda: loader,
+        "rayseg": lambda: torch_batches(after, bs),
+        "rayseg_before": lambda: torch_batches(before, bs),
     }
-    print(
-        f"(a) one core, no Ray: {one:.1f} images/s\n"
-        f"(b) Ray Data, {args.cpus} CPUs: {many:.1f} images/s = {per_core:.1f} per core "
-        f"({per_core / one:.0%} of (a))\n"
-        f"CPUs to feed {args.gpu_rate:.0f} images/s: {args.gpu_rate / per_core:.1f}"
+    if args.no_local_shuffle:  # train.py's local shuffle buffer: its cost to the consumer
+        runs["rayseg_no_local_shuffle"] = lambda: torch_batches(after, bs, shuffle_buffer=False)
+    not_dataloader = lambda: set(ray_pids) | ray_descendants(ray_pids)  # noqa: E731
+    exclude = {k: (lambda: loader_pids) for k in runs}
+    exclude["dataloader"] = not_dataloader
+    got = interleaved(runs, args.rounds, exclude)
+    rate = {k: v["images_per_s"] for k, v in got.items()}
+    cpu_rate = {k: v["images_per_cpu_s"] for k, v in got.items()}
+    step = PACE * rate["rayseg"]
+    few = ids[: args.wait_images]
+    waits = ray_waits(
+        ingest.train_dataset(summary, few, lut=lut, crop_size=crop, batch_size=bs),
+        bs,
+        args.rounds + 1,
+        step,
     )
-    print(json.dumps(result))
+    print(f"waits behind a {step:.1f} images/s step: {[round(w, 3) for w in waits]}", flush=True)
+    ray.shutdown()
+
+    def figures(name: str) -> dict[str, float]:
+        return {
+            "images_per_s_per_core": round(cpu_rate[name], 1),
+            "wall_images_per_s_per_core": round(rate[name] / cores, 1),
+        }
+
+    consumer = got["rayseg"]["consumer_cpu_s_per_image"]
+    per_core = cpu_rate["rayseg"]
+    result = {
+        "cores": cores,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_avg_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "per_core_is": "images per CPU second of the whole process tree (wall_*: images/s / cores)",
+        "images": int(len(ids)),
+        "crop_size": crop,
+        "batch_size": bs,
+        "rounds_timed": args.rounds,
+        "work_alone": {
+            "images_per_s_per_core": round(one["after"][1], 1),
+            "wall_images_per_s_per_core": round(one["after"][0], 1),
+            "before_images_per_s_per_core": round(one["before"][1], 1),
+            "before_wall_images_per_s_per_core": round(one["before"][0], 1),
+        },
+        "dataloader": {**figures("dataloader"), "num_workers": cores},
+        "rayseg": {
+            **figures("rayseg"),
+            "vs_cores_x_work_alone": round(per_core / one["after"][1], 3),
+            "vs_dataloader": round(per_core / cpu_rate["dataloader"], 3),
+            "wall_vs_cores_x_work_alone": round(rate["rayseg"] / (cores * one["after"][0]), 3),
+            "wall_vs_dataloader": round(rate["rayseg"] / rate["dataloader"], 3),
+            "first_epoch_wait": round(waits[0], 3),
+            "later_epoch_wait": round(float(np.median(waits[1:])), 3),
+            "paced_step_images_per_s": round(step, 1),
+            "wait_epoch_images": int(len(few)),
+            "consumer_cpu_s_per_image": round(consumer, 5),
+            "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
+        },
+        "rayseg_before": figures("rayseg_before"),
+        **(
+            {
+                "rayseg_no_local_shuffle": {
+                    **figures("rayseg_no_local_shuffle"),
+                    "consumer_cpu_s_per_image": round(
+                        got["rayseg_no_local_shuffle"]["consumer_cpu_s_per_image"], 5
+                    ),
+                }
+            }
+            if args.no_local_shuffle
+            else {}
+        ),
+        "epochs": {
+            k: {"images_per_s": v["all_images_per_s"], "per_cpu_s": v["all_images_per_cpu_s"]}
+            for k, v in got.items()
+        },
+        "work_alone_rounds": {k: [[round(x, 1) for x in r] for r in v] for k, v in alone.items()},
+        "wins_cpu_ms_per_image": win,
+        "gpu_rate": args.gpu_rate,
+        "cores_per_gpu_272": round(args.gpu_rate / per_core, 2),
+        # The worker's own share (consumer); decoding runs in Ray Data tasks on the other CPUs.
+        "gpu_cpus_per_worker": max(1, math.ceil(consumer * args.gpu_rate)),
+        "wall_cores_per_gpu_272": round(args.gpu_rate / (rate["rayseg"] / cores), 2),
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 scan_data(data) reads only the small columns (image ids, sizes) on the driver, to split, size and
 check the data before any worker starts. The per-image work is pure numpy/cv2 (decode_pair,
-augment, pad_to); train_batch / val_batch apply it to a Ray Data batch; train_dataset /
+augment, pad_into); train_batch / val_batch apply it to a Ray Data batch; train_dataset /
 val_dataset wire `read_parquet -> filter by image id -> map_batches`.
 
 Batches carry uint8 pixels: image (B, S, S, 3) RGB, mask (B, S, S) train ids (255 = ignore),
@@ -15,6 +15,7 @@ nothing to loss or metrics, and is counted by the training loop.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,14 @@ from rayseg.records import TRAIN_IGNORE, Problem
 # so small images are not blown up to COCO size.
 SCALE_RANGE = (0.5, 2.0)
 FLIP_PROBABILITY = 0.5
+
+# CPUs a GPU training worker should reserve (`--cpus-per-worker` on GPU), from
+# bench/ingest_bench.py (issue 22, bench/results/ingest_bench_run*.json): the worker's side of
+# this ingest (Ray Data's batching, local shuffle and torch conversion in iter_torch_batches)
+# took 0.13-0.14 of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate").
+# Decoding runs in Ray Data tasks on the CPUs the worker does not reserve, so reserving more
+# would take them from the decoder: a node needs "cores_per_gpu_272" further CPUs per GPU.
+GPU_CPUS_PER_WORKER = 1
 
 # Codes in a batch's "problem" column.
 PROBLEMS = {
@@ -198,33 +207,83 @@ def augment(
     image: np.ndarray, mask: np.ndarray, *, crop_size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random resize (SCALE_RANGE), pad to the crop (image 0, mask ignore), random crop, flip."""
+    out_image = np.zeros((crop_size, crop_size, 3), np.uint8)
+    out_mask = np.full((crop_size, crop_size), TRAIN_IGNORE, np.uint8)
+    augment_into(image, mask, out_image, out_mask, rng=rng)
+    return out_image, out_mask
+
+
+def augment_into(
+    image: np.ndarray,
+    mask: np.ndarray,
+    out_image: np.ndarray,
+    out_mask: np.ndarray,
+    *,
+    rng: np.random.Generator,
+) -> None:
+    """augment, written into a (S, S, 3) image and (S, S) mask that already hold 0 and ignore.
+
+    Only the crop is resampled (issue 22: 1.6x less CPU than resizing the whole image, then
+    cropping and copying, bench/ingest_bench.py): the same random draws, the same masks as
+    cv2.resize's nearest neighbour, the image within 1 level of cv2.resize's bilinear
+    (warpAffine quantises sample positions to 1/32 px).
+    """
+    crop = out_mask.shape[0]
+    h, w = mask.shape
     s = rng.uniform(*SCALE_RANGE)
-    h, w = mask.shape
-    size = (max(1, round(w * s)), max(1, round(h * s)))  # cv2 wants (width, height)
-    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    image, mask = pad_to(image, mask, max(crop_size, size[1]), max(crop_size, size[0]))
-    y = int(rng.integers(0, mask.shape[0] - crop_size + 1))
-    x = int(rng.integers(0, mask.shape[1] - crop_size + 1))
-    image = image[y : y + crop_size, x : x + crop_size]
-    mask = mask[y : y + crop_size, x : x + crop_size]
-    if rng.random() < FLIP_PROBABILITY:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    return image, mask
+    rw, rh = max(1, round(w * s)), max(1, round(h * s))  # the resized image
+    y = int(rng.integers(0, max(crop, rh) - crop + 1))
+    x = int(rng.integers(0, max(crop, rw) - crop + 1))
+    flip = rng.random() < FLIP_PROBABILITY
+    vh, vw = min(crop, rh - y), min(crop, rw - x)  # the crop's part inside the resized image
+    rows = nearest_index(h, rh)[y : y + vh]
+    cols = nearest_index(w, rw)[x : x + vw]
+    fx, fy = w / rw, h / rh  # source pixels per resized pixel
+    # Output pixel (i, j) samples the source at (resized pixel centre) * f - 0.5, as resize does;
+    # a flip reads the columns right to left and puts the padding on the left.
+    left = crop - vw if flip else 0
+    if flip:
+        cols = cols[::-1]
+        warp = [[-fx, 0.0, (x + vw - 0.5) * fx - 0.5], [0.0, fy, (y + 0.5) * fy - 0.5]]
+    else:
+        warp = [[fx, 0.0, (x + 0.5) * fx - 0.5], [0.0, fy, (y + 0.5) * fy - 0.5]]
+    out_mask[:vh, left : left + vw] = mask[rows[:, None], cols]
+    cv2.warpAffine(
+        image,
+        np.array(warp),
+        (vw, vh),
+        dst=out_image[:vh, left : left + vw],
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,  # resize clamps samples past the edge the same way
+    )
 
 
-def pad_to(
-    image: np.ndarray, mask: np.ndarray, height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad bottom/right to (height, width): image with 0, mask with the ignore value."""
+@functools.lru_cache(maxsize=4096)
+def nearest_index(size: int, new_size: int) -> np.ndarray:
+    """(new_size,) source index of each pixel of cv2.resize(..., INTER_NEAREST) along one axis.
+
+    Taken from cv2.resize itself, so masks equal a resize of the whole mask, bit for bit.
+    """
+    index = np.arange(size, dtype=np.int32)[:, None]
+    out = cv2.resize(index, (1, new_size), interpolation=cv2.INTER_NEAREST)[:, 0].astype(np.intp)
+    out.flags.writeable = False  # shared through the cache
+    return out
+
+
+def to_train_ids(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Mask values -> train ids through `lut` (cv2.LUT for 8-bit masks: 3x numpy's indexing)."""
+    if mask.dtype == np.uint8 and lut.dtype == np.uint8:
+        return cv2.LUT(mask, lut[:256])
+    return lut[mask]
+
+
+def pad_into(
+    image: np.ndarray, mask: np.ndarray, out_image: np.ndarray, out_mask: np.ndarray
+) -> None:
+    """Place image and mask top-left in a canvas that holds 0 (image) and ignore (mask)."""
     h, w = mask.shape
-    if (h, w) == (height, width):
-        return image, mask
-    out_image = np.zeros((height, width, 3), np.uint8)
-    out_mask = np.full((height, width), TRAIN_IGNORE, np.uint8)
     out_image[:h, :w] = image
     out_mask[:h, :w] = mask
-    return out_image, out_mask
 
 
 # ---- per Ray Data batch -------------------------------------------------------------------
@@ -236,8 +295,8 @@ def train_batch(
     """Rows (image_id, image, mask bytes) -> augmented (B, S, S, 3) images and (B, S, S) masks."""
     rng = np.random.default_rng()
 
-    def one(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return augment(image, mask, crop_size=crop_size, rng=rng)
+    def one(image, mask, out_image, out_mask) -> None:
+        augment_into(image, mask, out_image, out_mask, rng=rng)
 
     return _map_rows(batch, lut, crop_size, crop_size, one)
 
@@ -246,14 +305,11 @@ def val_batch(
     batch: dict[str, np.ndarray], *, lut: np.ndarray, height: int, width: int
 ) -> dict[str, np.ndarray]:
     """Rows -> unscaled images padded to the (height, width) canvas, masks padded with ignore."""
-
-    def one(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return pad_to(image, mask, height, width)
-
-    return _map_rows(batch, lut, height, width, one)
+    return _map_rows(batch, lut, height, width, pad_into)
 
 
 def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
+    """Each row decoded, its mask made train ids, and `transform` writes it into its batch slot."""
     cv2.setNumThreads(1)  # Ray Data runs one task per CPU already
     n = len(batch["image_id"])
     images = np.zeros((n, height, width, 3), np.uint8)
@@ -265,7 +321,7 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
         except SampleError as e:
             problem[i] = e.code
             continue
-        images[i], masks[i] = transform(image, lut[mask])  # mask values -> train ids
+        transform(image, to_train_ids(mask, lut), images[i], masks[i])
     return {
         "image": images,
         "mask": masks,

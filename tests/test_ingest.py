@@ -123,6 +123,57 @@ def test_augment_keeps_labels_aligned_with_pixels():
             assert np.median(red[:, 0]) > 150 and np.median(red[:, 2]) < 100
 
 
+def resize_then_crop(image, mask, *, crop_size, rng):
+    """The recipe as written before issue 22: resize the whole image, pad, crop, flip."""
+    s = rng.uniform(*ingest.SCALE_RANGE)
+    h, w = mask.shape
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    height, width = max(crop_size, size[1]), max(crop_size, size[0])
+    padded_image = np.zeros((height, width, 3), np.uint8)
+    padded_mask = np.full((height, width), 255, np.uint8)
+    padded_image[: size[1], : size[0]], padded_mask[: size[1], : size[0]] = image, mask
+    y = int(rng.integers(0, height - crop_size + 1))
+    x = int(rng.integers(0, width - crop_size + 1))
+    image = padded_image[y : y + crop_size, x : x + crop_size]
+    mask = padded_mask[y : y + crop_size, x : x + crop_size]
+    if rng.random() < ingest.FLIP_PROBABILITY:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def test_crop_then_resize_equals_resizing_the_whole_image():
+    # Masks bit for bit (nearest), images within the bilinear's rounding, padding and flips too.
+    rng = np.random.default_rng(0)
+    for seed in range(150):
+        h, w = (int(v) for v in rng.integers(5, 300, 2))
+        crop = int(rng.integers(4, 320))
+        image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 2)
+        mask = rng.integers(0, 30, (h, w), dtype=np.uint8)
+        want = resize_then_crop(image, mask, crop_size=crop, rng=np.random.default_rng(seed))
+        got = ingest.augment(image, mask, crop_size=crop, rng=np.random.default_rng(seed))
+        np.testing.assert_array_equal(got[1], want[1])
+        assert np.abs(got[0].astype(int) - want[0].astype(int)).max() <= 1
+
+
+def test_augment_into_fills_only_its_slot():
+    image, mask = np.full((30, 40, 3), 9, np.uint8), np.ones((30, 40), np.uint8)
+    images = np.zeros((2, 50, 50, 3), np.uint8)
+    masks = np.full((2, 50, 50), 255, np.uint8)
+    ingest.augment_into(image, mask, images[1], masks[1], rng=np.random.default_rng(3))
+    assert (images[0] == 0).all() and (masks[0] == 255).all()
+    assert 0 < (masks[1] == 1).sum() < 50 * 50  # at most 2x of 40x30: padded with ignore
+    assert np.array_equal(images[1][..., 0] == 9, masks[1] == 1)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_to_train_ids_is_the_lookup_table(dtype):
+    lut = CLASS_MAP.train_lut()
+    mask = np.random.default_rng(0).integers(0, 256, (20, 30)).astype(dtype)
+    np.testing.assert_array_equal(ingest.to_train_ids(mask, lut), lut[mask])
+
+
 def test_val_batch_pads_to_canvas_and_flags_bad_rows():
     image, mask = make_sample(0)
     good = sample_row(1, image, mask)
