@@ -120,6 +120,12 @@ class MasksConfig(RayConfig):
     naming: str = opt("cats", "mask file names", choices=NAMINGS)
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
+    follow_image_links: bool = opt(
+        False,
+        "read images through symbolic links inside --images-dir that point outside it (default: "
+        "such an image is a listed problem, 'outside the images folder'; a linked --images-dir "
+        "itself is always followed)",
+    )
     shard_size: int = opt(
         0,
         "images per Ray task / Parquet file; 0 = auto: about 4 shards per CPU, 8 to 200 images "

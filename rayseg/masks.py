@@ -44,6 +44,7 @@ _OUTPUT_KEYS = (
     "naming",
     "palette",
     "images_dir",
+    "follow_image_links",
     "shard_size",
     "layout",
     "max_pixels",
