@@ -236,6 +236,7 @@ def check_inputs(
     check_class_map(class_map, meta, checkpoint=cfg.checkpoint, data=cfg.data)
     parts = storage.parquet_files(parquet)
     check_parquet_images(parts, cfg.data)
+    storage.check_mask_values(parts, meta, cfg.data)
     return parquet, parts
 
 

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayseg import export, lease, storage, verify
+from rayseg import export, lease, outputs, storage, verify
 from rayseg.classes import mask_classes
 from rayseg.coco import CocoIndex, load_coco, load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
@@ -105,10 +105,13 @@ def prepare_output(
     record (finished or damaged)."""
     plan_loc = out.join("_shards", "plan.json")
     if overwrite:
-        for sub in ("masks", "parquet", "_shards", export.VOC_DIR[0]):
-            storage.delete_dir(out.join(sub))
-        storage.delete(out.join("manifest.json"))
-        storage.delete(out.join("README.md"))
+        kept = outputs.remove_masks_run(out)
+        if kept:
+            print(
+                f"masks: --overwrite kept {len(kept)} files no rayseg run recorded in {out.uri} "
+                f"({outputs.listing(kept)})",
+                flush=True,
+            )
     else:
         # A key the previous plan lacks was added by a later rayseg version: not a difference.
         changed = [k for k in plan if previous and k in previous and previous[k] != plan[k]]
@@ -118,7 +121,7 @@ def prepare_output(
                 "rerun with --overwrite or choose another --out"
             )
     for sub in ("masks", "parquet", "_shards"):
-        storage.make_dirs(out.join(sub))
+        storage.make_dirs(out.join(sub), below=out)
         storage.remove_stray_temporaries(out.join(sub))
     storage.write_json(plan_loc, plan)
     done = set()
@@ -306,7 +309,17 @@ def _looks_finished(out: storage.Location) -> bool:
 def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     start = time.monotonic()
     out = storage.locate(cfg.out)
+    outputs.check_apart(
+        cfg.out, inputs={"--annotations": cfg.annotations}, images={"--images-dir": cfg.images_dir}
+    )
     storage.check_writable(out)
+    outputs.claim(
+        out,
+        "masks",
+        writes=outputs.MASKS_FILES + outputs.MASKS_FOLDERS,
+        overwrite=cfg.overwrite,
+        made_by_rayseg=storage.exists(out.join("_shards", "plan.json")),
+    )
     held = lease.acquire(out)
     try:
         return _run_masks(cfg, out, start)

@@ -10,7 +10,7 @@ O_CREAT | O_EXCL | O_NOFOLLOW, and the rename replaces whatever sits at the outp
 symbolic link included, as a directory entry: the link's target is never opened. A file written in
 place (`atomic=False`) is opened with O_NOFOLLOW; a symbolic link, a hard-linked file or anything
 but a regular file at its name is replaced the same way. Folders rayseg creates below an output
-(make_dirs(..., follow=False)) must not be symbolic links: one found there is refused.
+(make_dirs(..., below=OUT)) must not be symbolic links: one found there is refused.
 """
 
 from __future__ import annotations
@@ -104,14 +104,19 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def make_dirs(loc: Location, *, follow: bool = True) -> None:
-    """Create a folder and its parents; `follow=False` (a folder below the one the user named)
-    refuses a symbolic link found at its name, so nothing is written where the link points."""
-    if not follow and loc.is_local and os.path.islink(loc.path):
-        raise RaysegError(
-            f"{loc.uri}: is a symbolic link rayseg did not make; it does not write through it "
-            "(remove it or choose another --out)"
-        )
+def make_dirs(loc: Location, *, below: Location | None = None) -> None:
+    """Create a folder and its parents. With `below` (the output folder the user named), a
+    symbolic link found at any folder between it and `loc` is refused: rayseg writes nothing
+    where a link it did not make points."""
+    if below is not None and loc.is_local:
+        top, path = below.path.rstrip("/"), loc.path
+        while path.startswith(top + "/"):
+            if os.path.islink(path):
+                raise RaysegError(
+                    f"{path}: is a symbolic link rayseg did not make; it does not write through "
+                    "it (remove it or choose another --out)"
+                )
+            path = os.path.dirname(path)
     try:
         loc.fs.create_dir(loc.path, recursive=True)
     except OSError as e:
@@ -448,3 +453,36 @@ def read_mask_meta(data: str) -> dict[str, Any]:
     if raw is None:
         raise RaysegError(f"{parts[0].uri}: not written by `rayseg masks` (no rayseg metadata)")
     return json.loads(raw)
+
+
+def unmapped_values(parts: list[Location], meta: dict[str, Any]) -> list[tuple[int, dict[int, int]]]:
+    """(image id, {value: pixels}) of each row whose mask holds values outside the masks' own
+    scheme (background, ignore and its classes), from the `value_pixels` column alone."""
+    known = {meta.get("background_value", BACKGROUND), meta.get("ignore_value")}
+    known |= {int(c["value"]) for c in meta.get("classes", [])}
+    found = []
+    for part in parts:
+        table = pq.read_table(part.path, columns=["image_id", "value_pixels"], filesystem=part.fs)
+        for image_id, pairs in zip(
+            table["image_id"].to_pylist(), table["value_pixels"].to_pylist(), strict=True
+        ):
+            odd = {p["value"]: p["pixels"] for p in pairs or () if p["value"] not in known}
+            if odd:
+                found.append((int(image_id), odd))
+    return found
+
+
+def check_mask_values(parts: list[Location], meta: dict[str, Any], data: str) -> None:
+    """RaysegError, one line, when any row's mask holds a value outside its class map: such
+    pixels would otherwise train or score as background without a word."""
+    found = unmapped_values(parts, meta)
+    if not found:
+        return
+    shown = "; ".join(
+        f"image {i}: " + ", ".join(f"value {v} x {n} pixels" for v, n in sorted(odd.items())[:3])
+        for i, odd in found[:3]
+    )
+    raise RaysegError(
+        f"{data}: {len(found)} rows hold mask values outside the masks' class map ({shown}"
+        f"{'; ...' if len(found) > 3 else ''}); rerun `rayseg masks` or fix those masks"
+    )
