@@ -51,6 +51,9 @@ OPTIMIZERS = ("sgd", "adamw")
 # 315; fill time grows with vertices x crossings: at 5,000 the worst self-crossing polygon takes
 # 0.9 s (opencv) / 0.4 s and 164 MB (coco) on 640x480, at 10,000 5 s (bench: issue 9 figures).
 MAX_VERTICES = 5_000
+# Default pixel cap of predict and evaluate: a model's activations grow with the image (LR-ASPP on
+# CPU holds ~1 GB per 4 Mpixel), so 4000x4000 is the largest image taken at full size by default.
+INFER_MAX_PIXELS = 16_000_000
 
 # Limits a field's metadata may carry: key -> (test of value against the limit, how it reads).
 # At most one lower (min / above) and one upper (max / below) limit per field.
@@ -228,6 +231,14 @@ class EvaluateConfig(RayConfig):
     batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per scoring actor")
     num_actors: int = opt(1, "scoring actors (model replicas)", min=1)
+    max_pixels: int = opt(
+        INFER_MAX_PIXELS,
+        "an image over this many pixels is a listed problem, not scored (bounds an actor's memory)",
+        min=1,
+    )
+    overwrite: bool = opt(
+        False, "write into a non-empty --out no rayseg run made (nothing there is removed)"
+    )
 
 
 @dataclass
@@ -238,6 +249,15 @@ class PredictConfig(RayConfig):
     batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per inference actor")
     num_actors: int = opt(1, "inference actors (model replicas)", min=1)
+    max_pixels: int = opt(
+        INFER_MAX_PIXELS,
+        "an image over this many pixels is a listed problem, not predicted (bounds an actor's "
+        "memory)",
+        min=1,
+    )
+    overwrite: bool = opt(
+        False, "write into a non-empty --out no rayseg run made (nothing there is removed)"
+    )
 
 
 @dataclass

@@ -39,9 +39,7 @@ def check_apart(out: str, *, inputs: dict[str, str | None], images: dict[str, st
     here = _resolved(out)
     for flag, path in inputs.items():
         if path and _resolved(path) == here:
-            raise RaysegError(
-                f"{out}: --out is the input {flag}; rayseg never replaces its input"
-            )
+            raise RaysegError(f"{out}: --out is the input {flag}; rayseg never replaces its input")
     for flag, path in images.items():
         if not path:
             continue
@@ -136,7 +134,12 @@ def remove_masks_run(out: storage.Location) -> list[str]:
 
 def _voc_folders() -> tuple[str, ...]:
     root = "VOCdevkit/VOC2012"
-    return (root, f"{root}/JPEGImages", f"{root}/SegmentationClass", f"{root}/ImageSets/Segmentation")
+    return (
+        root,
+        f"{root}/JPEGImages",
+        f"{root}/SegmentationClass",
+        f"{root}/ImageSets/Segmentation",
+    )
 
 
 def _recorded_masks_files(out: storage.Location) -> set[str]:

@@ -284,9 +284,7 @@ def render_record(
         )
     image_bytes = None
     if job.images_dir:
-        image_bytes, reason = read_image(
-            rec, job.images_dir, follow_links=job.follow_image_links
-        )
+        image_bytes, reason = read_image(rec, job.images_dir, follow_links=job.follow_image_links)
         if reason:
             raise _Skipped(reason)
     mask, image_problems, windows = render_image(rec, job)

@@ -194,7 +194,9 @@ def _write_in_place(path: str, data: bytes) -> None:
 OUTSIDE_IMAGES = "outside the images folder; not read"
 
 
-def image_location(images_dir: str, file_name: str, *, follow_links: bool = False) -> Location | None:
+def image_location(
+    images_dir: str, file_name: str, *, follow_links: bool = False
+) -> Location | None:
     """`images_dir`/`file_name`, or None when that leaves the images folder: an absolute name,
     a `..` that climbs out, or (local, unless `follow_links`) a symbolic link inside the folder
     whose target lies outside it. Decided from names and links alone: the file is not opened,
@@ -455,7 +457,9 @@ def read_mask_meta(data: str) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def unmapped_values(parts: list[Location], meta: dict[str, Any]) -> list[tuple[int, dict[int, int]]]:
+def unmapped_values(
+    parts: list[Location], meta: dict[str, Any]
+) -> list[tuple[int, dict[int, int]]]:
     """(image id, {value: pixels}) of each row whose mask holds values outside the masks' own
     scheme (background, ignore and its classes), from the `value_pixels` column alone."""
     known = {meta.get("background_value", BACKGROUND), meta.get("ignore_value")}

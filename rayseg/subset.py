@@ -171,7 +171,9 @@ def _check_out(out: str, annotations: str) -> None:
     if "://" in out:
         return
     if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(annotations):
-        raise RaysegError(f"{out}: --out is the input --annotations; rayseg never replaces its input")
+        raise RaysegError(
+            f"{out}: --out is the input --annotations; rayseg never replaces its input"
+        )
     if os.path.isdir(out):
         raise RaysegError(f"{out}: --out is a folder; give the path of the subset file to write")
     _check_local_parent(out)

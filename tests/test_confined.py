@@ -6,15 +6,11 @@ Each test is a case that failed on the code before issue 21.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny_coco import CATEGORIES, square, write_coco
 
 from rayseg import checkpoint, models, storage
 from rayseg.cli import main
