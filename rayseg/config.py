@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import operator
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ MAX_VERTICES = 5_000
 # CPU holds ~1 GB per 4 Mpixel), so 4000x4000 is the largest image taken at full size by default.
 INFER_MAX_PIXELS = 16_000_000
 
+# Ray refuses a resource quantity above this (ray 2.60: "Resource quantities must be at most
+# 100000000000000.0"); checked here so the user reads rayseg's line, not Ray's ValueError.
+RAY_MAX_RESOURCE = 100_000_000_000_000
+
 # Limits a field's metadata may carry: key -> (test of value against the limit, how it reads).
 # At most one lower (min / above) and one upper (max / below) limit per field.
 LIMITS = {
@@ -81,7 +86,9 @@ class RayConfig:
     """Which Ray a distributed command runs on; also the pipeline's `ray:` section."""
 
     address: str | None = opt(None, "Ray cluster address (default: local, or the job's cluster)")
-    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)", min=1)
+    num_cpus: int | None = opt(
+        None, "CPUs for local Ray (default: all)", min=1, max=RAY_MAX_RESOURCE
+    )
 
 
 @dataclass
@@ -218,7 +225,10 @@ class TrainConfig(RayConfig):
     max_failures: int = opt(2, "worker failures tolerated before the run fails (-1: any)", min=-1)
     num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU, plus the latest)", min=1)
     cpus_per_worker: float | None = opt(
-        None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)", above=0
+        None,
+        "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)",
+        above=0,
+        max=RAY_MAX_RESOURCE,
     )
     seed: int = opt(SPLIT_SEED, "random seed (model init; the validation split)")
 
@@ -325,7 +335,9 @@ def _check_allowed(name: str, value: Any, meta: Any, where: str) -> None:
     """RaysegError unless `value` is one of the field's choices and within its limits."""
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise RaysegError(f"{where}: '{name}' is {value!r}, expected one of {', '.join(choices)}")
+        raise RaysegError(
+            f"{where}: '{name}' is {show(value)}, expected one of {', '.join(choices)}"
+        )
     limits = [(test, op, meta[key]) for key, (test, op) in LIMITS.items() if key in meta]
     if all(test(value, limit) for test, _, limit in limits):
         return
@@ -335,7 +347,7 @@ def _check_allowed(name: str, value: Any, meta: Any, where: str) -> None:
     else:
         ((_, op, limit),) = limits
         expected = f"{name} {op} {limit}"
-    raise RaysegError(f"{where}: '{name}' is {value!r}, expected {expected}")
+    raise RaysegError(f"{where}: '{name}' is {show(value)}, expected {expected}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -364,6 +376,18 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+# What an error message echoes of a value: a few items, levels and characters. A YAML alias
+# bomb is a small graph of shared lists that repr() would expand to gigabytes.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict = 2, 4, 4, 4
+_SHOW.maxstring = _SHOW.maxother = 80
+
+
+def show(value: Any) -> str:
+    """repr(value), bounded in time and length (see _SHOW)."""
+    return _SHOW.repr(value)
+
+
 def _suggest(name: str, valid) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     if close:
@@ -389,36 +413,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise RaysegError(f"{where} must be a list, got {value!r}")
+            raise RaysegError(f"{where} must be a list, got {show(value)}")
         return [_coerce(v, item, where) for v in value]
     if origin is Literal:
         if value not in get_args(tp):
-            raise RaysegError(f"{where} is {value!r}, expected one of {get_args(tp)}")
+            raise RaysegError(f"{where} is {show(value)}, expected one of {get_args(tp)}")
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise RaysegError(f"{where} must be true or false, got {value!r}")
+        raise RaysegError(f"{where} must be true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise RaysegError(f"{where} must be an integer, got {value!r}")
+            raise RaysegError(f"{where} must be an integer, got {show(value)}")
         if isinstance(value, int):
             return value
         try:
             return int(str(value).strip())
         except ValueError:
-            raise RaysegError(f"{where} must be an integer, got {value!r}") from None
+            raise RaysegError(f"{where} must be an integer, got {show(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise RaysegError(f"{where} must be a number, got {value!r}")
+            raise RaysegError(f"{where} must be a number, got {show(value)}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise RaysegError(f"{where} must be a number, got {value!r}") from None
+            raise RaysegError(f"{where} must be a number, got {show(value)}") from None
     if tp is str:
         if isinstance(value, dict | list):
-            raise RaysegError(f"{where} must be a string, got {value!r}")
+            raise RaysegError(f"{where} must be a string, got {show(value)}")
         return str(value)
     return value

@@ -425,11 +425,16 @@ def build_manifest(
 
 
 def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
+    """One line whose image counts add up: written + resumed + failed (+ those in shards that
+    did not finish) = the images in the file."""
     c = manifest["counts"]
     voc = ", VOCdevkit/" if "voc" in manifest else ""
+    unfinished = c["images_in"] - c["masks_written"] - c["resumed"] - c["failed"]
     return (
-        f"masks: {c['images_valid']} images -> {c['masks_written']} written, "
-        f"{c['resumed']} resumed, {c['failed']} failed, {c['problems']} problems "
+        f"masks: {c['images_in']} images -> {c['masks_written']} written, "
+        f"{c['resumed']} resumed, {c['failed']} failed"
+        + (f", {unfinished} in unfinished shards" if unfinished else "")
+        + f"; {c['problems']} problems "
         f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
         f"(masks/, parquet/, manifest.json{voc})"
     )

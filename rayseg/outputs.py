@@ -87,10 +87,10 @@ def claim(
     present = [n for n in entries(out) if n != LOCK_NAME and not storage.is_temporary(n)]
     owned = made_by_rayseg or OWNER_NAME in present
     if present and not owned:
-        listing = listing(present)
+        held = listing(present)
         if not overwrite:
             raise RaysegError(
-                f"{out.uri} is not empty and no rayseg run made it (it holds {listing}); choose "
+                f"{out.uri} is not empty and no rayseg run made it (it holds {held}); choose "
                 "a new or empty --out, or add --overwrite to write beside those files (rayseg "
                 "removes none of them)"
             )

@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_coco import CATEGORIES, square, write_coco
 
 from rayseg import checkpoint, models, storage
 from rayseg.cli import main
@@ -70,3 +73,188 @@ def test_predict_with_a_payload_checkpoint_is_one_line_exit_2(
     err = capsys.readouterr().err
     assert not ran.exists()
     assert err.count("\n") == 1 and "refused" in err and "weights_only" not in err
+
+
+# ---- writes never follow a link rayseg did not make --------------------------------------------
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["renamed", "in-place"])
+def test_a_link_at_an_output_name_is_replaced_never_written_through(tmp_path, atomic):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("DATA")
+    symlink, hardlink = tmp_path / "sym.png", tmp_path / "hard.png"
+    symlink.symlink_to(victim)
+    os.link(victim, hardlink)
+    for name in (symlink, hardlink):
+        storage.write_bytes(storage.locate(str(name)), b"PNG", atomic=atomic)
+        assert not name.is_symlink() and name.read_bytes() == b"PNG"
+    assert victim.read_text() == "DATA"
+    assert [p.name for p in tmp_path.iterdir() if storage.is_temporary(p.name)] == []
+
+
+def test_a_fifo_at_an_output_name_is_replaced_without_waiting(tmp_path):
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    storage.write_bytes(storage.locate(str(fifo)), b"PNG", atomic=False)
+    assert fifo.is_file() and fifo.read_bytes() == b"PNG"
+
+
+def test_a_linked_folder_below_out_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "masks").symlink_to(elsewhere, target_is_directory=True)
+    loc = storage.locate(str(out))
+    with pytest.raises(RaysegError, match="masks: is a symbolic link rayseg did not make"):
+        storage.make_dirs(loc.join("masks"), below=loc)
+    linked_out = tmp_path / "linked_out"
+    linked_out.symlink_to(elsewhere, target_is_directory=True)  # the folder the user named
+    storage.make_dirs(
+        storage.locate(str(linked_out)).join("parquet"), below=storage.locate(str(linked_out))
+    )
+    assert (elsewhere / "parquet").is_dir()
+
+
+def image_coco(names: list[str]) -> dict:
+    """8x8 images named `names`, each with one 4x4 square of category 1."""
+    return {
+        "images": [
+            {"id": k + 1, "file_name": n, "width": 8, "height": 8} for k, n in enumerate(names)
+        ],
+        "annotations": [
+            {
+                "id": 100 + k,
+                "image_id": k + 1,
+                "category_id": 1,
+                "segmentation": [square(0, 0, 4, 4)],
+                "area": 16.0,
+                "iscrowd": 0,
+            }
+            for k in range(len(names))
+        ],
+        "categories": CATEGORIES,
+    }
+
+
+def jpeg(path: Path) -> bytes:
+    import cv2
+
+    data = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def masks_config(annotations: Path, out: Path, **kw):
+    from rayseg.config import MasksConfig, load_config
+
+    values = {"annotations": str(annotations), "out": str(out), "naming": "stem", **kw}
+    return load_config(MasksConfig, None, values)
+
+
+def test_masks_rerun_replaces_a_planted_link_and_leaves_its_target(ray_local, tmp_path):
+    from rayseg.masks import run_masks
+
+    annotations = write_coco(tmp_path / "a.json", image_coco(["x.jpg", "y.jpg"]))
+    out = tmp_path / "o"
+    run_masks(masks_config(annotations, out))
+    victim = tmp_path / "precious.txt"
+    victim.write_text("DATA")
+    (out / "masks" / "x.png").unlink()
+    (out / "masks" / "x.png").symlink_to(victim)  # checked by the rerun: shard 0 renders again
+    run_masks(masks_config(annotations, out))
+    assert victim.read_text() == "DATA"
+    assert not (out / "masks" / "x.png").is_symlink()
+    assert storage.decode_png((out / "masks" / "x.png").read_bytes()).sum() == 25  # 0..4 inclusive
+
+
+# ---- reads stay inside --images-dir --------------------------------------------------------------
+
+
+def test_names_outside_the_images_folder_are_listed_and_never_read(ray_local, tmp_path):
+    from rayseg.masks import run_masks
+
+    secret = tmp_path / "secret" / "secret.jpg"
+    secret_bytes = jpeg(secret)
+    images = tmp_path / "images"
+    ok_bytes = jpeg(images / "ok.jpg")
+    (images / "link.jpg").symlink_to(secret)  # a link inside that leaves the folder
+    (images / "sub").mkdir()
+    names = ["ok.jpg", "../secret/secret.jpg", str(secret), "link.jpg", "sub/../ok.jpg", "gone.jpg"]
+    annotations = write_coco(tmp_path / "a.json", image_coco(names))
+
+    manifest = run_masks(masks_config(annotations, tmp_path / "o", images_dir=str(images)))
+
+    table = pq.read_table(tmp_path / "o" / "parquet").to_pylist()
+    assert {r["file_name"]: r["image"] for r in table} == {
+        "ok.jpg": ok_bytes,
+        "sub/../ok.jpg": ok_bytes,
+    }
+    reasons = {p["image_id"]: p["reason"] for p in manifest["problems"]}
+    for image_id in (2, 3, 4):
+        assert reasons[image_id].endswith("is outside the images folder; not read")
+    assert "missing" in reasons[6]  # inside the folder: what is wrong may be said
+
+    followed = run_masks(
+        masks_config(annotations, tmp_path / "o2", images_dir=str(images), follow_image_links=True)
+    )
+    table = pq.read_table(tmp_path / "o2" / "parquet").to_pylist()
+    assert {r["file_name"]: r["image"] for r in table}["link.jpg"] == secret_bytes
+    assert {p["image_id"] for p in followed["problems"]} == {2, 3, 6}
+
+
+# ---- rayseg owns what it wrote, and only that ----------------------------------------------------
+
+
+def test_masks_refuses_a_foreign_out_and_overwrite_keeps_what_it_did_not_write(ray_local, tmp_path):
+    from rayseg.masks import run_masks
+
+    annotations = write_coco(tmp_path / "a.json", image_coco(["x.jpg", "y.jpg"]))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    with pytest.raises(RaysegError, match="not empty and no rayseg run made it .*README.md"):
+        run_masks(masks_config(annotations, out))
+    with pytest.raises(RaysegError, match="README.md was not written by rayseg"):
+        run_masks(masks_config(annotations, out, overwrite=True))
+    assert (out / "README.md").read_text() == "mine"
+
+    (out / "README.md").rename(out / "notes.md")
+    run_masks(masks_config(annotations, out, overwrite=True))  # writes beside notes.md
+    (out / "masks" / "user.txt").write_text("mine too")
+    run_masks(masks_config(annotations, out, naming="cats", overwrite=True))
+    assert (out / "notes.md").read_text() == "mine" and (out / "masks" / "user.txt").exists()
+    # The stem-named masks of the first run were recorded, so --overwrite removed them.
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [
+        "user.txt",
+        "x_mask_cats_1.png",
+        "y_mask_cats_1.png",
+    ]
+
+
+@pytest.mark.parametrize("where", ["images", "images/out", "."])
+def test_masks_out_in_or_around_the_images_folder_is_refused(tmp_path, where, capsys):
+    images = tmp_path / "images"
+    jpeg(images / "x.jpg")
+    annotations = write_coco(tmp_path / "a.json", image_coco(["x.jpg"]))
+    argv = ["masks", "--annotations", str(annotations), "--images-dir", str(images)]
+    assert main([*argv, "--out", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert "images folder" in err and err.count("\n") == 1
+    assert sorted(p.name for p in images.iterdir()) == ["x.jpg"]
+
+
+def test_subset_never_replaces_its_input_and_leaves_no_temporary(tmp_path, capsys):
+    annotations = write_coco(tmp_path / "a.json", image_coco(["x.jpg", "y.jpg"]))
+    before = annotations.read_bytes()
+    argv = ["subset", "--annotations", str(annotations), "--num-images", "1"]
+    assert main([*argv, "--out", str(annotations)]) == 2
+    assert "is the input --annotations" in capsys.readouterr().err
+    assert annotations.read_bytes() == before
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main([*argv, "--out", str(folder)]) == 2
+    assert "--out is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]
+    assert list(folder.iterdir()) == []
