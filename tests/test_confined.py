@@ -258,3 +258,156 @@ def test_subset_never_replaces_its_input_and_leaves_no_temporary(tmp_path, capsy
     assert "--out is a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]
     assert list(folder.iterdir()) == []
+
+
+# ---- one naming rule; --max-pixels for predict and evaluate ------------------------------------
+
+
+def test_predict_parquet_names_by_the_masks_rule_and_caps_pixels(ray_local, tmp_path):
+    from mask_data import category_meta, encode_rgb, random_rgb, sample_row
+    from tiny_models import save_tiny_model
+
+    from rayseg import naming
+    from rayseg.config import PredictConfig
+    from rayseg.predict import run_predict
+
+    model = save_tiny_model(str(tmp_path / "model.pt"))
+    long = "n" * 300 + ".jpg"  # before: ENAMETOOLONG ended the whole run (exit 1)
+    names = ["a/x.jpg", "b/x.jpg", long, ".hidden.jpg", "big.jpg"]
+    sizes = [(20, 24), (20, 24), (20, 24), (20, 24), (60, 60)]
+    rows = []
+    for i, (name, (h, w)) in enumerate(zip(names, sizes, strict=True)):
+        row = sample_row(
+            i, None, np.zeros((h, w), np.uint8), image_bytes=encode_rgb(random_rgb(h, w, i))
+        )
+        rows.append({**row, "file_name": name})
+    parquet = tmp_path / "data" / "parquet"
+    parquet.mkdir(parents=True)
+    meta = category_meta({1: "person", 3: "car"})
+    storage.write_parquet(
+        storage.locate(str(parquet / "part-00000.parquet")), storage.mask_table(rows, meta)
+    )
+    out = tmp_path / "out"
+
+    summary = run_predict(
+        PredictConfig(
+            checkpoint=model, images=str(tmp_path / "data"), out=str(out), max_pixels=1000
+        )
+    )
+
+    stems = naming.unique_stems(list(enumerate(names)))
+    assert stems[:2] == ["x-0", "x-1"] and stems[3] == "_hidden"
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
+        f"{s}.png" for s in stems[:4]
+    )
+    assert summary["counts"] == {"inputs": 5, "written": 4, "skipped": 1}
+    (skipped,) = summary["skipped"]
+    assert (
+        skipped["reason"] == "image is 60x60 = 3600 pixels, over --max-pixels 1000; not predicted"
+    )
+
+
+def test_evaluate_lists_images_over_max_pixels():
+    from tiny_models import PERSON_CAR, tiny_model
+
+    from rayseg.evaluate import score_images
+
+    rows = [
+        {"image_id": 1, "image": b"", "mask": b"", "height": 100, "width": 100},
+    ]
+    cm, scored, problems = score_images(tiny_model(3), rows, PERSON_CAR, max_pixels=5000)
+    assert scored == 0 and cm.sum() == 0
+    assert (
+        problems[0].reason == "image is 100x100 = 10000 pixels, over --max-pixels 5000; not scored"
+    )
+
+
+# ---- one line and exit 2 -----------------------------------------------------------------------
+
+
+def test_unmapped_mask_values_are_refused_with_the_rows_that_hold_them(tmp_path):
+    from mask_data import category_meta, sample_row
+
+    meta = category_meta({1: "person", 3: "car"})
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, :3] = 200  # no class of the masks' scheme has value 200
+    rows = [sample_row(1, None, np.ones((4, 4), np.uint8)), sample_row(2, None, mask)]
+    part = storage.locate(str(tmp_path / "part-00000.parquet"))
+    storage.write_parquet(part, storage.mask_table(rows, meta))
+    assert storage.unmapped_values([part], meta) == [(2, {200: 3})]
+    with pytest.raises(
+        RaysegError, match=r"1 rows hold mask values outside .*image 2: value 200 x 3 pixels"
+    ):
+        storage.check_mask_values([part], meta, "data")
+
+
+def yaml_bomb(levels: int = 9) -> str:
+    """The 'billion laughs' shape inside one config value: 9**levels strings when expanded."""
+    lines = ['  a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for k in range(1, levels):
+        lines.append(f"  a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]")
+    return "classes:\n" + "\n".join(lines) + "\n"
+
+
+def test_a_yaml_bomb_is_one_short_line(tmp_path, capsys):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(yaml_bomb() + "annotations: a.json\nout: o\n")
+    assert main(["masks", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'classes' must be a string" in err and err.count("\n") == 1 and len(err) < 500
+
+
+def test_json_nested_deep_is_one_line_exit_2(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"images": [' + "[" * 100_000 + "]" * 100_000 + '], "annotations": []}')
+    assert main(["subset", "--annotations", str(deep), "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and err.count("\n") == 1
+
+
+def test_num_cpus_beyond_rays_limit_is_refused_before_ray(tmp_path, capsys):
+    annotations = write_coco(tmp_path / "a.json", image_coco(["x.jpg"]))
+    argv = ["masks", "--annotations", str(annotations), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--num-cpus", str(10**15)]) == 2
+    err = capsys.readouterr().err
+    assert "'num_cpus' is 1000000000000000, expected 1 <= num_cpus <= 100000000000000" in err
+
+
+def test_the_masks_summary_counts_add_up():
+    from rayseg.masks import summary_line
+
+    counts = {
+        "images_in": 24,
+        "images_valid": 21,
+        "masks_written": 9,
+        "resumed": 0,
+        "failed": 15,
+        "problems": 15,
+        "shards_run": 1,
+        "shards": 1,
+    }
+    line = summary_line({"counts": counts}, "o")
+    assert line.startswith("masks: 24 images -> 9 written, 0 resumed, 15 failed;")
+    cut_short = summary_line({"counts": {**counts, "failed": 3}}, "o")
+    assert "24 images -> 9 written, 0 resumed, 3 failed, 12 in unfinished shards;" in cut_short
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def test_a_mistyped_flag_names_its_command_and_the_nearest_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["subset", "--num-image", "3", "--annotations", "a.json", "--out", "s.json"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "rayseg subset: error: unrecognized argument --num-image; did you mean --num-images?" in err
+    )
+
+
+def test_version(capsys):
+    from rayseg import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"rayseg {__version__}\n"
