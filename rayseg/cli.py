@@ -21,9 +21,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from rayseg import __version__
+from rayseg import __version__, runtime
 from rayseg import config as C
-from rayseg import runtime
 from rayseg.errors import RaysegError
 from rayseg.runtime import VERBOSE_ENV
 

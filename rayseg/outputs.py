@@ -9,8 +9,8 @@ removed. `--overwrite` of a masks run deletes only the files that run recorded: 
 Parquet parts its shard records list, its plan, manifest, card and config, the VOC files its
 lists name, and its own temporaries. Anything else is listed and kept.
 
-An OUT that is the input file, holds the images folder or lies inside it is refused: outputs
-would mix with, or replace, the inputs.
+An OUT that is the input file, or is or lies inside the images folder, is refused: outputs would
+mix with, or replace, the inputs.
 """
 
 from __future__ import annotations
@@ -34,18 +34,16 @@ SHOWN = 3  # names an error message lists
 
 
 def check_apart(out: str, *, inputs: dict[str, str | None], images: dict[str, str | None]) -> None:
-    """Refuse an OUT that is one of the `inputs` (flag -> path) or holds or lies inside one of
-    the `images` folders (flag -> path). Paths are compared resolved (links, `..`)."""
+    """Refuse an OUT that is one of the `inputs` (flag -> path) or is or lies inside one of the
+    `images` folders (flag -> path). Paths are compared resolved (links, `..`). An OUT that holds
+    the images folder is a non-empty folder no rayseg run made: claim refuses it."""
     here = _resolved(out)
     for flag, path in inputs.items():
         if path and _resolved(path) == here:
             raise RaysegError(f"{out}: --out is the input {flag}; rayseg never replaces its input")
     for flag, path in images.items():
-        if not path:
-            continue
-        folder = _resolved(path)
-        if _within(here, folder) or _within(folder, here):
-            where = "is" if here == folder else "holds" if _within(folder, here) else "is inside"
+        if path and _within(here, _resolved(path)):
+            where = "is" if here == _resolved(path) else "is inside"
             raise RaysegError(
                 f"{out}: --out {where} the images folder {flag} {path}; outputs would mix with "
                 "the inputs: choose a folder outside it"
