@@ -255,6 +255,11 @@ class EvaluateConfig(RayConfig):
 class PredictConfig(RayConfig):
     checkpoint: str = required("run directory or exported model file")
     images: str = required("directory of images, or a masks Parquet folder")
+    follow_image_links: bool = opt(
+        False,
+        "read images through symbolic links in the --images folder that point outside it "
+        "(default: such a file is a listed problem, 'outside the images folder')",
+    )
     out: str = required("directory for label PNGs and overlays")
     batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per inference actor")

@@ -240,12 +240,18 @@ def write_outputs(batch: dict[str, np.ndarray], *, out: str) -> dict[str, np.nda
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def list_image_files(images: str) -> tuple[list[dict[str, str]], list[Problem]]:
-    """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped."""
+def list_image_files(
+    images: str, *, follow_links: bool = False
+) -> tuple[list[dict[str, str]], list[Problem]]:
+    """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped, and
+    so is a link leaving the folder unless `follow_links` (rayseg.storage.image_location)."""
     loc = storage.locate(images)
     files = [n for n in storage.list_files(loc) if n.lower().endswith(IMAGE_EXTENSIONS)]
     rows, problems, seen = [], [], set()
     for file_name in files:
+        if storage.image_location(images, file_name, follow_links=follow_links) is None:
+            problems.append(Problem(f"image file is {storage.OUTSIDE_IMAGES}", name=file_name))
+            continue
         stem = image_stem(file_name)
         if stem in seen:
             problems.append(Problem(f"another image has the stem {stem!r}", name=file_name))
@@ -267,7 +273,7 @@ class Inputs:
     stems: dict[int, str] | None = None  # Parquet rows: image id -> output stem
 
 
-def find_inputs(images: str) -> Inputs:
+def find_inputs(images: str, *, follow_links: bool = False) -> Inputs:
     """--images -> Inputs; an empty or missing source fails here, before Ray starts."""
     try:
         parquet = storage.parquet_location(images)
@@ -280,7 +286,7 @@ def find_inputs(images: str) -> Inputs:
     loc = storage.locate(images)
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
         raise RaysegError(f"{images}: no such image folder or Parquet folder")
-    files, problems = list_image_files(images)
+    files, problems = list_image_files(images, follow_links=follow_links)
     if not files:
         raise RaysegError(
             f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no Parquet parts"
@@ -308,7 +314,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     # Read the checkpoint on the driver first: a bad one fails here with one line, not in actors.
     _, info = load_checkpoint(cfg.checkpoint)
     class_map: ClassMap = info["class_map"]
-    inputs = find_inputs(cfg.images)
+    inputs = find_inputs(cfg.images, follow_links=cfg.follow_image_links)
     out = storage.locate(cfg.out)
     outputs.check_apart(cfg.out, inputs={}, images={"--images": cfg.images})
     storage.check_writable(out)

@@ -411,3 +411,20 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"rayseg {__version__}\n"
+
+
+def test_predict_folder_lists_links_that_leave_it(tmp_path):
+    from rayseg.predict import list_image_files
+
+    secret = tmp_path / "secret.jpg"
+    jpeg(secret)
+    images = tmp_path / "images"
+    jpeg(images / "ok.jpg")
+    (images / "leak.jpg").symlink_to(secret)
+    rows, problems = list_image_files(str(images))
+    assert [r["name"] for r in rows] == ["ok"]
+    assert [(p.name, p.reason) for p in problems] == [
+        ("leak.jpg", "image file is outside the images folder; not read")
+    ]
+    rows, problems = list_image_files(str(images), follow_links=True)
+    assert [r["name"] for r in rows] == ["leak", "ok"] and problems == []
