@@ -93,9 +93,20 @@ def test_a_link_at_an_output_name_is_replaced_never_written_through(tmp_path, at
 
 
 def test_a_fifo_at_an_output_name_is_replaced_without_waiting(tmp_path):
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("write_bytes waited on the FIFO")
+
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
-    storage.write_bytes(storage.locate(str(fifo)), b"PNG", atomic=False)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)  # before issue 21 the write waited forever for a reader
+    try:
+        storage.write_bytes(storage.locate(str(fifo)), b"PNG", atomic=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert fifo.is_file() and fifo.read_bytes() == b"PNG"
 
 
