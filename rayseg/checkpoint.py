@@ -30,7 +30,7 @@ from rayseg import storage
 from rayseg.config import TrainConfig, dump_yaml
 from rayseg.errors import RaysegError
 from rayseg.loop import TrainingState
-from rayseg.models import ClassMap, build_model, has_aux
+from rayseg.models import ClassMap, build_model, has_aux, load_weights_only
 from rayseg.records import Problem
 
 EXPORT_FORMAT = "rayseg-model/1"
@@ -101,7 +101,7 @@ def save_model(
 
 def read_record(loc: storage.Location) -> dict[str, Any]:
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(loc)), map_location="cpu")
+        obj = load_weights_only(storage.read_bytes(loc), loc.uri)
     except (OSError, RuntimeError, EOFError) as e:
         raise RaysegError(f"{loc.uri}: cannot read model ({e})") from None
     if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
@@ -261,7 +261,11 @@ def load_for_resume(folder: storage.Location) -> tuple[dict[str, Any] | None, st
     """(the checkpoint record, "") if folder/checkpoint.pt loads and can be resumed, else
     (None, why not)."""
     try:
-        record = torch.load(io.BytesIO(storage.read_bytes(folder.join(CHECKPOINT_FILE))))
+        record = load_weights_only(
+            storage.read_bytes(folder.join(CHECKPOINT_FILE)), CHECKPOINT_FILE
+        )
+    except RaysegError as e:
+        return None, f"{CHECKPOINT_FILE} does not load: {str(e).split(': ', 1)[1]}"
     except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, and said so
         # torch's messages run on with advice; their first sentence says what is wrong.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import signal
 import sys
@@ -20,8 +21,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from rayseg import __version__, runtime
 from rayseg import config as C
-from rayseg import runtime
 from rayseg.errors import RaysegError
 from rayseg.runtime import VERBOSE_ENV
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayseg", description=__doc__.splitlines()[0], allow_abbrev=False
     )
+    parser.add_argument("--version", action="version", version=f"rayseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
@@ -185,8 +187,30 @@ def interrupted_line(command: str) -> str:
     return f"rayseg {command}: interrupted{where}; rerun the same command {again}"
 
 
+def unknown_flags_message(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """`unrecognized argument --num-image; did you mean --num-images?`, as config keys say."""
+    flags = [f for f in parser._option_string_actions if f.startswith("--")]
+    unknown = [a for a in extra if a.startswith("-")] or extra
+    first = unknown[0].split("=", 1)[0]
+    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; see `{parser.prog} --help`"
+    return f"unrecognized argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}{hint}"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; an unknown flag is reported by its command's parser (naming it)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+            args.command
+        ]
+        sub.error(unknown_flags_message(extra, sub))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     # Read by rayseg.runtime on the driver and, inherited, in local Ray workers.
     os.environ[VERBOSE_ENV] = "1" if args.verbose else "0"
     cls = COMMANDS[args.command].config

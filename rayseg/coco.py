@@ -129,6 +129,17 @@ class CocoIndex:
 
 def load_coco(path: str) -> CocoIndex:
     """Parse and validate; fatal problems raise RaysegError, per-record ones are listed."""
+    try:
+        return _load_coco(path)
+    except RecursionError:
+        # msgspec decodes nested values recursively: JSON nested thousands deep (no COCO record
+        # is) ends in RecursionError, in bounded time and memory.
+        raise RaysegError(
+            f"{path}: not a COCO instances file (JSON nested too deeply to be one)"
+        ) from None
+
+
+def _load_coco(path: str) -> CocoIndex:
     data = _read_file(path)
     try:
         raw = msgspec.json.decode(data, type=_RawFile)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import operator
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,13 @@ OPTIMIZERS = ("sgd", "adamw")
 # 315; fill time grows with vertices x crossings: at 5,000 the worst self-crossing polygon takes
 # 0.9 s (opencv) / 0.4 s and 164 MB (coco) on 640x480, at 10,000 5 s (bench: issue 9 figures).
 MAX_VERTICES = 5_000
+# Default pixel cap of predict and evaluate: a model's activations grow with the image (LR-ASPP on
+# CPU holds ~1 GB per 4 Mpixel), so 4000x4000 is the largest image taken at full size by default.
+INFER_MAX_PIXELS = 16_000_000
+
+# Ray refuses a resource quantity above this (ray 2.60: "Resource quantities must be at most
+# 100000000000000.0"); checked here so the user reads rayseg's line, not Ray's ValueError.
+RAY_MAX_RESOURCE = 100_000_000_000_000
 
 # Limits a field's metadata may carry: key -> (test of value against the limit, how it reads).
 # At most one lower (min / above) and one upper (max / below) limit per field.
@@ -78,7 +86,9 @@ class RayConfig:
     """Which Ray a distributed command runs on; also the pipeline's `ray:` section."""
 
     address: str | None = opt(None, "Ray cluster address (default: local, or the job's cluster)")
-    num_cpus: int | None = opt(None, "CPUs for local Ray (default: all)", min=1)
+    num_cpus: int | None = opt(
+        None, "CPUs for local Ray (default: all)", min=1, max=RAY_MAX_RESOURCE
+    )
 
 
 @dataclass
@@ -120,6 +130,12 @@ class MasksConfig(RayConfig):
     naming: str = opt("cats", "mask file names", choices=NAMINGS)
     palette: bool = opt(False, "write indexed-colour PNGs (pixel values unchanged)")
     images_dir: str | None = opt(None, "check images and embed their bytes in the Parquet rows")
+    follow_image_links: bool = opt(
+        False,
+        "read images through symbolic links inside --images-dir that point outside it (default: "
+        "such an image is a listed problem, 'outside the images folder'; a linked --images-dir "
+        "itself is always followed)",
+    )
     shard_size: int = opt(
         0,
         "images per Ray task / Parquet file; 0 = auto: about 4 shards per CPU, 8 to 200 images "
@@ -209,7 +225,10 @@ class TrainConfig(RayConfig):
     max_failures: int = opt(2, "worker failures tolerated before the run fails (-1: any)", min=-1)
     num_to_keep: int = opt(2, "checkpoints kept (best by validation mIoU, plus the latest)", min=1)
     cpus_per_worker: float | None = opt(
-        None, "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)", above=0
+        None,
+        "CPUs reserved per worker (default: 1 with GPUs; on CPU all but one, shared)",
+        above=0,
+        max=RAY_MAX_RESOURCE,
     )
     gpus_per_worker: float = opt(
         1.0, "with --use-gpu: GPUs per worker (0.5: two workers share one GPU, over gloo)",
@@ -227,16 +246,38 @@ class EvaluateConfig(RayConfig):
     batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per scoring actor")
     num_actors: int = opt(1, "scoring actors (model replicas)", min=1)
+    max_pixels: int = opt(
+        INFER_MAX_PIXELS,
+        "an image over this many pixels is a listed problem, not scored (bounds an actor's memory)",
+        min=1,
+    )
+    overwrite: bool = opt(
+        False, "write into a non-empty --out no rayseg run made (nothing there is removed)"
+    )
 
 
 @dataclass
 class PredictConfig(RayConfig):
     checkpoint: str = required("run directory or exported model file")
     images: str = required("directory of images, or a masks Parquet folder")
+    follow_image_links: bool = opt(
+        False,
+        "read images through symbolic links in the --images folder that point outside it "
+        "(default: such a file is a listed problem, 'outside the images folder')",
+    )
     out: str = required("directory for label PNGs and overlays")
     batch_size: int = opt(4, "images per inference batch", min=1)
     use_gpu: bool = opt(False, "one GPU per inference actor")
     num_actors: int = opt(1, "inference actors (model replicas)", min=1)
+    max_pixels: int = opt(
+        INFER_MAX_PIXELS,
+        "an image over this many pixels is a listed problem, not predicted (bounds an actor's "
+        "memory)",
+        min=1,
+    )
+    overwrite: bool = opt(
+        False, "write into a non-empty --out no rayseg run made (nothing there is removed)"
+    )
 
 
 @dataclass
@@ -304,7 +345,9 @@ def _check_allowed(name: str, value: Any, meta: Any, where: str) -> None:
     """RaysegError unless `value` is one of the field's choices and within its limits."""
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise RaysegError(f"{where}: '{name}' is {value!r}, expected one of {', '.join(choices)}")
+        raise RaysegError(
+            f"{where}: '{name}' is {show(value)}, expected one of {', '.join(choices)}"
+        )
     limits = [(test, op, meta[key]) for key, (test, op) in LIMITS.items() if key in meta]
     if all(test(value, limit) for test, _, limit in limits):
         return
@@ -314,7 +357,7 @@ def _check_allowed(name: str, value: Any, meta: Any, where: str) -> None:
     else:
         ((_, op, limit),) = limits
         expected = f"{name} {op} {limit}"
-    raise RaysegError(f"{where}: '{name}' is {value!r}, expected {expected}")
+    raise RaysegError(f"{where}: '{name}' is {show(value)}, expected {expected}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -343,6 +386,18 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+# What an error message echoes of a value: a few items, levels and characters. A YAML alias
+# bomb is a small graph of shared lists that repr() would expand to gigabytes.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict = 2, 4, 4, 4
+_SHOW.maxstring = _SHOW.maxother = 80
+
+
+def show(value: Any) -> str:
+    """repr(value), bounded in time and length (see _SHOW)."""
+    return _SHOW.repr(value)
+
+
 def _suggest(name: str, valid) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     if close:
@@ -368,36 +423,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise RaysegError(f"{where} must be a list, got {value!r}")
+            raise RaysegError(f"{where} must be a list, got {show(value)}")
         return [_coerce(v, item, where) for v in value]
     if origin is Literal:
         if value not in get_args(tp):
-            raise RaysegError(f"{where} is {value!r}, expected one of {get_args(tp)}")
+            raise RaysegError(f"{where} is {show(value)}, expected one of {get_args(tp)}")
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise RaysegError(f"{where} must be true or false, got {value!r}")
+        raise RaysegError(f"{where} must be true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise RaysegError(f"{where} must be an integer, got {value!r}")
+            raise RaysegError(f"{where} must be an integer, got {show(value)}")
         if isinstance(value, int):
             return value
         try:
             return int(str(value).strip())
         except ValueError:
-            raise RaysegError(f"{where} must be an integer, got {value!r}") from None
+            raise RaysegError(f"{where} must be an integer, got {show(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise RaysegError(f"{where} must be a number, got {value!r}")
+            raise RaysegError(f"{where} must be a number, got {show(value)}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise RaysegError(f"{where} must be a number, got {value!r}") from None
+            raise RaysegError(f"{where} must be a number, got {show(value)}") from None
     if tp is str:
         if isinstance(value, dict | list):
-            raise RaysegError(f"{where} must be a string, got {value!r}")
+            raise RaysegError(f"{where} must be a string, got {show(value)}")
         return str(value)
     return value

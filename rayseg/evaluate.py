@@ -24,10 +24,16 @@ import numpy as np
 import torch
 
 from rayseg import metrics as M
-from rayseg import storage
+from rayseg import outputs, storage
 from rayseg.config import EvaluateConfig, to_dict
 from rayseg.errors import RaysegError
-from rayseg.infer import check_parquet_images, load_checkpoint, map_with_model, predict_labels
+from rayseg.infer import (
+    check_parquet_images,
+    load_checkpoint,
+    map_with_model,
+    over_pixel_cap,
+    predict_labels,
+)
 from rayseg.ingest import SampleError, decode_pair
 from rayseg.models import ClassMap
 from rayseg.records import Problem
@@ -109,12 +115,24 @@ def check_class_map(
 
 
 def score_images(
-    model, rows: list[dict[str, Any]], class_map: ClassMap, *, device: str = "cpu"
+    model,
+    rows: list[dict[str, Any]],
+    class_map: ClassMap,
+    *,
+    device: str = "cpu",
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, int, list[Problem]]:
-    """Masks Parquet rows {"image_id", "image", "mask"} -> (confusion, images scored, problems)."""
+    """Masks Parquet rows {"image_id", "image", "mask"} (and "height", "width" for the
+    --max-pixels check) -> (confusion, images scored, problems)."""
     problems: list[Problem] = []
     images, masks = [], []
     for row in rows:
+        too_big = over_pixel_cap(
+            int(row.get("width") or 0), int(row.get("height") or 0), max_pixels, "scored"
+        )
+        if too_big:
+            problems.append(Problem(too_big, image_id=int(row["image_id"])))
+            continue
         try:
             image, mask = decode_pair(row.get("image"), row.get("mask"))
         except SampleError as e:
@@ -132,17 +150,21 @@ def score_images(
 class Scorer:
     """Ray Data actor: loads the model once; a batch of rows -> one row, its confusion matrix."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool):
+    def __init__(self, checkpoint: str, use_gpu: bool, max_pixels: int | None = None):
         self.device = "cuda" if use_gpu else "cpu"
         self.model, info = load_checkpoint(checkpoint, device=self.device)
         self.class_map: ClassMap = info["class_map"]
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = ("image_id", "image", "mask", "height", "width")
         rows = [
-            {"image_id": i, "image": img, "mask": m}
-            for i, img, m in zip(batch["image_id"], batch["image"], batch["mask"], strict=True)
+            dict(zip(keys, values, strict=True))
+            for values in zip(*(batch[k] for k in keys), strict=True)
         ]
-        cm, scored, problems = score_images(self.model, rows, self.class_map, device=self.device)
+        cm, scored, problems = score_images(
+            self.model, rows, self.class_map, device=self.device, max_pixels=self.max_pixels
+        )
         return {
             "confusion": cm.reshape(1, -1),  # (1, K*K)
             "scored": np.array([scored]),
@@ -236,6 +258,7 @@ def check_inputs(
     check_class_map(class_map, meta, checkpoint=cfg.checkpoint, data=cfg.data)
     parts = storage.parquet_files(parquet)
     check_parquet_images(parts, cfg.data)
+    storage.check_mask_values(parts, meta, cfg.data)
     return parquet, parts
 
 
@@ -256,7 +279,7 @@ def score_on_ray(
     quiet_ray_data()  # before count(), the first execution: its INFO lines stay in ray-data.log
     ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
     total = ds.count()  # from the Parquet footers, before any scoring
-    ds = ds.select_columns(["image_id", "image", "mask"])
+    ds = ds.select_columns(["image_id", "image", "mask", "height", "width"])
     ds = map_with_model(ds, Scorer, checkpoint=worker_uri(checkpoint), cfg=cfg, env=env)
     return sum_partials(rows_with_progress(ds, total=total, label="evaluate"), k)
 
@@ -268,6 +291,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     parquet, parts = check_inputs(cfg, class_map)
     out = storage.locate(cfg.out)
     storage.check_writable(out)
+    outputs.claim(
+        out, "evaluate", writes=(METRICS_NAME, CONFUSION_IMAGE_NAME), overwrite=cfg.overwrite
+    )
 
     cm, scored, problems = score_on_ray(
         cfg, parquet, parts, checkpoint=info["source"], k=class_map.num_classes

@@ -50,7 +50,7 @@ def voc_root(out: storage.Location) -> storage.Location:
 def prepare_voc(out: storage.Location) -> None:
     root = voc_root(out)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        storage.make_dirs(root.join(sub))
+        storage.make_dirs(root.join(sub), below=out)
         storage.remove_stray_temporaries(root.join(sub))
 
 

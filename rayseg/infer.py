@@ -8,14 +8,14 @@ the model-actor stage that evaluate (Scorer) and predict (Predictor) both run.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import io
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from rayseg import storage
+from rayseg import naming, storage
 from rayseg.checkpoint import load_model
 from rayseg.config import EvaluateConfig, PredictConfig
 from rayseg.errors import RaysegError
@@ -76,7 +76,11 @@ def map_with_model(
     return map_with_actors(
         ds,
         actor,
-        constructor_kwargs={"checkpoint": checkpoint, "use_gpu": cfg.use_gpu},
+        constructor_kwargs={
+            "checkpoint": checkpoint,
+            "use_gpu": cfg.use_gpu,
+            "max_pixels": cfg.max_pixels,
+        },
         batch_size=cfg.batch_size,
         num_actors=cfg.num_actors,
         use_gpu=cfg.use_gpu,
@@ -85,7 +89,28 @@ def map_with_model(
 
 
 def image_stem(file_name: str) -> str:
-    return PurePosixPath(file_name).stem
+    """A file name's output stem: rayseg.naming's rule (safe characters, no leading dot, cut)."""
+    return naming.base_stem(file_name)
+
+
+def over_pixel_cap(width: int, height: int, cap: int | None, verb: str) -> str | None:
+    """The listed problem of an image over --max-pixels (the text `rayseg masks` uses), or None."""
+    if cap is None or width * height <= cap:
+        return None
+    return (
+        f"image is {width}x{height} = {width * height} pixels, over --max-pixels {cap}; not {verb}"
+    )
+
+
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, without decoding its pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - anything unreadable is decode's to report
+        return None
 
 
 def objects(items: list[bytes]) -> np.ndarray:

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayseg import export, lease, storage, verify
+from rayseg import export, lease, outputs, storage, verify
 from rayseg.classes import mask_classes
 from rayseg.coco import CocoIndex, load_coco, load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
@@ -44,6 +44,7 @@ _OUTPUT_KEYS = (
     "naming",
     "palette",
     "images_dir",
+    "follow_image_links",
     "shard_size",
     "layout",
     "max_pixels",
@@ -104,10 +105,13 @@ def prepare_output(
     record (finished or damaged)."""
     plan_loc = out.join("_shards", "plan.json")
     if overwrite:
-        for sub in ("masks", "parquet", "_shards", export.VOC_DIR[0]):
-            storage.delete_dir(out.join(sub))
-        storage.delete(out.join("manifest.json"))
-        storage.delete(out.join("README.md"))
+        kept = outputs.remove_masks_run(out)
+        if kept:
+            print(
+                f"masks: --overwrite kept {len(kept)} files no rayseg run recorded in {out.uri} "
+                f"({outputs.listing(kept)})",
+                flush=True,
+            )
     else:
         # A key the previous plan lacks was added by a later rayseg version: not a difference.
         changed = [k for k in plan if previous and k in previous and previous[k] != plan[k]]
@@ -117,7 +121,7 @@ def prepare_output(
                 "rerun with --overwrite or choose another --out"
             )
     for sub in ("masks", "parquet", "_shards"):
-        storage.make_dirs(out.join(sub))
+        storage.make_dirs(out.join(sub), below=out)
         storage.remove_stray_temporaries(out.join(sub))
     storage.write_json(plan_loc, plan)
     done = set()
@@ -305,7 +309,17 @@ def _looks_finished(out: storage.Location) -> bool:
 def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     start = time.monotonic()
     out = storage.locate(cfg.out)
+    outputs.check_apart(
+        cfg.out, inputs={"--annotations": cfg.annotations}, images={"--images-dir": cfg.images_dir}
+    )
     storage.check_writable(out)
+    outputs.claim(
+        out,
+        "masks",
+        writes=outputs.MASKS_FILES + outputs.MASKS_FOLDERS,
+        overwrite=cfg.overwrite,
+        made_by_rayseg=storage.exists(out.join("_shards", "plan.json")),
+    )
     held = lease.acquire(out)
     try:
         return _run_masks(cfg, out, start)
@@ -411,11 +425,16 @@ def build_manifest(
 
 
 def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
+    """One line whose image counts add up: written + resumed + failed (+ those in shards that
+    did not finish) = the images in the file."""
     c = manifest["counts"]
     voc = ", VOCdevkit/" if "voc" in manifest else ""
+    unfinished = c["images_in"] - c["masks_written"] - c["resumed"] - c["failed"]
     return (
-        f"masks: {c['images_valid']} images -> {c['masks_written']} written, "
-        f"{c['resumed']} resumed, {c['failed']} failed, {c['problems']} problems "
+        f"masks: {c['images_in']} images -> {c['masks_written']} written, "
+        f"{c['resumed']} resumed, {c['failed']} failed"
+        + (f", {unfinished} in unfinished shards" if unfinished else "")
+        + f"; {c['problems']} problems "
         f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
         f"(masks/, parquet/, manifest.json{voc})"
     )

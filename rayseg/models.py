@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,9 +204,29 @@ def has_aux(name: str, aux_loss: bool) -> bool:
     return aux_loss and name not in NO_AUX
 
 
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+def load_weights_only(data: bytes, where: str) -> Any:
+    """torch.load of tensors and plain containers only: `weights_only=True` is passed explicitly,
+    so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot switch it off (torch lets that variable decide only
+    where a call leaves the argument out) and no object in the file is ever constructed or run.
+    A file that needs more is refused in one line naming it; torch's own message (advice to
+    disable the protection) is not shown."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise RaysegError(
+            f"{where}: refused: it holds Python objects{what} beyond tensors and plain data, "
+            "and rayseg never runs code from a file it loads"
+        ) from None
+
+
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(storage.locate(path))), map_location="cpu")
+        obj = load_weights_only(storage.read_bytes(storage.locate(path)), path)
     except (OSError, RuntimeError) as e:
         raise RaysegError(f"{path}: cannot read weights ({e})") from None
     for key in ("state_dict", "model"):

@@ -15,6 +15,7 @@ one GPU each with --use-gpu) -> write files (tasks).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +23,17 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from rayseg import storage
+from rayseg import naming, outputs, storage
 from rayseg.config import PredictConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.infer import (
     check_parquet_images,
+    encoded_size,
     image_stem,
     load_checkpoint,
     map_with_model,
     objects,
+    over_pixel_cap,
     predict_labels,
 )
 from rayseg.models import ClassMap
@@ -46,6 +49,7 @@ from rayseg.runtime import (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.35  # a light tint: the outline and legend carry the class
 SUMMARY_NAME = "predict_summary.json"
+PREDICT_WRITES = ("masks", "overlays", SUMMARY_NAME)
 
 
 # ---- pure core -----------------------------------------------------------------------------------
@@ -141,27 +145,56 @@ def read_image_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"name": batch["name"], "image": objects(images), "reason": np.array(reasons)}
 
 
-def parquet_rows_to_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Masks Parquet rows {"file_name", "image"} -> {"name", "image", "reason"}."""
-    names = [image_stem(str(f)) for f in batch["file_name"]]
+def parquet_rows_to_images(
+    batch: dict[str, np.ndarray], *, stems: dict[int, str]
+) -> dict[str, np.ndarray]:
+    """Masks Parquet rows {"image_id", "image"} -> {"name", "image", "reason"}; `stems`: image id
+    -> its output stem (parquet_stems), "" for a row that cannot be named."""
+    names = [stems.get(int(i), "") for i in batch["image_id"]]
     images = [b if b is not None else b"" for b in batch["image"]]
     reasons = [
-        "" if b else "row has no image bytes (masks ran without --images-dir)" for b in images
+        "row has no usable file_name: its outputs cannot be named"
+        if not name
+        else ""
+        if b
+        else "row has no image bytes (masks ran without --images-dir)"
+        for name, b in zip(names, images, strict=True)
     ]
+    names = [name or f"image {i}" for name, i in zip(names, batch["image_id"], strict=True)]
     return {"name": np.array(names), "image": objects(images), "reason": np.array(reasons)}
+
+
+def parquet_stems(parts: tuple[storage.Location, ...]) -> dict[int, str]:
+    """Image id -> output stem for every row of the parts: rayseg.naming's rule, as `rayseg
+    masks` names them (unique, safe, cut to fit), so rows with shared stems never overwrite one
+    another. A row without a file name, or whose id repeats, gets no stem."""
+    import pyarrow.parquet as pq
+
+    pairs = []
+    for part in parts:
+        table = pq.read_table(part.path, columns=["image_id", "file_name"], filesystem=part.fs)
+        pairs += zip(table["image_id"].to_pylist(), table["file_name"].to_pylist(), strict=True)
+    repeated = {i for i, n in Counter(i for i, _ in pairs).items() if n > 1}
+    named = [(int(i), f) for i, f in pairs if i is not None and f and i not in repeated]
+    return dict(zip((i for i, _ in named), naming.unique_stems(named), strict=True))
 
 
 class Predictor:
     """Ray Data actor: loads the model once; encoded images -> encoded label PNGs + overlays."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool):
+    def __init__(self, checkpoint: str, use_gpu: bool, max_pixels: int | None = None):
         self.device = "cuda" if use_gpu else "cpu"
         self.model, info = load_checkpoint(checkpoint, device=self.device)
         self.class_map: ClassMap = info["class_map"]
         self.palette = overlay_palette(self.class_map)
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons = [str(r) for r in batch["reason"]]
+        for i, data in enumerate(batch["image"]):
+            size = encoded_size(data) if not reasons[i] and self.max_pixels else None
+            if size is not None:
+                reasons[i] = over_pixel_cap(*size, self.max_pixels, "predicted") or ""
         images = [
             storage.decode_image(b) if not r else None
             for b, r in zip(batch["image"], reasons, strict=True)
@@ -189,24 +222,36 @@ class Predictor:
 def write_outputs(batch: dict[str, np.ndarray], *, out: str) -> dict[str, np.ndarray]:
     """Write each predicted image's two files; -> the small per-image status rows."""
     root = storage.locate(out)
-    for name, mask_png, overlay_jpg, reason in zip(
-        batch["name"], batch["mask_png"], batch["overlay_jpg"], batch["reason"], strict=True
+    reasons = [str(r) for r in batch["reason"]]
+    for k, (name, mask_png, overlay_jpg) in enumerate(
+        zip(batch["name"], batch["mask_png"], batch["overlay_jpg"], strict=True)
     ):
-        if not reason:
+        if reasons[k]:
+            continue
+        try:
             storage.write_bytes(root.join("masks", f"{name}.png"), mask_png)
             storage.write_bytes(root.join("overlays", f"{name}.jpg"), overlay_jpg)
-    return {k: batch[k] for k in ("name", "height", "width", "reason")}
+        except OSError as e:  # one image's outputs, not the run
+            reasons[k] = f"outputs not written ({type(e).__name__}: {e.strerror or e})"
+    status = {k: batch[k] for k in ("name", "height", "width")}
+    return {**status, "reason": np.array(reasons)}
 
 
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def list_image_files(images: str) -> tuple[list[dict[str, str]], list[Problem]]:
-    """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped."""
+def list_image_files(
+    images: str, *, follow_links: bool = False
+) -> tuple[list[dict[str, str]], list[Problem]]:
+    """An image folder -> ([{"name": stem, "uri"}...], problems); a repeated stem is skipped, and
+    so is a link leaving the folder unless `follow_links` (rayseg.storage.image_location)."""
     loc = storage.locate(images)
     files = [n for n in storage.list_files(loc) if n.lower().endswith(IMAGE_EXTENSIONS)]
     rows, problems, seen = [], [], set()
     for file_name in files:
+        if storage.image_location(images, file_name, follow_links=follow_links) is None:
+            problems.append(Problem(f"image file is {storage.OUTSIDE_IMAGES}", name=file_name))
+            continue
         stem = image_stem(file_name)
         if stem in seen:
             problems.append(Problem(f"another image has the stem {stem!r}", name=file_name))
@@ -225,9 +270,10 @@ class Inputs:
     files: tuple[dict[str, str], ...]
     count: int
     problems: tuple[Problem, ...]
+    stems: dict[int, str] | None = None  # Parquet rows: image id -> output stem
 
 
-def find_inputs(images: str) -> Inputs:
+def find_inputs(images: str, *, follow_links: bool = False) -> Inputs:
     """--images -> Inputs; an empty or missing source fails here, before Ray starts."""
     try:
         parquet = storage.parquet_location(images)
@@ -236,11 +282,11 @@ def find_inputs(images: str) -> Inputs:
     if parquet is not None:
         parts = storage.parquet_files(parquet)
         count = check_parquet_images(parts, images)
-        return Inputs(parquet, tuple(parts), (), count, ())
+        return Inputs(parquet, tuple(parts), (), count, (), parquet_stems(tuple(parts)))
     loc = storage.locate(images)
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
         raise RaysegError(f"{images}: no such image folder or Parquet folder")
-    files, problems = list_image_files(images)
+    files, problems = list_image_files(images, follow_links=follow_links)
     if not files:
         raise RaysegError(
             f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no Parquet parts"
@@ -255,8 +301,10 @@ def image_dataset(inputs: Inputs, *, batch_size: int):
     if inputs.parquet is not None:
         paths = [p.path for p in inputs.parts]
         ds = ray.data.read_parquet(paths, filesystem=inputs.parquet.fs)
-        ds = ds.select_columns(["file_name", "image"])
-        return ds.map_batches(parquet_rows_to_images, batch_size=batch_size)
+        ds = ds.select_columns(["image_id", "image"])
+        return ds.map_batches(
+            parquet_rows_to_images, fn_kwargs={"stems": inputs.stems}, batch_size=batch_size
+        )
     ds = ray.data.from_items(list(inputs.files))
     return ds.map_batches(read_image_files, batch_size=batch_size)
 
@@ -266,11 +314,13 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     # Read the checkpoint on the driver first: a bad one fails here with one line, not in actors.
     _, info = load_checkpoint(cfg.checkpoint)
     class_map: ClassMap = info["class_map"]
-    inputs = find_inputs(cfg.images)
+    inputs = find_inputs(cfg.images, follow_links=cfg.follow_image_links)
     out = storage.locate(cfg.out)
+    outputs.check_apart(cfg.out, inputs={}, images={"--images": cfg.images})
     storage.check_writable(out)
-    storage.make_dirs(out.join("masks"))
-    storage.make_dirs(out.join("overlays"))
+    outputs.claim(out, "predict", writes=PREDICT_WRITES, overwrite=cfg.overwrite)
+    storage.make_dirs(out.join("masks"), below=out)
+    storage.make_dirs(out.join("overlays"), below=out)
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)

@@ -89,6 +89,7 @@ class ShardJob:
     layout: str = "rayseg"
     max_pixels: int | None = None
     max_vertices: int | None = None
+    follow_image_links: bool = False
 
 
 def scheme_meta(scheme: ValueScheme, names: dict[int, str]) -> dict[str, Any]:
@@ -174,9 +175,14 @@ def value_counts(mask: np.ndarray, windows: Mapping[int, Window] | None = None) 
     return {int(v): int(n) for v, n in zip(values, counts, strict=True)}
 
 
-def read_image(rec: ImageRecord, images_dir: str) -> tuple[bytes | None, str | None]:
-    """The image's encoded bytes if it exists, decodes and has the recorded size."""
-    loc = storage.locate(images_dir).join(rec.file_name)
+def read_image(
+    rec: ImageRecord, images_dir: str, *, follow_links: bool = False
+) -> tuple[bytes | None, str | None]:
+    """The image's encoded bytes if it exists, decodes and has the recorded size; a name that
+    leaves the images folder is refused unopened (rayseg.storage.image_location)."""
+    loc = storage.image_location(images_dir, rec.file_name, follow_links=follow_links)
+    if loc is None:
+        return None, f"image file {rec.file_name!r} is {storage.OUTSIDE_IMAGES}"
     try:
         data = storage.read_bytes(loc)
     except FileNotFoundError:
@@ -279,7 +285,7 @@ def render_record(
         )
     image_bytes = None
     if job.images_dir:
-        image_bytes, reason = read_image(rec, job.images_dir)
+        image_bytes, reason = read_image(rec, job.images_dir, follow_links=job.follow_image_links)
         if reason:
             raise _Skipped(reason)
     mask, image_problems, windows = render_image(rec, job)
@@ -427,6 +433,7 @@ def plan_jobs(
         layout=cfg.layout,
         max_pixels=cfg.max_pixels,
         max_vertices=cfg.max_vertices,
+        follow_image_links=cfg.follow_image_links,
     )
     return ShardJobs(index, template, size)
 

@@ -4,14 +4,24 @@ Paths are plain local paths or URIs that pyarrow.fs understands (`s3://bucket/pr
 credentials and endpoint from the standard AWS_* variables). Every write is atomic: local files
 go to a temporary name in the same folder and are renamed; object-store puts only become visible
 when complete, so they are written in place.
+
+Local writes never follow a link rayseg did not make. Temporaries are created with
+O_CREAT | O_EXCL | O_NOFOLLOW, and the rename replaces whatever sits at the output's name, a
+symbolic link included, as a directory entry: the link's target is never opened. A file written in
+place (`atomic=False`) is opened with O_NOFOLLOW; a symbolic link, a hard-linked file or anything
+but a regular file at its name is replaced the same way. Folders rayseg creates below an output
+(make_dirs(..., below=OUT)) must not be symbolic links: one found there is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import re
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -94,7 +104,19 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def make_dirs(loc: Location) -> None:
+def make_dirs(loc: Location, *, below: Location | None = None) -> None:
+    """Create a folder and its parents. With `below` (the output folder the user named), a
+    symbolic link found at any folder between it and `loc` is refused: rayseg writes nothing
+    where a link it did not make points."""
+    if below is not None and loc.is_local:
+        top, path = below.path.rstrip("/"), loc.path
+        while path.startswith(top + "/"):
+            if os.path.islink(path):
+                raise RaysegError(
+                    f"{path}: is a symbolic link rayseg did not make; it does not write through "
+                    "it (remove it or choose another --out)"
+                )
+            path = os.path.dirname(path)
     try:
         loc.fs.create_dir(loc.path, recursive=True)
     except OSError as e:
@@ -118,18 +140,87 @@ def write_bytes(loc: Location, data: bytes, *, atomic: bool = True) -> None:
     """Write a file; `atomic=False` skips the local rename where a later commit point (a shard
     record) already makes half-written files harmless: they are rewritten by the rerun."""
     if loc.is_local and not atomic:
-        with open(loc.path, "wb") as f:
-            f.write(data)
+        _write_in_place(loc.path, data)
         return
     if loc.is_local:
-        head, name = os.path.split(loc.path)
-        tmp = os.path.join(head, temporary_name(name))
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, loc.path)
+        _write_renamed(loc.path, data)
         return
     with loc.fs.open_output_stream(loc.path) as f:
         f.write(data)
+
+
+# A new file of our own: never an existing name, never through a link.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# An existing name written in place: no link followed, no wait on a FIFO planted there.
+_REUSE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _write_renamed(path: str, data: bytes) -> None:
+    """A fresh temporary in the same folder, renamed over `path`: whatever was at `path` (a
+    symbolic or hard link included) is replaced as a name, its target left untouched."""
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, temporary_name(name))
+    fd = os.open(tmp, _CREATE, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_in_place(path: str, data: bytes) -> None:
+    """Overwrite a regular file of its own in place (no rename: cheaper for many small files);
+    anything else at the name (a link, a FIFO, a file with other hard links) is replaced."""
+    try:
+        fd = os.open(path, _REUSE, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EMLINK):
+            raise
+        _write_renamed(path, data)  # a symbolic link (ELOOP) or a FIFO with no reader (ENXIO)
+        return
+    with os.fdopen(fd, "wb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.set_blocking(f.fileno(), True)
+            f.truncate(0)
+            f.write(data)
+            return
+    _write_renamed(path, data)
+
+
+OUTSIDE_IMAGES = "outside the images folder; not read"
+
+
+def image_location(
+    images_dir: str, file_name: str, *, follow_links: bool = False
+) -> Location | None:
+    """`images_dir`/`file_name`, or None when that leaves the images folder: an absolute name,
+    a `..` that climbs out, or (local, unless `follow_links`) a symbolic link inside the folder
+    whose target lies outside it. Decided from names and links alone: the file is not opened,
+    so a refusal says nothing about what exists there. The folder itself may be a link."""
+    if not file_name or file_name.startswith("/") or "\x00" in file_name:
+        return None
+    parts = [p for p in file_name.split("/") if p not in ("", ".")]
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            return None
+    if not parts:
+        return None
+    if ".." in parts:  # inside after all: a/../b.jpg, read as b.jpg
+        parts = os.path.normpath("/".join(parts)).split("/")
+    root = locate(images_dir)
+    loc = root.join(*parts)
+    if root.is_local and not follow_links:
+        top = os.path.realpath(root.path)
+        real = os.path.realpath(loc.path)
+        if os.path.commonpath([top, real]) != top or real == top:
+            return None
+    return loc
 
 
 def read_bytes(loc: Location) -> bytes:
@@ -364,3 +455,38 @@ def read_mask_meta(data: str) -> dict[str, Any]:
     if raw is None:
         raise RaysegError(f"{parts[0].uri}: not written by `rayseg masks` (no rayseg metadata)")
     return json.loads(raw)
+
+
+def unmapped_values(
+    parts: list[Location], meta: dict[str, Any]
+) -> list[tuple[int, dict[int, int]]]:
+    """(image id, {value: pixels}) of each row whose mask holds values outside the masks' own
+    scheme (background, ignore and its classes), from the `value_pixels` column alone."""
+    known = {meta.get("background_value", BACKGROUND), meta.get("ignore_value")}
+    known |= {int(c["value"]) for c in meta.get("classes", [])}
+    found = []
+    for part in parts:
+        table = pq.read_table(part.path, columns=["image_id", "value_pixels"], filesystem=part.fs)
+        for image_id, pairs in zip(
+            table["image_id"].to_pylist(), table["value_pixels"].to_pylist(), strict=True
+        ):
+            odd = {p["value"]: p["pixels"] for p in pairs or () if p["value"] not in known}
+            if odd:
+                found.append((int(image_id), odd))
+    return found
+
+
+def check_mask_values(parts: list[Location], meta: dict[str, Any], data: str) -> None:
+    """RaysegError, one line, when any row's mask holds a value outside its class map: such
+    pixels would otherwise train or score as background without a word."""
+    found = unmapped_values(parts, meta)
+    if not found:
+        return
+    shown = "; ".join(
+        f"image {i}: " + ", ".join(f"value {v} x {n} pixels" for v, n in sorted(odd.items())[:3])
+        for i, odd in found[:3]
+    )
+    raise RaysegError(
+        f"{data}: {len(found)} rows hold mask values outside the masks' class map ({shown}"
+        f"{'; ...' if len(found) > 3 else ''}); rerun `rayseg masks` or fix those masks"
+    )

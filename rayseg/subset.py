@@ -8,7 +8,9 @@ OUT.config.yaml beside it. No pixels.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from typing import Any
 
 import msgspec
@@ -95,15 +97,25 @@ def _separated(raws: list[msgspec.Raw]) -> list[bytes | msgspec.Raw]:
 
 
 def _write_chunks(path: str, chunks: list[bytes | msgspec.Raw]) -> None:
+    """Atomically, as rayseg.storage writes (without importing it: pyarrow and OpenCV are
+    heavy): a fresh temporary (O_EXCL | O_NOFOLLOW) renamed over `path`, so a link at `path` is
+    replaced, never written through, and the temporary is removed if anything fails."""
     if "://" in path:
         from rayseg import storage
 
         storage.write_bytes(storage.locate(path), b"".join(chunks))
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.writelines(chunks)
-    os.replace(tmp, path)
+    head, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(head, f".{name}.tmp-{uuid.uuid4().hex}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
+            f.writelines(chunks)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def list_image_files(images_dir: str) -> set[str]:
@@ -117,7 +129,7 @@ def list_image_files(images_dir: str) -> set[str]:
 
 
 def run_subset(cfg: SubsetConfig) -> dict[str, Any]:
-    _check_local_parent(cfg.out)
+    _check_out(cfg.out, cfg.annotations)
     index = load_coco(cfg.annotations)
     available = list_image_files(cfg.images_dir) if cfg.images_dir else None
     ids, counts = select_images(
@@ -152,6 +164,19 @@ def run_subset(cfg: SubsetConfig) -> dict[str, Any]:
         f"to {cfg.out}"
     )
     return summary
+
+
+def _check_out(out: str, annotations: str) -> None:
+    """Fail before parsing a large file when --out is the input, a folder, or not writable."""
+    if "://" in out:
+        return
+    if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(annotations):
+        raise RaysegError(
+            f"{out}: --out is the input --annotations; rayseg never replaces its input"
+        )
+    if os.path.isdir(out):
+        raise RaysegError(f"{out}: --out is a folder; give the path of the subset file to write")
+    _check_local_parent(out)
 
 
 def _check_local_parent(path: str) -> None:

@@ -272,6 +272,7 @@ def check_inputs(cfg: TrainConfig) -> Checked:
     """Data, classes, split, crop, weights, output and any earlier run: RaysegError if unusable."""
     check_settings(cfg)
     data = ingest.scan_data(cfg.data)
+    storage.check_mask_values(storage.parquet_files(data.location), data.meta, cfg.data)
     class_map = class_map_from_meta(data.meta, cfg.classes)
     split = plan_split(cfg, data, class_map)
     ingest.check_crop(split.train, split.train_ids, cfg.crop_size)

@@ -7,6 +7,7 @@ would persist it; resume, the export and load_model must all agree with the mode
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,16 @@ META = category_meta({1: "square", 2: "disc"})
 CLASS_MAP = class_map_from_meta(META)
 CFG = TrainConfig(data="d", out="o", model="lraspp_mobilenet_v3_large", epochs=3)
 X = torch.randn(1, 3, 32, 32)
+
+
+class Payload:
+    """A pickle that, if unpickled with code allowed, creates the folder `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
 
 
 def state(seed: int) -> loop.TrainingState:
@@ -93,10 +104,15 @@ def ray_snapshot(*names: str) -> dict:
         (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "does not load: "),
         (lambda p: p.write_bytes(b""), "does not load: "),
         (lambda p: torch.save({"format": checkpoint.EXPORT_FORMAT}, p), "lacks state_dict"),
+        # Issue 21: a pickle payload is refused unrun (even with torch's env override set).
+        (lambda p: torch.save({"x": Payload(p.parent / "ran")}, p), "does not load: refused"),
     ],
-    ids=["truncated", "empty", "export-only"],
+    ids=["truncated", "empty", "export-only", "pickle-payload"],
 )
-def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(run, damage, why):
+def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(
+    run, damage, why, monkeypatch
+):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     loc, written = run
     newer = loc.join("epoch_0003")
     storage.make_dirs(newer)
@@ -109,6 +125,7 @@ def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(run, damag
     assert (point.epochs, point.name) == (2, "epoch_0002")
     ((name, reason),) = point.skipped
     assert name == "epoch_0003" and reason.startswith("checkpoint.pt ") and why in reason
+    assert not Path(newer.path, "ran").exists() and "weights_only" not in reason
     # Ray Train's snapshot forgets it: it would hand it to the workers again.
     snapshot = storage.read_json(loc.join(checkpoint.RAY_SNAPSHOT))
     assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == ["epoch_0002"]

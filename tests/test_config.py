@@ -84,7 +84,7 @@ def test_invalid_yaml_reports_line(tmp_path):
             "'val_fraction' is -0.1, expected 0 <= val_fraction < 1",
         ),
         (TrainConfig, "max_failures", -2, "'max_failures' is -2, expected max_failures >= -1"),
-        (TrainConfig, "num_cpus", 0, "'num_cpus' is 0, expected num_cpus >= 1"),
+        (TrainConfig, "num_cpus", 0, "'num_cpus' is 0, expected 1 <= num_cpus <= 100000000000000"),
         (MasksConfig, "shard_size", -1, "'shard_size' is -1, expected shard_size >= 0"),
         (SubsetConfig, "num_images", 0, "'num_images' is 0, expected num_images >= 1"),
         (SynthConfig, "width", 0, "'width' is 0, expected width >= 1"),

@@ -1,0 +1,186 @@
+"""What in an output folder is rayseg's own: checked before a command writes, and all that
+`--overwrite` removes.
+
+An OUT is rayseg's when it is new or empty, or holds OWNER_NAME (written when a run claims it)
+or, for `rayseg masks`, the `_shards/plan.json` of an earlier version. A non-empty OUT without
+either is refused unless the user says `--overwrite`; even then a file rayseg would replace at
+the top of OUT (its manifest, card, config, summary) is refused, and nothing already there is
+removed. `--overwrite` of a masks run deletes only the files that run recorded: the masks and
+Parquet parts its shard records list, its plan, manifest, card and config, the VOC files its
+lists name, and its own temporaries. Anything else is listed and kept.
+
+An OUT that is the input file, or is or lies inside the images folder, is refused: outputs would
+mix with, or replace, the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from rayseg import __version__, storage
+from rayseg.errors import RaysegError
+
+OWNER_NAME = "_rayseg.json"
+LOCK_NAME = "_lock.json"  # rayseg.lease's
+_SHARD_RECORD = re.compile(r"^shard-(\d+)\.json$")
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+# The files a masks run writes at the top of OUT, and the folders it writes into.
+MASKS_FILES = ("manifest.json", "README.md", "config.yaml")
+MASKS_FOLDERS = ("masks", "parquet", "_shards", "VOCdevkit")
+SHOWN = 3  # names an error message lists
+
+
+def check_apart(out: str, *, inputs: dict[str, str | None], images: dict[str, str | None]) -> None:
+    """Refuse an OUT that is one of the `inputs` (flag -> path) or is or lies inside one of the
+    `images` folders (flag -> path). Paths are compared resolved (links, `..`). An OUT that holds
+    the images folder is a non-empty folder no rayseg run made: claim refuses it."""
+    here = _resolved(out)
+    for flag, path in inputs.items():
+        if path and _resolved(path) == here:
+            raise RaysegError(f"{out}: --out is the input {flag}; rayseg never replaces its input")
+    for flag, path in images.items():
+        if path and _within(here, _resolved(path)):
+            where = "is" if here == _resolved(path) else "is inside"
+            raise RaysegError(
+                f"{out}: --out {where} the images folder {flag} {path}; outputs would mix with "
+                "the inputs: choose a folder outside it"
+            )
+
+
+def _resolved(path: str) -> str:
+    loc = storage.locate(path)
+    return os.path.realpath(loc.path) if loc.is_local else loc.uri.rstrip("/")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def entries(loc: storage.Location) -> list[str]:
+    """Names of the files and folders directly inside `loc` ([] if it does not exist)."""
+    if loc.is_local:
+        try:
+            return sorted(os.listdir(loc.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    info = loc.fs.get_file_info(storage.pafs.FileSelector(loc.path, allow_not_found=True))
+    return sorted(i.base_name for i in info)
+
+
+def claim(
+    out: storage.Location,
+    command: str,
+    *,
+    writes: tuple[str, ...],
+    overwrite: bool,
+    made_by_rayseg: bool = False,
+) -> None:
+    """Check that `command` may write into OUT, then mark it as rayseg's (OWNER_NAME).
+
+    `writes`: the names the command puts at the top of OUT; `made_by_rayseg`: the command's
+    own sign of an earlier run (masks: a plan)."""
+    present = [n for n in entries(out) if n != LOCK_NAME and not storage.is_temporary(n)]
+    owned = made_by_rayseg or OWNER_NAME in present
+    if present and not owned:
+        held = listing(present)
+        if not overwrite:
+            raise RaysegError(
+                f"{out.uri} is not empty and no rayseg run made it (it holds {held}); choose "
+                "a new or empty --out, or add --overwrite to write beside those files (rayseg "
+                "removes none of them)"
+            )
+        clash = [n for n in writes if n in present]
+        if clash:
+            raise RaysegError(
+                f"{out.join(clash[0]).uri} was not written by rayseg and `rayseg {command}` "
+                "would replace it; move it away or choose another --out"
+            )
+    if OWNER_NAME not in present:
+        storage.write_json(
+            out.join(OWNER_NAME),
+            {"command": command, "rayseg_version": __version__, "writes": list(writes)},
+        )
+
+
+def listing(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN])
+    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def remove_masks_run(out: storage.Location) -> list[str]:
+    """--overwrite of a masks OUT: delete what the earlier run recorded as its own; returns the
+    paths (relative to OUT) it kept because no run recorded them."""
+    own = _recorded_masks_files(out)
+    kept = []
+    for folder in (*MASKS_FOLDERS[:3], *_voc_folders()):
+        loc = out.join(folder)
+        for name in storage.list_files(loc):
+            rel = f"{folder}/{name}"
+            if rel in own or storage.is_temporary(name):
+                storage.delete(loc.join(name))
+            else:
+                kept.append(rel)
+    for name in MASKS_FILES:
+        storage.delete(out.join(name))
+    top = set(MASKS_FILES) | set(MASKS_FOLDERS) | {OWNER_NAME, LOCK_NAME}
+    kept += [n for n in entries(out) if n not in top and not storage.is_temporary(n)]
+    return kept
+
+
+def _voc_folders() -> tuple[str, ...]:
+    root = "VOCdevkit/VOC2012"
+    return (
+        root,
+        f"{root}/JPEGImages",
+        f"{root}/SegmentationClass",
+        f"{root}/ImageSets/Segmentation",
+    )
+
+
+def _recorded_masks_files(out: storage.Location) -> set[str]:
+    """Paths (relative to OUT) that the masks run in OUT wrote, from its plan, shard records
+    and VOC lists; a part of a planned shard counts (it is written before the shard's record)."""
+    shards = out.join("_shards")
+    own = {"_shards/plan.json"}
+    plan = _read_json(shards.join("plan.json")) or {}
+    num_shards = plan.get("num_shards") if isinstance(plan.get("num_shards"), int) else 0
+    for name in storage.list_files(out.join("parquet")):
+        found = _PART.match(name)
+        if found and int(found.group(1)) < num_shards:
+            own.add(f"parquet/{name}")
+    for name in storage.list_files(shards):
+        if not _SHARD_RECORD.match(name):
+            continue
+        own.add(f"_shards/{name}")
+        record = _read_json(shards.join(name))
+        if not isinstance(record, dict):
+            continue
+        own.add(f"parquet/part-{int(_SHARD_RECORD.match(name).group(1)):05d}.parquet")
+        for entry in record.get("masks") or []:
+            if isinstance(entry, list) and entry and isinstance(entry[0], str):
+                own.add(f"masks/{entry[0]}")
+    root, lists = "VOCdevkit/VOC2012", "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    own.add(f"{root}/classes.json")
+    for split in ("train", "val", "trainval"):
+        own.add(f"{lists}/{split}.txt")
+        text = _read_text(out.join(*lists.split("/"), f"{split}.txt"))
+        for stem in text.split():
+            own.update({f"{root}/JPEGImages/{stem}.jpg", f"{root}/SegmentationClass/{stem}.png"})
+    return own
+
+
+def _read_json(loc: storage.Location) -> Any:
+    try:
+        return json.loads(storage.read_bytes(loc))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_text(loc: storage.Location) -> str:
+    try:
+        return storage.read_bytes(loc).decode(errors="replace")
+    except OSError:
+        return ""
