@@ -40,7 +40,6 @@ from rayseg.records import Problem
 from rayseg.runtime import (
     check_gpus,
     connect_ray,
-    forwarded_env,
     quiet_ray_data,
     rows_with_progress,
     worker_uri,
@@ -275,12 +274,11 @@ def score_on_ray(
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
-    env = forwarded_env(cfg.checkpoint, cfg.data, cfg.out)
     quiet_ray_data()  # before count(), the first execution: its INFO lines stay in ray-data.log
     ds = ray.data.read_parquet([p.path for p in parts], filesystem=parquet.fs)
     total = ds.count()  # from the Parquet footers, before any scoring
     ds = ds.select_columns(["image_id", "image", "mask", "height", "width"])
-    ds = map_with_model(ds, Scorer, checkpoint=worker_uri(checkpoint), cfg=cfg, env=env)
+    ds = map_with_model(ds, Scorer, checkpoint=worker_uri(checkpoint), cfg=cfg)
     return sum_partials(rows_with_progress(ds, total=total, label="evaluate"), k)
 
 

@@ -67,11 +67,10 @@ def map_with_model(
     *,
     checkpoint: str,
     cfg: EvaluateConfig | PredictConfig,
-    env: dict[str, Any],
 ) -> Any:
     """ds (a ray.data.Dataset) through cfg.num_actors `actor(checkpoint, use_gpu)` replicas.
 
-    `checkpoint` must be valid on every worker (runtime.worker_uri); `env` is a runtime_env.
+    `checkpoint` must be valid on every worker (runtime.worker_uri).
     """
     return map_with_actors(
         ds,
@@ -84,7 +83,6 @@ def map_with_model(
         batch_size=cfg.batch_size,
         num_actors=cfg.num_actors,
         use_gpu=cfg.use_gpu,
-        env=env,
     )
 
 

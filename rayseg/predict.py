@@ -41,7 +41,6 @@ from rayseg.records import Problem
 from rayseg.runtime import (
     check_gpus,
     connect_ray,
-    forwarded_env,
     rows_with_progress,
     worker_uri,
 )
@@ -324,11 +323,9 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
 
     connect_ray(cfg.address, cfg.num_cpus)
     check_gpus(cfg.use_gpu)
-    env = forwarded_env(cfg.checkpoint, cfg.images, cfg.out)
     ds = image_dataset(inputs, batch_size=cfg.batch_size)
-    ds = map_with_model(ds, Predictor, checkpoint=worker_uri(info["source"]), cfg=cfg, env=env)
-    remote_args = {"runtime_env": env} if env else {}
-    ds = ds.map_batches(write_outputs, fn_kwargs={"out": worker_uri(cfg.out)}, **remote_args)
+    ds = map_with_model(ds, Predictor, checkpoint=worker_uri(info["source"]), cfg=cfg)
+    ds = ds.map_batches(write_outputs, fn_kwargs={"out": worker_uri(cfg.out)})
     rows = list(rows_with_progress(ds, total=inputs.count, label="predict"))
 
     num_inputs = inputs.count

@@ -1,8 +1,9 @@
 """Ray plumbing shared by every distributed stage, and progress reporting for long work.
 
-connect_ray joins or starts a cluster; forwarded_env is the runtime_env that gives Ray workers the
-driver's object-store settings; worker_uri makes a location valid on any worker; check_gpus refuses
-a GPU run on a cluster without GPUs. Ray is imported inside the functions that use it.
+connect_ray joins or starts a cluster (a joined cluster's job gets job_env: the driver's AWS_*
+settings for every worker, and netif's socket hook); worker_uri makes a location valid on any
+worker; check_gpus refuses a GPU run on a cluster without GPUs. Ray is imported inside the
+functions that use it.
 
 Quiet by default: Ray's own warnings, error-level lines of its processes and deprecation warnings
 stay in Ray's log files (RAY_TMPDIR/ray/session_*/logs); `rayseg --verbose` (RAYSEG_VERBOSE=1)
@@ -409,18 +410,6 @@ def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return runtime_env
 
 
-def forwarded_env(*uris: str | None) -> dict[str, Any]:
-    """A Ray runtime_env carrying the driver's AWS_* settings, when any of `uris` is s3://.
-
-    Workers on other nodes read and write the same bucket with the same endpoint and credentials.
-    Empty when nothing needs it, so local runs stay plain.
-    """
-    if not any(u and u.startswith("s3://") for u in uris):
-        return {}
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return {"env_vars": env} if env else {}
-
-
 def map_with_actors(
     ds: Any,
     actor: type,
@@ -429,12 +418,10 @@ def map_with_actors(
     batch_size: int,
     num_actors: int,
     use_gpu: bool,
-    env: dict[str, Any],
 ) -> Any:
     """ds.map_batches through a fixed pool of `num_actors` `actor`s (a GPU each with use_gpu).
 
     `ds` is a ray.data.Dataset; each actor is built once (a model loaded once per replica).
-    `env` is a runtime_env (forwarded_env), {} for none.
     """
     from ray.data import ActorPoolStrategy
 
@@ -444,7 +431,6 @@ def map_with_actors(
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else 0,
-        **({"runtime_env": env} if env else {}),
     )
 
 
