@@ -298,7 +298,8 @@ def check_inputs(cfg: TrainConfig) -> Checked:
 def worker_resources(cfg: TrainConfig, node_cpus: list[float]) -> tuple[float, int]:
     """(CPUs reserved per worker, torch threads per worker), given the CPUs of each node.
 
-    With GPUs a worker needs one CPU. CPU training gets all CPUs but one, shared out (no more
+    With GPUs a worker reserves ingest.GPU_CPUS_PER_WORKER (measured: the rest of a node's CPUs
+    decode its data). CPU training gets all CPUs but one, shared out (no more
     than a node has): Ray Data decodes on the CPUs that Train did not reserve. On a cluster of
     several nodes, where Ray Train restarts the workers after a failure (max_failures != 0), the
     share is planned as if the largest node were gone: restarted on the nodes left, the workers
@@ -307,7 +308,7 @@ def worker_resources(cfg: TrainConfig, node_cpus: list[float]) -> tuple[float, i
     if cfg.cpus_per_worker is not None:
         cpus = cfg.cpus_per_worker
     elif cfg.use_gpu:
-        cpus = 1.0
+        cpus = float(ingest.GPU_CPUS_PER_WORKER)
     else:
         usable = sum(node_cpus)
         if len(node_cpus) > 1 and cfg.max_failures != 0:

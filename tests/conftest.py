@@ -179,3 +179,22 @@ def ray_local(ray_tmpdir):
     yield
     context.enable_progress_bars = bars
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ns():
+    """The namespace cluster of tests/cluster/nscluster.py, one per test module, removed after.
+
+    Where namespaces cannot be made here (not root, no `unshare`), its tests skip with one line.
+    """
+    import nscluster  # tests/cluster, on sys.path for the modules there
+
+    why = nscluster.why_unavailable()
+    if why:
+        pytest.skip(f"namespace cluster unavailable: {why}")
+    c = nscluster.NsCluster()
+    try:
+        yield c.up()
+    finally:
+        c.down()
+        assert c.leftovers() == [], "namespaces left behind"

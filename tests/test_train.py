@@ -203,7 +203,7 @@ def test_checkpoint_of_another_model_or_classes_is_refused(trained, masks):
 
 
 def test_gpu_request_without_gpus_is_refused(trained, masks, tmp_path):
-    with pytest.raises(RaysegError, match="GPUs; the cluster has 0"):
+    with pytest.raises(RaysegError, match="the Ray cluster has no GPUs"):
         train.run_train(config(masks, tmp_path / "run", use_gpu=True))
 
 
