@@ -5,7 +5,8 @@ shows. Needs root and Linux namespaces.
     sudo .venv/bin/python bench/nscluster_bench.py                 # 400 images, ~10 min on 2 cores
     sudo .venv/bin/python bench/nscluster_bench.py --images 200 --json out.json
 
-Masks: `jobs/masks.py` submitted from the client host, outputs on S3 (moto on the head), on 3, then
+Masks: `jobs/masks.py` submitted from the client host, images and outputs on S3 (moto on the
+head), on 3, then
 2, then 1 worker hosts of 1 CPU (hosts killed in between); images/s from submit to end, and the
 bytes that crossed the switch (every worker port, both directions) per image, beside the bytes of
 the objects the run wrote to S3. Training: `jobs/train.py`, 1 rank against 2 ranks on 2 hosts
@@ -70,7 +71,8 @@ def ns_runs(images: int) -> dict:
             out = f"masks-{hosts}"
             before, began = switch_bytes(c), time.monotonic()
             run = demo_job.submit(c, "masks.py", "--annotations", annotations,
-                                  "--out", f"s3://rayseg/{out}", "--shard-size", "20")  # fmt: skip
+                                  "--out", f"s3://rayseg/{out}", "--shard-size", "20",
+                                  "--images-dir", "s3://rayseg/images")  # fmt: skip
             seconds = time.monotonic() - began
             if run.returncode != 0:
                 raise RuntimeError(run.stdout[-3000:])
@@ -140,6 +142,7 @@ def child_main(what: str, count: int, work: Path, images: int) -> dict:
         began = time.monotonic()
         argv = ["masks", "--annotations", str(work / "data" / "annotations.json"),
                 "--out", str(work / f"masks-{count}"), "--shard-size", "20",
+                "--images-dir", str(work / "data" / "images"),
                 "--address", cluster.address]  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(argv) == 0
