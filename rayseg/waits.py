@@ -94,24 +94,19 @@ def pending_needs() -> list[Need]:
 
     job = ray.get_runtime_context().get_job_id()
     needs = []
-    tasks = list_tasks(
-        filters=[("state", "=", PENDING_TASK), ("job_id", "=", job)],
-        detail=True,
-        timeout=10,
-        raise_on_missing_output=False,
-    )
-    for t in tasks:
-        if what := purpose(t.name):
-            needs.append(Need(what, tuple(sorted((t.required_resources or {}).items()))))
-    actors = list_actors(
-        filters=[("state", "=", PENDING_ACTOR), ("job_id", "=", job)],
-        detail=True,
-        timeout=10,
-        raise_on_missing_output=False,
-    )
-    for a in actors:
-        if what := purpose(a.class_name or ""):
-            needs.append(Need(what, tuple(sorted((a.required_resources or {}).items()))))
+    for listing, state, name_of in (
+        (list_tasks, PENDING_TASK, lambda t: t.name),
+        (list_actors, PENDING_ACTOR, lambda a: a.class_name or ""),
+    ):
+        pending = listing(
+            filters=[("state", "=", state), ("job_id", "=", job)],
+            detail=True,
+            timeout=10,
+            raise_on_missing_output=False,
+        )
+        for item in pending:
+            if what := purpose(name_of(item)):
+                needs.append(Need(what, tuple(sorted((item.required_resources or {}).items()))))
     return needs
 
 
