@@ -138,6 +138,18 @@ def checkpoint_dirs(run: storage.Location) -> list[storage.Location]:
     return [loc for loc in found if storage.exists(loc.join(CHECKPOINT_FILE))]
 
 
+# What `rayseg train` puts at the top of a run directory (its epoch_NNNN folders besides).
+RUN_WRITES = (
+    CONFIG_NAME, SPLIT_NAME, METRICS_NAME, CURVES_NAME, SUMMARY_NAME, EXPORT_NAME, RAY_SNAPSHOT,
+)  # fmt: skip
+
+
+def is_run_dir(run: storage.Location) -> bool:
+    """A run directory an earlier `rayseg train` made: a checkpoint, or its config and split."""
+    made = all(storage.exists(run.join(name)) for name in (CONFIG_NAME, SPLIT_NAME))
+    return made or bool(checkpoint_dirs(run))
+
+
 def latest_checkpoint_dir(run: storage.Location) -> storage.Location | None:
     """The highest `epoch_NNNN` folder holding a checkpoint directly inside the run dir."""
     folders = checkpoint_dirs(run)

@@ -75,22 +75,27 @@ def claim(
     command: str,
     *,
     writes: tuple[str, ...],
-    overwrite: bool,
+    overwrite: bool | None,
     made_by_rayseg: bool = False,
 ) -> None:
     """Check that `command` may write into OUT, then mark it as rayseg's (OWNER_NAME).
 
-    `writes`: the names the command puts at the top of OUT; `made_by_rayseg`: the command's
-    own sign of an earlier run (masks: a plan)."""
+    `writes`: the names the command puts at the top of OUT; `overwrite`: the user's
+    --overwrite (None: the command has no such flag); `made_by_rayseg`: the command's own sign
+    of an earlier run (masks: a plan)."""
     present = [n for n in entries(out) if n != LOCK_NAME and not storage.is_temporary(n)]
     owned = made_by_rayseg or OWNER_NAME in present
     if present and not owned:
         held = listing(present)
         if not overwrite:
+            beside = (
+                ""
+                if overwrite is None
+                else ", or add --overwrite to write beside those files (rayseg removes none)"
+            )
             raise RaysegError(
                 f"{out.uri} is not empty and no rayseg run made it (it holds {held}); choose "
-                "a new or empty --out, or add --overwrite to write beside those files (rayseg "
-                "removes none of them)"
+                f"a new or empty --out{beside}"
             )
         clash = [n for n in writes if n in present]
         if clash:

@@ -23,7 +23,7 @@ from typing import Any, overload
 import cv2
 import numpy as np
 
-from rayseg import export, naming, storage
+from rayseg import export, naming, storage, waits
 from rayseg.coco import AnnotationGroups, CocoIndex, decode_annotation, read_records
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
@@ -453,7 +453,8 @@ def run_jobs(
     jobs: ShardJobs, todo: list[int], cfg: MasksConfig, progress: Progress | None
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """Render the shards `todo` as Ray tasks, a bounded number at a time; a worker that dies is
-    retried by Ray (max_retries). `progress`: the run's bar (None when nothing was to do), which
+    retried by Ray (max_retries), a shard stranded on a node lost without a word is submitted
+    again by the driver (waits.LostNodes). `progress`: the run's bar (None when nothing was to do), which
     may already count shards rendered elsewhere; closed here."""
     if not todo:
         if progress is not None:
@@ -469,10 +470,17 @@ def run_jobs(
     pending: dict[Any, int] = {}
     records, errors = [], []
     checked = -float("inf")
+    lost = waits.LostNodes(
+        "render_shard", what="shard", say=lambda line: print(f"masks: {line}", flush=True)
+    )
     while True:
         if time.monotonic() - checked > 10.0:  # an autoscaling cluster grows: look again
             limit = in_flight_limit(ray.cluster_resources().get("CPU", 0))
             checked = time.monotonic()
+            for ref in lost.stranded(pending):
+                ray.cancel(ref)  # so Ray does not run it again once it notices the node is gone
+                k = pending.pop(ref)
+                pending[task.remote(jobs[k])] = k
         for k in itertools.islice(waiting, max(0, limit - len(pending))):
             pending[task.remote(jobs[k])] = k
         if not pending:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayseg import checkpoint, ingest, loop, netif, runtime, storage, waits
+from rayseg import checkpoint, ingest, loop, netif, outputs, runtime, storage, waits
 from rayseg.config import TrainConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.models import (
@@ -288,6 +288,11 @@ def check_inputs(cfg: TrainConfig) -> Checked:
     run = storage.locate(cfg.out)
     storage.check_writable(run)
     storage_for(run)
+    outputs.check_apart(cfg.out, inputs={"--data": cfg.data, "--val-data": cfg.val_data}, images={})
+    outputs.claim(
+        run, "train", writes=checkpoint.RUN_WRITES, overwrite=None,
+        made_by_rayseg=checkpoint.is_run_dir(run),
+    )  # fmt: skip
     resume = checkpoint.resume_point(run, model=cfg.model, class_map=class_map)
     return Checked(class_map, split, steps, run, resume)
 

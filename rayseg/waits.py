@@ -99,6 +99,7 @@ def pending_needs() -> list[Need]:
         (list_actors, PENDING_ACTOR, lambda a: a.class_name or ""),
     ):
         pending = listing(
+            address=ray.get_runtime_context().gcs_address,  # this cluster's, not any on the machine
             filters=[("state", "=", state), ("job_id", "=", job)],
             detail=True,
             timeout=10,
@@ -188,3 +189,98 @@ class ResourceWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=15)
+
+
+# ---- work stranded on a lost node ------------------------------------------------------------
+#
+# A node cut off from the network (not crashed: its TCP connections get no reset) is marked dead
+# by the GCS within its health-check timeout, but the owner of a task running there learns it only
+# when gRPC's keepalive gives up on the call: about 7 minutes at Ray 2.60's defaults
+# (grpc_client_keepalive_time_ms 300 s + grpc_client_keepalive_timeout_ms 120 s). Until then the
+# task's ref stays pending and Ray does not retry it. A driver whose tasks are idempotent can look
+# for itself and submit them again.
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a task, as Ray's state API lists it."""
+
+    task_id: str
+    attempt: int
+    node_id: str | None
+
+
+def stranded(
+    pending: Mapping[str, Any], attempts: list[Attempt], dead: set[str]
+) -> list[tuple[Any, str]]:
+    """(key, node id) of each pending task whose latest attempt was placed on a dead node.
+
+    `pending`: task id (hex) -> the caller's key for that task."""
+    latest: dict[str, Attempt] = {}
+    for a in attempts:
+        if a.task_id in pending and a.attempt >= latest.get(a.task_id, a).attempt:
+            latest[a.task_id] = a
+    return [(pending[t], a.node_id) for t, a in latest.items() if a.node_id in dead]
+
+
+def dead_nodes() -> dict[str, str]:
+    """Node id -> address of every node the GCS has marked dead."""
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"]}
+
+
+def task_attempts(name: str) -> list[Attempt]:
+    """Every attempt of this job's tasks called `name` (Ray's state API, via the dashboard)."""
+    import ray
+    from ray.util.state import list_tasks
+
+    job = ray.get_runtime_context().get_job_id()
+    tasks = list_tasks(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("job_id", "=", job), ("name", "=", name)],
+        limit=10_000,
+        timeout=10,
+        raise_on_missing_output=False,
+    )
+    return [Attempt(t.task_id, t.attempt_number, t.node_id) for t in tasks]
+
+
+@dataclass
+class LostNodes:
+    """Tasks (idempotent ones) stranded on a node the cluster lost without a word: the driver's
+    look, every so often, at which of its pending refs sit on a node marked dead.
+
+    Looks for `watch_s` after each newly dead node (the state API's record of where a task runs
+    arrives within seconds) and says once per look which node was lost."""
+
+    name: str  # the Ray task's name
+    what: str = "task"  # the user's word for one task
+    say: Callable[[str], None] = print
+    watch_s: float = 60.0
+    dead_nodes: Callable[[], dict[str, str]] = dead_nodes
+    attempts: Callable[[str], list[Attempt]] = task_attempts
+    clock: Callable[[], float] = time.monotonic
+    _dead: dict[str, str] = field(default_factory=dict)
+    _since: float = -float("inf")
+
+    def stranded(self, pending: Mapping[Any, Any]) -> list[Any]:
+        """The refs in `pending` to submit again (each ref has Ray's `task_id()`)."""
+        dead = self.dead_nodes()
+        if set(dead) - set(self._dead):
+            self._dead = dict(dead)
+            self._since = self.clock()
+        if not pending or self.clock() - self._since > self.watch_s:
+            return []
+        try:
+            attempts = self.attempts(self.name)
+        except Exception:  # noqa: BLE001 - no state API (no dashboard): Ray retries in its time
+            return []
+        found = stranded({ref.task_id().hex(): ref for ref in pending}, attempts, set(dead))
+        if found:
+            where = ", ".join(sorted({dead[node] for _, node in found}))
+            n = len(found)
+            self.say(
+                f"lost {where}; running its {n} {self.what}{'' if n == 1 else 's'} again elsewhere"
+            )
+        return [ref for ref, _ in found]

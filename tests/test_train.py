@@ -133,6 +133,18 @@ def test_refuses_unwritable_storage(masks, tmp_path):
         train.run_train(config(masks, blocker / "run"))
 
 
+def test_refuses_a_run_dir_it_did_not_make(masks, tmp_path):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "config.yaml").write_text("the user's own\n")
+    with pytest.raises(RaysegError, match=r"no rayseg run made it \(it holds config.yaml\)"):
+        train.run_train(config(masks, run))
+    assert (run / "config.yaml").read_text() == "the user's own\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    with pytest.raises(RaysegError, match="is the input --data"):
+        train.run_train(config(masks, masks))
+
+
 def test_refuses_unknown_model_and_classes(masks, tmp_path):
     with pytest.raises(RaysegError, match="unknown; choose one of"):
         train.run_train(config(masks, tmp_path / "run", model="unet"))

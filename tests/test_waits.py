@@ -125,3 +125,58 @@ def test_watch_says_once_when_it_cannot_see():
     with watch:
         watch._thread.join(10)
     assert said == ["(cannot see what Ray is waiting for: ConnectionError: no dashboard)"]
+
+
+class Ref:
+    """Stands for a Ray ObjectRef: all LostNodes asks of one is its task's id."""
+
+    def __init__(self, task: str):
+        self.task = task
+
+    def task_id(self):
+        return bytes.fromhex(self.task)
+
+
+def test_stranded_takes_each_tasks_latest_attempt():
+    attempts = [
+        waits.Attempt("aa", 0, "dead"),  # retried by Ray on a live node since
+        waits.Attempt("aa", 1, "live"),
+        waits.Attempt("bb", 0, "dead"),
+        waits.Attempt("cc", 0, None),  # not placed yet
+        waits.Attempt("dd", 0, "dead"),  # not one of ours (finished)
+    ]
+    pending = {"aa": 1, "bb": 2, "cc": 3}
+    assert waits.stranded(pending, attempts, {"dead"}) == [(2, "dead")]
+
+
+def test_lost_nodes_resubmits_stranded_refs_once_a_node_is_dead():
+    now = [0.0]
+    dead: dict[str, str] = {}
+    said = []
+    attempts = [waits.Attempt("0a", 0, "n1"), waits.Attempt("0b", 0, "n2")]
+    lost = waits.LostNodes(
+        "render_shard",
+        what="shard",
+        say=said.append,
+        dead_nodes=lambda: dict(dead),
+        attempts=lambda name: attempts if name == "render_shard" else [],
+        clock=lambda: now[0],
+    )
+    a, b = Ref("0a"), Ref("0b")
+    assert lost.stranded({a: 0, b: 1}) == []  # every node alive
+    dead["n2"] = "198.51.100.12"
+    assert lost.stranded({a: 0, b: 1}) == [b]
+    assert said == ["lost 198.51.100.12; running its 1 shard again elsewhere"]
+    now[0] = 61.0  # a minute after the node died, nothing more is looked for
+    assert lost.stranded({a: 0, Ref("0c"): 2}) == []
+    assert len(said) == 1
+
+
+def test_lost_nodes_leaves_it_to_ray_without_a_state_api():
+    def no_dashboard(name):
+        raise ConnectionError("no dashboard")
+
+    lost = waits.LostNodes(
+        "render_shard", dead_nodes=lambda: {"n1": "x"}, attempts=no_dashboard, say=print
+    )
+    assert lost.stranded({Ref("0a"): 0}) == []
