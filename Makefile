@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-cluster cluster-try lint bench clean
+.PHONY: install demo test test-quick test-cluster cluster-try lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# For iteration: leaves out the tests marked slow (the namespace cluster, a real head with job
+# submission, S3 round trips, two-node and killed-process runs); `make test` is the reference.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow and not cluster_faults'
 
 # Every case on the namespace cluster of tests/cluster (root and Linux namespaces; ~15 min).
 test-cluster: $(STAMP)

@@ -1,7 +1,7 @@
 """Output file names: one unique, safe name stem per image, whatever its `file_name`.
 
 Used for `masks/*.png`, the Parquet `mask_path` and `--layout voc`'s files and lists. The rule
-(documented in the README, "Mask file names"):
+(documented in docs/commands.md, "Mask file names"):
 - the stem is the file name's base name without its extension (`a/b/x.jpg` -> `x`);
 - characters a file name cannot safely hold (control characters, `\\ : * ? " < > |`) become `_`,
   a leading `.` becomes `_` (no mask is ever hidden, and no mask name can look like one of

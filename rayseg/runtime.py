@@ -388,7 +388,8 @@ def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
     On a cluster, tasks run on other hosts under their raylet's environment, not the driver's:
     Ray Data's read tasks, storage probes, Ray Train's workers and their data all reach S3 with
-    the driver's endpoint and credentials only through the job's runtime_env. Every worker
+    the driver's endpoint and credentials only through the job's runtime_env (the credentials in
+    its setup hook, the rest in env_vars; where the job brings a hook of its own, all in env_vars). Every worker
     process also runs rayseg.netif.pin_socket_interface, so gloo and NCCL talk on the interface
     of the node's Ray address (Ray takes a setup hook only job-wide). What the submitted job
     already sets (`ray job submit --runtime-env-json`) is left to it: Ray refuses to merge a key
@@ -404,10 +405,33 @@ def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
         for k, v in environ.items()
         if k.startswith("AWS_") and k not in (given.get("env_vars") or {})
     }
+    own_hook = "worker_process_setup_hook" not in given
+    secrets = {k: env.pop(k) for k in SECRET_VARIABLES if k in env} if own_hook else {}
     runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
-    if "worker_process_setup_hook" not in given:
-        runtime_env["worker_process_setup_hook"] = SETUP_HOOK
+    if own_hook:
+        runtime_env["worker_process_setup_hook"] = worker_setup(secrets) if secrets else SETUP_HOOK
     return runtime_env
+
+
+# Ray writes a runtime_env's env_vars into every node's runtime_env_agent.log and onto worker
+# command lines (`ps`); credentials travel inside the setup hook instead, which Ray pickles into
+# its GCS (checked on Ray 2.60 with the namespace cluster, tests/cluster).
+SECRET_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+)  # fmt: skip
+
+
+def worker_setup(secrets: dict[str, str]) -> Callable[[], None]:
+    """A job's worker_process_setup_hook that gives each worker the driver's `secrets`, then
+    pins the socket interface (rayseg.netif); Ray ships it by value (cloudpickle)."""
+
+    def setup_worker() -> None:
+        from rayseg.netif import pin_socket_interface
+
+        os.environ.update(secrets)
+        pin_socket_interface()
+
+    return setup_worker
 
 
 def map_with_actors(

@@ -1,4 +1,4 @@
-"""cluster.yaml: valid for the installed Ray's launcher, as the README's cluster section says."""
+"""cluster.yaml: valid for the installed Ray's launcher, as docs/cluster.md says."""
 
 from __future__ import annotations
 

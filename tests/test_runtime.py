@@ -160,6 +160,35 @@ def test_job_env_forwards_aws_and_the_socket_hook_but_not_what_the_job_sets():
     assert runtime.job_env({"PATH": "/bin"}) == {"worker_process_setup_hook": SETUP_HOOK}
 
 
+def test_job_env_carries_credentials_in_the_hook_not_in_env_vars(monkeypatch):
+    import ray.cloudpickle
+
+    environ = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_ACCESS_KEY_ID": "id", "AWS_REGION": "x"}
+    job = runtime.job_env(environ)
+    assert job["env_vars"] == {"AWS_REGION": "x"}  # Ray logs these on every node
+    assert "s3cr3t" not in json.dumps(job["env_vars"])
+    pinned = []
+    monkeypatch.setattr("rayseg.netif.pin_socket_interface", lambda: pinned.append(True))
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    hook = ray.cloudpickle.loads(ray.cloudpickle.dumps(job["worker_process_setup_hook"]))
+    hook()  # as Ray runs it in a worker process
+    assert (
+        os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and os.environ["AWS_ACCESS_KEY_ID"] == "id"
+    )
+    assert pinned == [True]
+    # A job that brings its own hook: everything stays in env_vars, where it always worked.
+    submitted = {"runtime_env": {"worker_process_setup_hook": "m.f"}}
+    environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(submitted)
+    assert runtime.job_env(environ) == {
+        "env_vars": {
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+            "AWS_ACCESS_KEY_ID": "id",
+            "AWS_REGION": "x",
+        }
+    }
+
+
 def test_an_embedded_ray_leaves_no_temp_folder(tmp_path):
     # The dashboard's forkserver makes a pymp-* folder that outlives a killed dashboard: Ray's
     # processes get a temp folder of their own, removed when rayseg stops its Ray.

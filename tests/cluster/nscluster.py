@@ -163,6 +163,9 @@ class NsCluster:
     network: ipaddress.IPv4Network | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     s3_port: int = 0
+    s3_secret: str = field(
+        default_factory=lambda: f"ns-secret-{uuid.uuid4().hex}"
+    )  # moto takes any
     bucket: str = "rayseg"
     started: list[subprocess.Popen] = field(default_factory=list)
     _down: bool = False
@@ -306,7 +309,7 @@ class NsCluster:
     def s3_env(self) -> dict[str, str]:
         return {
             "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": self.s3_endpoint,
         }

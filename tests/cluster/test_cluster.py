@@ -27,6 +27,8 @@ from demo_job import (
 )
 from nscluster import WORKERS, image_paths
 
+pytestmark = pytest.mark.slow  # `make test` runs it every time; `make test-quick` leaves it out
+
 IMAGES = 40
 
 
@@ -145,3 +147,17 @@ def test_host_lost_during_masks(ns, annotations):
     counts = manifest["counts"]
     assert counts["masks_written"] == IMAGES and counts["shards"] == IMAGES
     assert not [k for k in keys if ".tmp" in k], "a temporary object was left"
+
+
+def test_credentials_reach_no_log_or_command_line(ns, pipeline_run):
+    # The head has the AWS_* settings (as an instance profile would give them); workers get them
+    # from the job. Ray logs a runtime_env's env_vars on every node and puts them on worker
+    # command lines: the secret must travel another way (rayseg.runtime.job_env).
+    assert pipeline_run[0].returncode == 0
+    secret = ns.s3_secret.encode()
+    leaks = []
+    for name, host in ns.hosts.items():
+        for path in (host.folder / "tmp").rglob("*"):
+            if path.is_file() and not path.is_symlink() and secret in path.read_bytes():
+                leaks.append(f"{name}:{path.relative_to(host.folder)}")
+    assert leaks == []
