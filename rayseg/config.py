@@ -231,7 +231,8 @@ class TrainConfig(RayConfig):
         max=RAY_MAX_RESOURCE,
     )
     gpus_per_worker: float = opt(
-        1.0, "with --use-gpu: GPUs per worker (0.5: two workers share one GPU, over gloo)",
+        1.0,
+        "with --use-gpu: GPUs per worker (0.5: two workers share one GPU, over gloo)",
         above=0,
         max=1,
     )

@@ -454,8 +454,8 @@ def run_jobs(
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """Render the shards `todo` as Ray tasks, a bounded number at a time; a worker that dies is
     retried by Ray (max_retries), a shard stranded on a node lost without a word is submitted
-    again by the driver (waits.LostNodes). `progress`: the run's bar (None when nothing was to do), which
-    may already count shards rendered elsewhere; closed here."""
+    again by the driver (waits.LostNodes). `progress`: the run's bar (None when nothing was to
+    do), which may already count shards rendered elsewhere; closed here."""
     if not todo:
         if progress is not None:
             progress.close()
