@@ -391,9 +391,9 @@ def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     the driver's endpoint and credentials only through the job's runtime_env (the credentials
     in its setup hook, the rest in env_vars; a job with a hook of its own: all in env_vars).
     Every worker process also runs rayseg.netif.pin_socket_interface, so gloo and NCCL talk on
-    the interface of the node's Ray address (Ray takes a setup hook only job-wide). What the submitted job
-    already sets (`ray job submit --runtime-env-json`) is left to it: Ray refuses to merge a key
-    given twice. An embedded Ray's workers inherit the driver's environment and share one host.
+    the interface of the node's Ray address (Ray takes a setup hook only job-wide). What the
+    submitted job already sets (`ray job submit --runtime-env-json`) is left to it: Ray refuses
+    to merge a key given twice. An embedded Ray's workers inherit the driver's environment and share one host.
     """
     from rayseg.netif import SETUP_HOOK
 
