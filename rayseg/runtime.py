@@ -393,7 +393,8 @@ def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     Every worker process also runs rayseg.netif.pin_socket_interface, so gloo and NCCL talk on
     the interface of the node's Ray address (Ray takes a setup hook only job-wide). What the
     submitted job already sets (`ray job submit --runtime-env-json`) is left to it: Ray refuses
-    to merge a key given twice. An embedded Ray's workers inherit the driver's environment and share one host.
+    to merge a key given twice. An embedded Ray's workers inherit the driver's environment and
+    share one host.
     """
     from rayseg.netif import SETUP_HOOK
 
