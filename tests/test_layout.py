@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -66,12 +67,12 @@ def _literals(path: Path) -> list[tuple[int, str]]:
 def test_no_other_module_spells_the_layout():
     # The names only the masks output has (masks/ and parquet/ also name commands, stages and
     # predict's own folder; help text describes the VOC folder in words).
-    names = ("_shards", "plan.json", "_lock.json", "_rayseg.json", "shard-", "part-")
+    names = re.compile(r"(?<![\w-])(_shards|plan\.json|_lock\.json|_rayseg\.json|shard-|part-)")
     found = [
         f"{path.name}:{line}: {text!r}"
         for path in sorted(RAYSEG.glob("*.py"))
         if path.name != "layout.py"
         for line, text in _literals(path)
-        if any(n in text for n in names)
+        if names.search(text)
     ]
     assert not found, "spell these through rayseg.layout:\n" + "\n".join(found)
