@@ -43,6 +43,7 @@ from rayseg.loop import (  # noqa: E402
     train_one_epoch,
 )
 from rayseg.models import build_model, class_map_from_meta  # noqa: E402
+from rayseg.split import split_ids  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
 TARGET_WAIT = 0.05
@@ -98,7 +99,7 @@ def plain_loop(data: str, cfg: TrainConfig, threads: int, loader_workers: int) -
     torch.manual_seed(cfg.seed)
     summary = ingest.scan_data(data)
     class_map = class_map_from_meta(summary.meta, cfg.classes)
-    train_ids, _ = ingest.split_ids(summary.image_ids, cfg.val_fraction, seed=cfg.seed)
+    train_ids, _ = split_ids(summary.image_ids, cfg.val_fraction, seed=cfg.seed)
     rows = Rows(summary, train_ids, class_map.train_lut(), cfg.crop_size)
     loader = torch.utils.data.DataLoader(
         rows,

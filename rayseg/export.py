@@ -19,11 +19,9 @@ import cv2
 import numpy as np
 import yaml
 
-from rayseg import storage
-from rayseg.ingest import split_ids
+from rayseg import layout, storage
+from rayseg.split import split_ids
 
-VOC_DIR = ("VOCdevkit", "VOC2012")
-VOC_YEAR = "2012"
 # VOC's colour for the ignore value 255 (object borders in the original masks).
 IGNORE_COLOR = (224, 224, 192)
 
@@ -43,29 +41,23 @@ def voc_palette() -> np.ndarray:
     return pal
 
 
-def voc_root(out: storage.Location) -> storage.Location:
-    return out.join(*VOC_DIR)
-
-
 def prepare_voc(out: storage.Location) -> None:
-    root = voc_root(out)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        storage.make_dirs(root.join(sub), below=out)
-        storage.remove_stray_temporaries(root.join(sub))
+    for folder in layout.VOC_FOLDERS[1:]:  # below VOC_ROOT, which make_dirs makes
+        storage.make_dirs(out.join(folder), below=out)
+        storage.remove_stray_temporaries(out.join(folder))
 
 
 def write_voc_pair(out: storage.Location, stem: str, image: bytes, mask: np.ndarray) -> None:
     """One image and its (H, W) uint8 mask under their shared stem."""
-    root = voc_root(out)
     if image[:3] != b"\xff\xd8\xff":  # not a JPEG
         rgb = storage.decode_image(image)
         _, buf = cv2.imencode(
             ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
         )
         image = buf.tobytes()
-    storage.write_bytes(root.join("JPEGImages", f"{stem}.jpg"), image)
+    storage.write_bytes(out.join(layout.voc_image_rel(stem)), image)
     png = storage.encode_png(mask, palette=voc_palette())
-    storage.write_bytes(root.join("SegmentationClass", f"{stem}.png"), png)
+    storage.write_bytes(out.join(layout.voc_mask_rel(stem)), png)
 
 
 def write_voc_lists(
@@ -76,14 +68,13 @@ def write_voc_lists(
     val_fraction: float,
     seed: int,
 ) -> dict[str, int]:
-    """The split files (rayseg.ingest.split_ids over `stems`' image ids) and classes.json."""
-    root = voc_root(out)
+    """The split files (rayseg.split.split_ids over `stems`' image ids) and classes.json."""
     train, val = split_ids(np.asarray(sorted(stems), np.int64), val_fraction, seed=seed)
     lists = {"train": train, "val": val, "trainval": np.union1d(train, val)}
     for name, ids in lists.items():
         text = "".join(f"{stems[int(i)]}\n" for i in ids)
-        storage.write_bytes(root.join("ImageSets", "Segmentation", f"{name}.txt"), text.encode())
-    storage.write_json(root.join("classes.json"), voc_classes(meta))
+        storage.write_bytes(out.join(layout.voc_list_rel(name)), text.encode())
+    storage.write_json(out.join(layout.VOC_CLASSES_REL), voc_classes(meta))
     return {name: len(ids) for name, ids in lists.items()}
 
 
@@ -107,7 +98,7 @@ def dataset_card(meta: dict[str, Any]) -> str:
         "configs": [
             {
                 "config_name": "default",
-                "data_files": [{"split": "train", "path": "parquet/*.parquet"}],
+                "data_files": [{"split": "train", "path": layout.CARD_DATA_FILES}],
             }
         ],
         "dataset_info": {"features": [_card_feature(k, v) for k, v in features.items()]},

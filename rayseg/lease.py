@@ -19,10 +19,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayseg import storage
+from rayseg import layout, storage
 from rayseg.errors import RaysegError
 
-LOCK_NAME = "_lock.json"
 RENEW_S = 15.0
 STALE_S = 60.0
 SETTLE_S = {True: 0.05, False: 1.0}  # local, object store
@@ -63,7 +62,7 @@ class Lease:
 
 def acquire(out: storage.Location) -> Lease:
     """Hold the output for this run, or raise a RaysegError naming the run that holds it."""
-    loc = out.join(LOCK_NAME)
+    loc = out.join(layout.LOCK)
     held = _read(loc)
     if held and not _stale(held):
         raise _busy(out, loc, held)

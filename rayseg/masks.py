@@ -1,11 +1,11 @@
 """`rayseg masks`: a COCO instances file -> PNG masks, a Parquet dataset and a manifest.
 
-Input: MasksConfig. Output under OUT (local or s3://): `masks/*.png`, `parquet/part-NNNNN.parquet`
-(one per shard), `_shards/` (plan.json + one record per finished shard), `manifest.json` (counts,
-pixels per class, every problem), `config.yaml`, `README.md` (the Hugging Face dataset card) and,
-with `--layout voc`, `VOCdevkit/` (rayseg.export). The output's plan fingerprints the input and
-every setting that changes what is written, so a rerun resumes only a run with the same ones; the
-rendering itself is rayseg.shard's.
+Input: MasksConfig. Output under OUT (local or s3://; every name in rayseg.layout): `masks/*.png`,
+`parquet/part-NNNNN.parquet` (one per shard), `_shards/` (plan.json + one record per finished
+shard), `manifest.json` (counts, pixels per class, every problem), `config.yaml`, `README.md` (the
+Hugging Face dataset card) and, with `--layout voc`, `VOCdevkit/` (rayseg.export). The output's
+plan fingerprints the input and every setting that changes what is written, so a rerun resumes only
+a run with the same ones; the rendering itself is rayseg.shard's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayseg import export, lease, outputs, storage, verify
+from rayseg import export, layout, lease, outputs, storage, verify
 from rayseg.classes import mask_classes
 from rayseg.coco import CocoIndex, load_coco, load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
@@ -31,7 +31,6 @@ from rayseg.shard import (
     render_shard,
     run_jobs,
     scheme_meta,
-    shard_record_name,
 )
 
 # Settings that change what is written; a resumed run must match them all.
@@ -62,7 +61,7 @@ def fingerprint(index_digest: str, cfg: MasksConfig) -> dict[str, Any]:
 
 def read_plan(out: storage.Location) -> dict[str, Any] | None:
     """The output's plan, None if there is none; an unreadable one is said and ignored."""
-    loc = out.join("_shards", "plan.json")
+    loc = layout.plan_path(out)
     if not storage.exists(loc):
         return None
     try:
@@ -77,9 +76,9 @@ def read_plan(out: storage.Location) -> dict[str, Any] | None:
         "shard is rendered again",
         flush=True,
     )
-    for name in storage.list_files(out.join("_shards")):
-        if name.startswith("shard-"):
-            storage.delete(out.join("_shards", name))
+    for name in storage.list_files(out.join(layout.SHARDS)):
+        if layout.record_shard(name) is not None:
+            storage.delete(out.join(layout.SHARDS, name))
     return None
 
 
@@ -103,7 +102,7 @@ def prepare_output(
 ) -> set[int]:
     """Check the plan against the `previous` one (or start over); returns the shards with a
     record (finished or damaged)."""
-    plan_loc = out.join("_shards", "plan.json")
+    plan_loc = layout.plan_path(out)
     if overwrite:
         kept = outputs.remove_masks_run(out)
         if kept:
@@ -120,16 +119,12 @@ def prepare_output(
                 f"{out.uri} holds masks made with other settings ({', '.join(changed)} differ); "
                 "rerun with --overwrite or choose another --out"
             )
-    for sub in ("masks", "parquet", "_shards"):
+    for sub in layout.RENDER_FOLDERS:
         storage.make_dirs(out.join(sub), below=out)
         storage.remove_stray_temporaries(out.join(sub))
     storage.write_json(plan_loc, plan)
-    done = set()
-    for name in storage.list_files(out.join("_shards")):
-        number = name[len("shard-") : -len(".json")]
-        if name.startswith("shard-") and name.endswith(".json") and number.isdigit():
-            done.add(int(number))
-    return {k for k in done if k < plan["num_shards"]}
+    done = {layout.record_shard(name) for name in storage.list_files(out.join(layout.SHARDS))}
+    return {k for k in done if k is not None and k < plan["num_shards"]}
 
 
 def finished_shards(
@@ -140,7 +135,7 @@ def finished_shards(
     good, damaged = verify.check_shards(out, recorded, deep=deep)
     for k, reason in damaged.items():
         print(f"masks: shard {k} is damaged ({reason}); rendering it again", flush=True)
-        storage.delete(out.join("_shards", shard_record_name(k)))
+        storage.delete(layout.record_path(out, k))
     return good
 
 
@@ -299,8 +294,9 @@ def render_until(
 
 def _looks_finished(out: storage.Location) -> bool:
     try:
-        plan = storage.read_json(out.join("_shards", "plan.json"))
-        records = [n for n in storage.list_files(out.join("_shards")) if n.startswith("shard-")]
+        plan = storage.read_json(layout.plan_path(out))
+        names = storage.list_files(out.join(layout.SHARDS))
+        records = [n for n in names if layout.record_shard(n) is not None]
         return len(records) >= int(plan["num_shards"])
     except Exception:  # noqa: BLE001 - anything unclear: start Ray, the run decides
         return False
@@ -316,9 +312,9 @@ def run_masks(cfg: MasksConfig) -> dict[str, Any]:
     outputs.claim(
         out,
         "masks",
-        writes=outputs.MASKS_FILES + outputs.MASKS_FOLDERS,
+        writes=layout.TOP_FILES + layout.TOP_FOLDERS,
         overwrite=cfg.overwrite,
-        made_by_rayseg=storage.exists(out.join("_shards", "plan.json")),
+        made_by_rayseg=storage.exists(layout.plan_path(out)),
     )
     held = lease.acquire(out)
     try:
@@ -339,7 +335,7 @@ def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[st
     )
     todo = [k for k in prepared.todo if k not in early]
     new_records, errors = run_jobs(jobs, todo, cfg, started.progress)
-    for sub in ("masks", "parquet", "_shards"):
+    for sub in layout.RENDER_FOLDERS:
         # A worker killed mid-write (and retried by Ray) leaves its temporary behind.
         storage.remove_stray_temporaries(out.join(sub))
     records = {**done, **early, **{r["shard"]: r for r in new_records}}
@@ -359,11 +355,11 @@ def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[st
             out, written, manifest["value_scheme"], val_fraction=cfg.val_fraction, seed=cfg.seed
         )
     storage.write_bytes(
-        out.join("README.md"), export.dataset_card(manifest["value_scheme"]).encode()
+        out.join(layout.CARD), export.dataset_card(manifest["value_scheme"]).encode()
     )
     manifest["counts"]["seconds"] = round(time.monotonic() - start, 2)
-    storage.write_json(out.join("manifest.json"), manifest)
-    storage.write_bytes(out.join("config.yaml"), dump_yaml(cfg).encode())
+    storage.write_json(out.join(layout.MANIFEST), manifest)
+    storage.write_bytes(out.join(layout.CONFIG), dump_yaml(cfg).encode())
     print(summary_line(manifest, out.uri))
     if errors:
         first = errors[0]
@@ -428,7 +424,7 @@ def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
     """One line whose image counts add up: written + resumed + failed (+ those in shards that
     did not finish) = the images in the file."""
     c = manifest["counts"]
-    voc = ", VOCdevkit/" if "voc" in manifest else ""
+    voc = f", {layout.VOC}/" if "voc" in manifest else ""
     unfinished = c["images_in"] - c["masks_written"] - c["resumed"] - c["failed"]
     return (
         f"masks: {c['images_in']} images -> {c['masks_written']} written, "
@@ -436,5 +432,5 @@ def summary_line(manifest: dict[str, Any], out_uri: str) -> str:
         + (f", {unfinished} in unfinished shards" if unfinished else "")
         + f"; {c['problems']} problems "
         f"({c['shards_run']}/{c['shards']} shards run); outputs in {out_uri} "
-        f"(masks/, parquet/, manifest.json{voc})"
+        f"({layout.MASKS}/, {layout.PARQUET}/, {layout.MANIFEST}{voc})"
     )

@@ -12,11 +12,11 @@ import math
 import numpy as np
 import torch
 
-IGNORE = 255
+from rayseg.records import TRAIN_IGNORE
 
 
 def confusion_matrix(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore: int = IGNORE
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore: int = TRAIN_IGNORE
 ) -> torch.Tensor:
     """(B, H, W) predicted classes and targets -> (K, K) int64 counts, ignored pixels left out."""
     keep = target != ignore

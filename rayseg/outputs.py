@@ -1,13 +1,13 @@
 """What in an output folder is rayseg's own: checked before a command writes, and all that
 `--overwrite` removes.
 
-An OUT is rayseg's when it is new or empty, or holds OWNER_NAME (written when a run claims it)
-or, for `rayseg masks`, the `_shards/plan.json` of an earlier version. A non-empty OUT without
-either is refused unless the user says `--overwrite`; even then a file rayseg would replace at
-the top of OUT (its manifest, card, config, summary) is refused, and nothing already there is
-removed. `--overwrite` of a masks run deletes only the files that run recorded: the masks and
-Parquet parts its shard records list, its plan, manifest, card and config, the VOC files its
-lists name, and its own temporaries. Anything else is listed and kept.
+An OUT is rayseg's when it is new or empty, or holds the owner marker `_rayseg.json` (written when
+a run claims it) or, for `rayseg masks`, the `_shards/plan.json` of an earlier version (the names:
+rayseg.layout). A non-empty OUT without either is refused unless the user says `--overwrite`; even
+then a file rayseg would replace at the top of OUT (its manifest, card, config, summary) is
+refused, and nothing already there is removed. `--overwrite` of a masks run deletes only the files
+that run recorded: the masks and Parquet parts its shard records list, its plan, manifest, card and
+config, the VOC files its lists name, and its own temporaries. Anything else is listed and kept.
 
 An OUT that is the input file, or is or lies inside the images folder, is refused: outputs would
 mix with, or replace, the inputs.
@@ -17,19 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
-from rayseg import __version__, storage
+from rayseg import __version__, layout, storage
 from rayseg.errors import RaysegError
 
-OWNER_NAME = "_rayseg.json"
-LOCK_NAME = "_lock.json"  # rayseg.lease's
-_SHARD_RECORD = re.compile(r"^shard-(\d+)\.json$")
-_PART = re.compile(r"^part-(\d+)\.parquet$")
-# The files a masks run writes at the top of OUT, and the folders it writes into.
-MASKS_FILES = ("manifest.json", "README.md", "config.yaml")
-MASKS_FOLDERS = ("masks", "parquet", "_shards", "VOCdevkit")
 SHOWN = 3  # names an error message lists
 
 
@@ -78,13 +70,13 @@ def claim(
     overwrite: bool | None,
     made_by_rayseg: bool = False,
 ) -> None:
-    """Check that `command` may write into OUT, then mark it as rayseg's (OWNER_NAME).
+    """Check that `command` may write into OUT, then mark it as rayseg's (layout.OWNER).
 
     `writes`: the names the command puts at the top of OUT; `overwrite`: the user's
     --overwrite (None: the command has no such flag); `made_by_rayseg`: the command's own sign
     of an earlier run (masks: a plan)."""
-    present = [n for n in entries(out) if n != LOCK_NAME and not storage.is_temporary(n)]
-    owned = made_by_rayseg or OWNER_NAME in present
+    present = [n for n in entries(out) if n != layout.LOCK and not storage.is_temporary(n)]
+    owned = made_by_rayseg or layout.OWNER in present
     if present and not owned:
         held = listing(present)
         if not overwrite:
@@ -103,9 +95,9 @@ def claim(
                 f"{out.join(clash[0]).uri} was not written by rayseg and `rayseg {command}` "
                 "would replace it; move it away or choose another --out"
             )
-    if OWNER_NAME not in present:
+    if layout.OWNER not in present:
         storage.write_json(
-            out.join(OWNER_NAME),
+            out.join(layout.OWNER),
             {"command": command, "rayseg_version": __version__, "writes": list(writes)},
         )
 
@@ -120,7 +112,7 @@ def remove_masks_run(out: storage.Location) -> list[str]:
     paths (relative to OUT) it kept because no run recorded them."""
     own = _recorded_masks_files(out)
     kept = []
-    for folder in (*MASKS_FOLDERS[:3], *_voc_folders()):
+    for folder in (*layout.RENDER_FOLDERS, *layout.VOC_FOLDERS):
         loc = out.join(folder)
         for name in storage.list_files(loc):
             rel = f"{folder}/{name}"
@@ -128,52 +120,40 @@ def remove_masks_run(out: storage.Location) -> list[str]:
                 storage.delete(loc.join(name))
             else:
                 kept.append(rel)
-    for name in MASKS_FILES:
+    for name in layout.TOP_FILES:
         storage.delete(out.join(name))
-    top = set(MASKS_FILES) | set(MASKS_FOLDERS) | {OWNER_NAME, LOCK_NAME}
+    top = {*layout.TOP_FILES, *layout.TOP_FOLDERS, layout.OWNER, layout.LOCK}
     kept += [n for n in entries(out) if n not in top and not storage.is_temporary(n)]
     return kept
-
-
-def _voc_folders() -> tuple[str, ...]:
-    root = "VOCdevkit/VOC2012"
-    return (
-        root,
-        f"{root}/JPEGImages",
-        f"{root}/SegmentationClass",
-        f"{root}/ImageSets/Segmentation",
-    )
 
 
 def _recorded_masks_files(out: storage.Location) -> set[str]:
     """Paths (relative to OUT) that the masks run in OUT wrote, from its plan, shard records
     and VOC lists; a part of a planned shard counts (it is written before the shard's record)."""
-    shards = out.join("_shards")
-    own = {"_shards/plan.json"}
-    plan = _read_json(shards.join("plan.json")) or {}
+    own = {layout.PLAN_REL}
+    plan = _read_json(layout.plan_path(out)) or {}
     num_shards = plan.get("num_shards") if isinstance(plan.get("num_shards"), int) else 0
-    for name in storage.list_files(out.join("parquet")):
-        found = _PART.match(name)
-        if found and int(found.group(1)) < num_shards:
-            own.add(f"parquet/{name}")
-    for name in storage.list_files(shards):
-        if not _SHARD_RECORD.match(name):
+    for name in storage.list_files(out.join(layout.PARQUET)):
+        shard = layout.part_shard(name)
+        if shard is not None and shard < num_shards:
+            own.add(f"{layout.PARQUET}/{name}")
+    for name in storage.list_files(out.join(layout.SHARDS)):
+        shard = layout.record_shard(name)
+        if shard is None:
             continue
-        own.add(f"_shards/{name}")
-        record = _read_json(shards.join(name))
+        own.add(f"{layout.SHARDS}/{name}")
+        record = _read_json(out.join(layout.SHARDS, name))
         if not isinstance(record, dict):
             continue
-        own.add(f"parquet/part-{int(_SHARD_RECORD.match(name).group(1)):05d}.parquet")
+        own.add(layout.part_rel(shard))
         for entry in record.get("masks") or []:
             if isinstance(entry, list) and entry and isinstance(entry[0], str):
-                own.add(f"masks/{entry[0]}")
-    root, lists = "VOCdevkit/VOC2012", "VOCdevkit/VOC2012/ImageSets/Segmentation"
-    own.add(f"{root}/classes.json")
-    for split in ("train", "val", "trainval"):
-        own.add(f"{lists}/{split}.txt")
-        text = _read_text(out.join(*lists.split("/"), f"{split}.txt"))
-        for stem in text.split():
-            own.update({f"{root}/JPEGImages/{stem}.jpg", f"{root}/SegmentationClass/{stem}.png"})
+                own.add(layout.mask_rel(entry[0]))
+    own.add(layout.VOC_CLASSES_REL)
+    for split in layout.VOC_SPLITS:
+        own.add(layout.voc_list_rel(split))
+        for stem in _read_text(out.join(layout.voc_list_rel(split))).split():
+            own.update({layout.voc_image_rel(stem), layout.voc_mask_rel(stem)})
     return own
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayseg import storage
+from rayseg import layout, storage
 from rayseg.config import (
     EvaluateConfig,
     MasksConfig,
@@ -159,11 +159,11 @@ def write_rows(data: str, image_ids: list[int], dest: str) -> int:
         table = pq.read_table(part.path, filesystem=part.fs)
         tables.append(table.filter(pc.is_in(table["image_id"], value_set=pa.array(wanted))))
     rows = pa.concat_tables(tables)
-    folder = storage.locate(dest).join("parquet")
+    folder = storage.locate(dest).join(layout.PARQUET)
     storage.make_dirs(folder)
     for stale in storage.list_files(folder):
         storage.delete(folder.join(stale))
-    storage.write_parquet(folder.join("part-00000.parquet"), rows)
+    storage.write_parquet(folder.join(layout.part_name(0)), rows)
     return rows.num_rows
 
 

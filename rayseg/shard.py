@@ -23,7 +23,7 @@ from typing import Any, overload
 import cv2
 import numpy as np
 
-from rayseg import export, naming, storage, waits
+from rayseg import export, layout, naming, storage, waits
 from rayseg.coco import AnnotationGroups, CocoIndex, decode_annotation, read_records
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
@@ -245,10 +245,11 @@ def _render_shard(job: ShardJob) -> dict[str, Any]:
             continue
         pixels.update({p["value"]: p["pixels"] for p in row["value_pixels"]})
         rows.append(row)
-        files.append([row["mask_path"].split("/", 1)[1], len(png)])
+        files.append([layout.mask_file(row["mask_path"]), len(png)])
     meta = scheme_meta(job.scheme, job.category_names)
-    part = part_name(job.shard)
-    part_bytes = storage.write_parquet(out.join("parquet", part), storage.mask_table(rows, meta))
+    part_bytes = storage.write_parquet(
+        layout.part_path(out, job.shard), storage.mask_table(rows, meta)
+    )
     record = {
         "shard": job.shard,
         "images": len(job.images),
@@ -265,7 +266,7 @@ def _render_shard(job: ShardJob) -> dict[str, Any]:
         "pid": os.getpid(),
         "seconds": round(time.monotonic() - start, 3),
     }
-    storage.write_json(out.join("_shards", shard_record_name(job.shard)), record)
+    storage.write_json(layout.record_path(out, job.shard), record)
     return record
 
 
@@ -294,7 +295,7 @@ def render_record(
     name = naming.mask_name(rec.stem, categories, job.naming)
     png = storage.encode_png(mask, palette=palette)
     # In place, not via a temporary: until the shard record exists a rerun rewrites the file.
-    storage.write_bytes(out.join("masks", name), png, atomic=False)
+    storage.write_bytes(layout.mask_path(out, name), png, atomic=False)
     if job.layout == "voc":
         export.write_voc_pair(out, rec.stem, image_bytes, mask)
     problems.extend(image_problems)
@@ -305,7 +306,7 @@ def render_record(
         "width": rec.width,
         "category_ids": categories,
         "value_pixels": [{"value": v, "pixels": n} for v, n in sorted(counts.items())],
-        "mask_path": f"masks/{name}",
+        "mask_path": layout.mask_rel(name),
         "mask": png,
         "image": image_bytes,
     }
@@ -338,14 +339,6 @@ def _node_ip() -> str | None:
     except Exception:  # noqa: BLE001 - the address is informational only
         pass
     return None
-
-
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
-
-
-def shard_record_name(shard: int) -> str:
-    return f"shard-{shard:05d}.json"
 
 
 # `--shard-size 0` (auto): about SHARDS_PER_CPU shards per CPU, so small inputs use every core

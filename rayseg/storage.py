@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from zlib_ng import zlib_ng
 
-from rayseg import __version__
+from rayseg import __version__, layout
 from rayseg.errors import RaysegError
 from rayseg.records import BACKGROUND, DTYPE_MAX
 
@@ -437,10 +437,12 @@ def parquet_location(data: str) -> Location:
     loc = locate(data)
     if any(n.endswith(".parquet") for n in list_files(loc)):
         return loc
-    sub = loc.join("parquet")
+    sub = loc.join(layout.PARQUET)
     if any(n.endswith(".parquet") for n in list_files(sub)):
         return sub
-    raise RaysegError(f"{data}: no Parquet parts found (expected part-*.parquet or parquet/)")
+    raise RaysegError(
+        f"{data}: no Parquet parts found (expected {layout.PART_GLOB} or {layout.PARQUET}/)"
+    )
 
 
 def parquet_files(loc: Location) -> list[Location]:

@@ -35,6 +35,7 @@ from rayseg.models import (
     check_model_name,
     class_map_from_meta,
 )
+from rayseg.split import split_ids
 
 PREFETCH_BATCHES = 2
 
@@ -243,7 +244,7 @@ def plan_split(cfg: TrainConfig, data: ingest.DataSummary, class_map: ClassMap) 
         return Split(data, val, np.unique(data.image_ids), np.unique(val.image_ids))
     if cfg.val_fraction <= 0:
         raise RaysegError("validation needs images: set --val-fraction > 0 or --val-data")
-    train_ids, val_ids = ingest.split_ids(data.image_ids, cfg.val_fraction, seed=cfg.seed)
+    train_ids, val_ids = split_ids(data.image_ids, cfg.val_fraction, seed=cfg.seed)
     return Split(data, data, train_ids, val_ids)
 
 

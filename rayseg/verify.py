@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from rayseg import storage
+from rayseg import layout, storage
 
 _RECORD_KEYS = ("written", "failed", "problems", "class_pixels")
 
@@ -23,13 +23,11 @@ def check_shards(
     out: storage.Location, shards: Iterable[int], *, deep: bool
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """(records of the shards that hold up, shard -> why each other one must be redone)."""
-    from rayseg.shard import part_name, shard_record_name
-
-    mask_sizes = storage.file_sizes(out.join("masks"))
-    part_sizes = storage.file_sizes(out.join("parquet"))
+    mask_sizes = storage.file_sizes(out.join(layout.MASKS))
+    part_sizes = storage.file_sizes(out.join(layout.PARQUET))
     good, damaged = {}, {}
     for k in sorted(shards):
-        name = f"_shards/{shard_record_name(k)}"
+        name = layout.record_rel(k)
         try:
             record = storage.read_json(out.join(name))
             reason = _record_problem(record, k)
@@ -38,10 +36,9 @@ def check_shards(
         if reason:
             damaged[k] = f"its record {name} is unreadable ({reason})"
             continue
-        part = part_name(k)
-        reason = _files_problem(record, part, mask_sizes, part_sizes)
+        reason = _files_problem(record, k, mask_sizes, part_sizes)
         if reason is None and deep:
-            reason = _content_problem(out, record, part)
+            reason = _content_problem(out, record, k)
         if reason:
             damaged[k] = reason
         else:
@@ -57,32 +54,34 @@ def _record_problem(record: Any, shard: int) -> str | None:
 
 
 def _files_problem(
-    record: dict[str, Any], part: str, mask_sizes: dict[str, int], part_sizes: dict[str, int]
+    record: dict[str, Any], shard: int, mask_sizes: dict[str, int], part_sizes: dict[str, int]
 ) -> str | None:
-    size = part_sizes.get(part)
+    part = layout.part_rel(shard)
+    size = part_sizes.get(layout.part_name(shard))
     if size is None:
-        return f"parquet/{part} is missing"
+        return f"{part} is missing"
     if "part_bytes" in record and size != record["part_bytes"]:
-        return f"parquet/{part} is {size} bytes, {record['part_bytes']} were written"
+        return f"{part} is {size} bytes, {record['part_bytes']} were written"
     # Records of older rayseg versions list no mask files; their parts are still checked.
     for name, wanted in record.get("masks", []):
         have = mask_sizes.get(name)
         if have is None:
-            return f"masks/{name} is missing"
+            return f"{layout.mask_rel(name)} is missing"
         if have != wanted:
-            return f"masks/{name} is {have} bytes, {wanted} were written"
+            return f"{layout.mask_rel(name)} is {have} bytes, {wanted} were written"
     return None
 
 
-def _content_problem(out: storage.Location, record: dict[str, Any], part: str) -> str | None:
-    loc = out.join("parquet", part)
+def _content_problem(out: storage.Location, record: dict[str, Any], shard: int) -> str | None:
+    part = layout.part_rel(shard)
+    loc = out.join(part)
     try:
         table = pq.read_table(loc.path, filesystem=loc.fs)
     except Exception as e:  # noqa: BLE001 - any unreadable part means: render it again
-        return f"parquet/{part} does not read ({type(e).__name__}: {e})"
+        return f"{part} does not read ({type(e).__name__}: {e})"
     rows = table.select(["image_id", "height", "width", "mask_path", "mask"]).to_pylist()
     if [r["image_id"] for r in rows] != record["written"]:
-        return f"parquet/{part} does not hold the shard's {len(record['written'])} images"
+        return f"{part} does not hold the shard's {len(record['written'])} images"
     for r in rows:
         try:
             shape = storage.decode_png(r["mask"]).shape[:2]
@@ -95,5 +94,5 @@ def _content_problem(out: storage.Location, record: dict[str, Any], part: str) -
                 f"not {r['width']}x{r['height']}"
             )
         if not same:
-            return f"{r['mask_path']} differs from the mask in parquet/{part}"
+            return f"{r['mask_path']} differs from the mask in {part}"
     return None

@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_coco import tiny_coco, write_coco, write_images
 
-from rayseg import export, naming, storage
+from rayseg import export, layout, naming, storage
 from rayseg.config import VAL_FRACTION, MasksConfig, load_config
 from rayseg.errors import RaysegError
-from rayseg.ingest import split_ids
 from rayseg.masks import plan_masks, run_masks
+from rayseg.split import split_ids
 
 VOCSegmentation = pytest.importorskip("torchvision.datasets").VOCSegmentation
 
@@ -42,7 +42,7 @@ def test_torchvision_loads_the_voc_folder_as_it_is(voc_out):
     expected = parquet_masks(out)
     seen = []
     for image_set in ("train", "val"):
-        ds = VOCSegmentation(str(out), year=export.VOC_YEAR, image_set=image_set, download=False)
+        ds = VOCSegmentation(str(out), year=layout.VOC_YEAR, image_set=image_set, download=False)
         for k in range(len(ds)):
             image, target = ds[k]
             stem = naming.base_stem(ds.masks[k])

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_coco import CATEGORIES, square, write_coco
 
-from rayseg import lease, naming, storage
+from rayseg import layout, lease, naming, storage
 from rayseg.coco import load_coco
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
@@ -231,7 +231,7 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # What a first run still working on OUT holds.
-        loc = storage.locate(str(out)).join(lease.LOCK_NAME)
+        loc = storage.locate(str(out)).join(layout.LOCK)
         body = lease.Lease(loc, "first", 0.0).body()
         storage.write_json(loc, {**body, "pid": holder.pid})
         with pytest.raises(RaysegError, match=r"is in use by another rayseg run \(pid \d+"):
@@ -242,7 +242,7 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
         holder.wait()
     # Its process is gone: the lease is stale and taken over.
     assert run_masks(config(annotations, out))["counts"]["masks_written"] == 6
-    assert not (out / lease.LOCK_NAME).exists()
+    assert not (out / layout.LOCK).exists()
 
 
 def test_lease_is_refused_on_s3_too(moto_server, monkeypatch):
@@ -264,7 +264,7 @@ def test_lease_is_refused_on_s3_too(moto_server, monkeypatch):
     finally:
         first.release()
     lease.acquire(out).release()
-    assert not storage.exists(out.join(lease.LOCK_NAME))
+    assert not storage.exists(out.join(layout.LOCK))
 
 
 def test_index_keeps_rejected_annotations_out_of_the_groups(tmp_path):

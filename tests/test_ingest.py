@@ -1,4 +1,4 @@
-"""rayseg.ingest: split, crop checks, decode + augment (pure), and the Ray Data datasets."""
+"""rayseg.ingest: crop checks, decode + augment (pure), and the Ray Data datasets."""
 
 from __future__ import annotations
 
@@ -15,21 +15,6 @@ CLASS_MAP = class_map_from_meta(META)
 
 
 # ---- pure ---------------------------------------------------------------------------------
-
-
-def test_split_is_deterministic_and_disjoint():
-    ids = np.arange(1000, 1100)
-    train, val = ingest.split_ids(ids, 0.2, seed=0)
-    assert len(val) == 20 and len(train) == 80
-    assert not set(train) & set(val) and set(train) | set(val) == set(ids)
-    shuffled = np.random.default_rng(1).permutation(ids)
-    assert np.array_equal(ingest.split_ids(shuffled, 0.2, seed=0)[1], val)
-    assert not np.array_equal(ingest.split_ids(ids, 0.2, seed=1)[1], val)
-
-
-def test_split_rejects_fraction_leaving_nothing_to_train():
-    with pytest.raises(RaysegError, match="no training images"):
-        ingest.split_ids(np.arange(2), 0.9, seed=0)
 
 
 def test_ingest_stays_torch_free_and_agrees_on_ignore():

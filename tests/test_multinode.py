@@ -15,8 +15,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from rayseg.config import MasksConfig
+from rayseg.layout import part_name
 from rayseg.masks import run_masks
-from rayseg.shard import part_name
 
 NODES = ("node_a", "node_b")
 
