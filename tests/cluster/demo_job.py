@@ -208,6 +208,23 @@ def train_ranks(c: NsCluster, run: str) -> list[list[tuple[int, str]]]:
     return attempts
 
 
+def running_on(c: NsCluster, name: str, address: str) -> int:
+    """How many tasks called `name` Ray's state API lists as RUNNING on the node at `address`."""
+    return c.python(
+        "client",
+        "import json, sys\n"
+        "from ray.util.state import list_nodes, list_tasks\n"
+        "ids = {n.node_id for n in list_nodes(address=sys.argv[1]) if n.node_ip == sys.argv[3]}\n"
+        "tasks = list_tasks(address=sys.argv[1], filters=[('name', '=', sys.argv[2]),"
+        " ('state', '=', 'RUNNING')], raise_on_missing_output=False)\n"
+        "print(json.dumps(sum(t.node_id in ids for t in tasks)))",
+        c.dashboard,
+        name,
+        address,
+        env=c.token_env(),
+    )
+
+
 def parquet_ids(c: NsCluster, prefix: str) -> list[int]:
     """The image_id column of every Parquet part under s3://BUCKET/prefix, read with pyarrow."""
     return c.python(
