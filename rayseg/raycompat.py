@@ -13,15 +13,17 @@ in place and `fell_back` says so once per process, on stderr (never a silent no-
 - keep_sigint_handler      DataParallelTrainer._register_sigint_handler (Ray Train V2)
 - sync_train_snapshot      Ray Train V2's checkpoint_manager_snapshot.json, rewritten
 - EMBEDDED_SYSTEM_CONFIG   ray.init's `_system_config` (Ray's testing-only argument)
+- submitted_runtime_env    RAY_JOB_CONFIG_JSON_ENV_VAR, set by Ray's job supervisor
 Ray is imported inside the functions that use it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,30 @@ def installed_ray() -> str:
 # RayConfig key of Ray's C++ core (checked on Ray 2.60.0). No fallback is possible from Python:
 # were the key gone, Ray's processes would refuse it at start and ray.init would fail loudly.
 EMBEDDED_SYSTEM_CONFIG = {"_system_config": {"enable_metrics_collection": False}}
+
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime_env a `ray job submit` gave this driver ({} for a driver not submitted).
+
+    Works around: ray.init refuses to merge its runtime_env with the submitted job's where
+    both set a key, and Ray has no public API for the submitted one. Checked on Ray 2.60.0:
+    the job supervisor passes the job config as JSON in RAY_JOB_CONFIG_JSON_ENV_VAR
+    (ray._private.runtime_env.constants), which ray.init reads. Fallback: a variable that is
+    not JSON of that shape is said once and read as {}; were it renamed, ray.init's own merge
+    refuses a key given twice with its own error.
+    """
+    raw = environ.get(JOB_CONFIG_ENV) or "{}"
+    try:
+        given = json.loads(raw).get("runtime_env") or {}
+        if not isinstance(given, dict):
+            raise TypeError(type(given).__name__)
+    except (ValueError, AttributeError, TypeError):
+        fell_back(JOB_CONFIG_ENV, "ray.init merges the submitted runtime_env as Ray does")
+        return {}
+    return given
 
 
 def end_autoscaler_monitor() -> None:

@@ -9,7 +9,6 @@ joined, ignoring signals meanwhile. Ray is imported inside the functions that us
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -126,8 +125,7 @@ def job_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     from rayseg.netif import SETUP_HOOK
 
     environ = os.environ if environ is None else environ
-    submitted = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
-    given = submitted.get("runtime_env") or {}
+    given = raycompat.submitted_runtime_env(environ)
     env = {
         k: v
         for k, v in environ.items()

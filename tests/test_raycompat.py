@@ -8,6 +8,7 @@ touch falls back on the installed Ray.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,26 @@ def test_a_fallback_is_said_once_naming_both_versions(caplog):
     (line,) = notices(caplog)
     assert line.startswith(f"rayseg: Ray {raycompat.installed_ray()}: ray.thing {FELL_BACK}")
     assert f"Ray {raycompat.CHECKED_RAY}" in line and line.endswith("Ray does it its own way")
+
+
+# ---- submitted_runtime_env ------------------------------------------------------------------
+
+
+def test_the_submitted_runtime_env_is_read_where_ray_s_job_supervisor_puts_it():
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    assert raycompat.JOB_CONFIG_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR
+    given = {"env_vars": {"AWS_REGION": "y"}}
+    environ = {raycompat.JOB_CONFIG_ENV: json.dumps({"runtime_env": given, "metadata": {}})}
+    assert raycompat.submitted_runtime_env(environ) == given
+    assert raycompat.submitted_runtime_env({}) == {}
+
+
+def test_a_job_config_of_another_shape_is_read_as_none_and_said(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert raycompat.submitted_runtime_env({raycompat.JOB_CONFIG_ENV: "[1, 2]"}) == {}
+    (line,) = notices(caplog)
+    assert raycompat.JOB_CONFIG_ENV in line and "merges the submitted runtime_env" in line
 
 
 # ---- end_autoscaler_monitor ------------------------------------------------------------------
