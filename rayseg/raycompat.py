@@ -42,10 +42,11 @@ def fell_back(touch: str, consequence: str) -> None:
         return
     _SAID.add(touch)
     log.warning(
-        "rayseg: Ray %s: %s is not as on Ray %s; Ray's own behaviour stays: %s",
-        installed_ray(),
+        "rayseg: %s is not as rayseg expects (checked on Ray %s, running Ray %s); "
+        "Ray's own behaviour stays: %s",
         touch,
         CHECKED_RAY,
+        installed_ray(),
         consequence,
     )
 

@@ -22,7 +22,7 @@ import pytest
 from rayseg import raycompat, rayoutput, storage
 from rayseg.signals import signals_deferred, stop_on_signals
 
-FELL_BACK = "is not as on Ray"
+FELL_BACK = "is not as rayseg expects"
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +50,9 @@ def test_a_fallback_is_said_once_naming_both_versions(caplog):
         raycompat.fell_back("ray.thing", "Ray does it its own way")
         raycompat.fell_back("ray.thing", "Ray does it its own way")
     (line,) = notices(caplog)
-    assert line.startswith(f"rayseg: Ray {raycompat.installed_ray()}: ray.thing {FELL_BACK}")
-    assert f"Ray {raycompat.CHECKED_RAY}" in line and line.endswith("Ray does it its own way")
+    assert line.startswith(f"rayseg: ray.thing {FELL_BACK} (checked on Ray {raycompat.CHECKED_RAY}")
+    assert f"running Ray {raycompat.installed_ray()})" in line
+    assert line.endswith("Ray's own behaviour stays: Ray does it its own way")
 
 
 # ---- submitted_runtime_env ------------------------------------------------------------------
