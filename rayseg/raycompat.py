@@ -25,7 +25,6 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,6 +52,8 @@ def fell_back(touch: str, consequence: str) -> None:
 
 def installed_ray() -> str:
     """The installed Ray's version (without importing Ray)."""
+    from importlib import metadata
+
     try:
         return metadata.version("ray")
     except metadata.PackageNotFoundError:
