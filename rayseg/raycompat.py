@@ -12,7 +12,7 @@ in place and `fell_back` says so once per process, on stderr (never a silent no-
                            handler of ray._private.ray_logging's stdstream dispatcher
 - keep_sigint_handler      DataParallelTrainer._register_sigint_handler (Ray Train V2)
 - sync_train_snapshot      Ray Train V2's checkpoint_manager_snapshot.json, rewritten
-- EMBEDDED_SYSTEM_CONFIG   ray.init's `_system_config` (Ray's testing-only argument)
+- embedded_init_options    ray.init's `_system_config` (Ray's testing-only argument)
 - submitted_runtime_env    RAY_JOB_CONFIG_JSON_ENV_VAR, set by Ray's job supervisor
 Ray is imported inside the functions that use it.
 """
@@ -62,11 +62,25 @@ def installed_ray() -> str:
 
 # ---- ray.init and ray.shutdown ---------------------------------------------------------------
 
-# Works around: an embedded Ray's metrics exporter, which nothing reads, costs start-up time.
-# `_system_config` is ray.init's testing-only argument; `enable_metrics_collection` is a
-# RayConfig key of Ray's C++ core (checked on Ray 2.60.0). No fallback is possible from Python:
-# were the key gone, Ray's processes would refuse it at start and ray.init would fail loudly.
-EMBEDDED_SYSTEM_CONFIG = {"_system_config": {"enable_metrics_collection": False}}
+
+def embedded_init_options() -> dict[str, Any]:
+    """ray.init's private options for an embedded Ray: no metrics exporter (nothing reads it).
+
+    Works around: the exporter's start-up time. `_system_config` is ray.init's testing-only
+    argument and `enable_metrics_collection` a RayConfig key of Ray's C++ core (checked on Ray
+    2.60.0). A key Ray no longer knows is fatal to its GCS ("Received unexpected config
+    parameter"), and ray.init then fails only after a timeout, so it is passed to the Ray it
+    was checked on alone. Fallback, on any other Ray: Ray's defaults (the exporter runs).
+    """
+    import ray
+
+    if ray.__version__ != CHECKED_RAY:
+        fell_back(
+            "ray.init(_system_config={'enable_metrics_collection': False})",
+            "an embedded Ray starts its metrics exporter",
+        )
+        return {}
+    return {"_system_config": {"enable_metrics_collection": False}}
 
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

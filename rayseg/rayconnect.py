@@ -62,7 +62,7 @@ def connect_ray(
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
-            **raycompat.EMBEDDED_SYSTEM_CONFIG,
+            **raycompat.embedded_init_options(),
             **common,
         )
         _RAY.connected = _RAY.started = True

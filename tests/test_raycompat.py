@@ -55,6 +55,25 @@ def test_a_fallback_is_said_once_naming_both_versions(caplog):
     assert line.endswith("Ray's own behaviour stays: Ray does it its own way")
 
 
+# ---- embedded_init_options ------------------------------------------------------------------
+
+
+def test_an_embedded_ray_starts_without_its_metrics_exporter():
+    assert raycompat.embedded_init_options() == {
+        "_system_config": {"enable_metrics_collection": False}
+    }
+
+
+def test_on_another_ray_an_embedded_ray_keeps_ray_s_defaults(monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(ray, "__version__", "9.0.0")
+    with caplog.at_level(logging.WARNING):
+        assert raycompat.embedded_init_options() == {}
+    (line,) = notices(caplog)
+    assert "_system_config" in line and "starts its metrics exporter" in line
+
+
 # ---- submitted_runtime_env ------------------------------------------------------------------
 
 
