@@ -93,7 +93,7 @@ def child(
     import rayseg.masks
     import rayseg.shard
     from rayseg.config import MasksConfig
-    from rayseg.runtime import connect_ray
+    from rayseg.rayconnect import connect_ray
 
     connect_ray(None, num_cpus)
     base = status_bytes("VmRSS")

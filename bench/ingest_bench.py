@@ -383,7 +383,7 @@ def main() -> int:
     import ray  # noqa: I001  (first: psutil below is Ray's own copy, ray/thirdparty_files)
     import psutil
 
-    from rayseg.runtime import connect_ray
+    from rayseg.rayconnect import connect_ray
 
     data = args.data or make_data(REPO / "bench" / "_data", args.images)
     summary = ingest.scan_data(data)

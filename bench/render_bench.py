@@ -361,7 +361,7 @@ def run_rayseg(path: Path, out: Path, rasterizer: str, python: str) -> RaysegRun
 
 
 # rayseg's own start and stop (its stop ends Ray's autoscaler monitor first: 1 s less).
-_BARE_RAY = "from rayseg import runtime; runtime.connect_ray(None, {cpus}); runtime.stop_ray()"
+_BARE_RAY = "from rayseg import rayconnect as r; r.connect_ray(None, {cpus}); r.stop_ray()"
 
 
 def ray_alone(python: str) -> float:

@@ -41,7 +41,7 @@ def child(annotations: str, nodes: int, shard_size: int) -> dict[str, Any]:
 
     from rayseg.config import MasksConfig
     from rayseg.masks import run_masks
-    from rayseg.runtime import connect_ray
+    from rayseg.rayconnect import connect_ray
 
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}

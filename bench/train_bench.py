@@ -222,7 +222,7 @@ def main() -> None:
 
     import ray
 
-    from rayseg.runtime import connect_ray
+    from rayseg.rayconnect import connect_ray
     from rayseg.train import worker_resources
 
     connect_ray(None, args.num_cpus)

@@ -10,7 +10,8 @@ run directory RUN (local path or s3:// URI):
 - RUN/metrics.jsonl (one line per epoch) and RUN/curves.png (loss and validation mIoU).
 - RUN/config.yaml, RUN/split.json and RUN/summary.json.
 - RUN/checkpoint_manager_snapshot.json is Ray Train's list of the checkpoints it registered;
-  resume_point drops from it the checkpoints that no longer load.
+  resume_point drops from it the checkpoints that no longer load (its format is Ray Train's
+  private state, so raycompat.sync_train_snapshot reads and writes it).
 No Ray.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rayseg import storage
+from rayseg import raycompat, storage
 from rayseg.config import TrainConfig, dump_yaml
 from rayseg.errors import RaysegError
 from rayseg.loop import TrainingState
@@ -45,7 +46,6 @@ CURVES_NAME = "curves.png"
 CONFIG_NAME = "config.yaml"
 SPLIT_NAME = "split.json"
 SUMMARY_NAME = "summary.json"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's CheckpointManager state
 # What restore needs of a checkpoint record, beyond the export's keys.
 RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
 
@@ -140,7 +140,8 @@ def checkpoint_dirs(run: storage.Location) -> list[storage.Location]:
 
 # What `rayseg train` puts at the top of a run directory (its epoch_NNNN folders besides).
 RUN_WRITES = (
-    CONFIG_NAME, SPLIT_NAME, METRICS_NAME, CURVES_NAME, SUMMARY_NAME, EXPORT_NAME, RAY_SNAPSHOT,
+    CONFIG_NAME, SPLIT_NAME, METRICS_NAME, CURVES_NAME, SUMMARY_NAME, EXPORT_NAME,
+    raycompat.TRAIN_SNAPSHOT,
 )  # fmt: skip
 
 
@@ -305,54 +306,8 @@ def resume_point(run: storage.Location, *, model: str, class_map: ClassMap) -> R
         point = ResumePoint(int(record["epoch"]), folder.uri)
         break
     keep = {dir_name(f.path) for f in folders} - {name for name, _ in skipped}
-    sync_ray_snapshot(run, keep)
+    raycompat.sync_train_snapshot(run, keep)
     return ResumePoint(point.epochs, point.uri, tuple(skipped))
-
-
-def sync_ray_snapshot(run: storage.Location, keep: set[str]) -> None:
-    """Ray Train's snapshot of the run (if any) without the checkpoints not in `keep`.
-
-    Ray Train hands the latest checkpoint it lists to the workers (an unreadable one fails every
-    attempt), refuses to start if one is missing, and may later delete a new checkpoint written
-    to the folder of one it remembers.
-    """
-    loc = run.join(RAY_SNAPSHOT)
-    if not storage.exists(loc):
-        return
-    try:
-        snapshot = storage.read_json(loc)
-        synced = drop_from_snapshot(snapshot, keep)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        # Cut short while Ray wrote it, or another Ray's format: Ray Train starts without one.
-        storage.delete(loc)
-        return
-    if synced != snapshot:
-        storage.write_json(loc, synced)
-
-
-def drop_from_snapshot(snapshot: dict[str, Any], keep: set[str]) -> dict[str, Any]:
-    """Ray Train V2's CheckpointManager state with only the checkpoint folders `keep`."""
-    snapshot = dict(snapshot)
-    pairs = zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"], strict=True)
-    kept = [(i, r) for i, r in pairs if r["checkpoint_dir_name"] in keep]
-    snapshot["checkpoint_report_indices"] = [i for i, _ in kept]
-    snapshot["checkpoint_results"] = [r for _, r in kept]
-    latest = snapshot.get("latest_checkpoint_result")
-    if latest and latest["checkpoint_dir_name"] not in keep:
-        snapshot["latest_checkpoint_result"] = max(kept, key=lambda p: p[0])[1] if kept else None
-    pending = zip(
-        snapshot["pending_training_results"], snapshot["pending_validation_specs"], strict=True
-    )
-    still = [(r, v) for r, v in pending if r["checkpoint_dir_name"] in keep]
-    snapshot["pending_training_results"] = [r for r, _ in still]
-    snapshot["pending_validation_specs"] = [v for _, v in still]
-    for key in (
-        "validated_checkpoint_dir_names",
-        "timed_out_validation_checkpoint_dir_names",
-        "failed_validation_checkpoint_dir_names",
-    ):
-        snapshot[key] = [n for n in snapshot.get(key, []) if n in keep]
-    return snapshot
 
 
 def export_final(run: storage.Location) -> dict[str, Any]:

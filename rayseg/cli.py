@@ -4,7 +4,7 @@ Each command maps to a Command: its config class, the function that runs it and 
 The run functions import their stage only when called (`rayseg subset` never imports torch); each
 takes the resolved config and returns a JSON-able summary. A RaysegError becomes one line on
 stderr and exit status 2; any other exception one line and exit 1, with the traceback only
-under --debug. SIGINT / SIGTERM (rayseg.runtime.stop_on_signals) end the command with one line
+under --debug. SIGINT / SIGTERM (rayseg.signals.stop_on_signals) end the command with one line
 saying how far it got and exit 130 / 143; a Ray this command started is stopped either way.
 """
 
@@ -21,10 +21,11 @@ import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from rayseg import __version__, runtime
+from rayseg import __version__, rayconnect, signals
 from rayseg import config as C
 from rayseg.errors import RaysegError
-from rayseg.runtime import VERBOSE_ENV
+from rayseg.progress import Progress
+from rayseg.rayoutput import VERBOSE_ENV
 
 
 def _synth(cfg: C.SynthConfig) -> Any:
@@ -177,7 +178,7 @@ def run_command(name: str, cfg: Any) -> Any:
 
 def interrupted_line(command: str) -> str:
     """`rayseg train: interrupted after 3 of 5 steps (epoch 2/3); rerun ...`."""
-    progress = runtime.Progress.latest
+    progress = Progress.latest
     where = ""
     if progress is not None:
         where = f" after {progress.count()}"
@@ -211,7 +212,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    # Read by rayseg.runtime on the driver and, inherited, in local Ray workers.
+    # Read by rayseg.rayoutput on the driver and, inherited, in local Ray workers.
     os.environ[VERBOSE_ENV] = "1" if args.verbose else "0"
     cls = COMMANDS[args.command].config
     overrides = {
@@ -219,22 +220,22 @@ def main(argv: list[str] | None = None) -> int:
         for f in dataclasses.fields(cls)
         if f.metadata.get("flag", True) is not False
     }
-    runtime.Progress.latest = None
-    with runtime.stop_on_signals():
+    Progress.latest = None
+    with signals.stop_on_signals():
         try:
             return run(args, cls, overrides)
         # errors.Interrupted, or the KeyboardInterrupt Ray's C++ calls raise in its place
         except KeyboardInterrupt:
-            runtime.stop_ray()
+            rayconnect.stop_ray()
             if args.debug:
                 traceback.print_exc()
             sys.stdout.flush()
-            if runtime.Progress.latest is not None:
-                runtime.Progress.latest.close()  # end the bar's line before ours
+            if Progress.latest is not None:
+                Progress.latest.close()  # end the bar's line before ours
             print(interrupted_line(args.command), file=sys.stderr, flush=True)
-            return 128 + (runtime.stop_signal() or signal.SIGINT)
+            return 128 + (signals.stop_signal() or signal.SIGINT)
         finally:
-            runtime.stop_ray()
+            rayconnect.stop_ray()
 
 
 def run(args: argparse.Namespace, cls: type, overrides: dict[str, Any]) -> int:

@@ -8,7 +8,7 @@ class RaysegError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM reached the command (rayseg.runtime raises it; exit 128 + signum).
+    """SIGINT or SIGTERM reached the command (rayseg.signals raises it; exit 128 + signum).
 
     A KeyboardInterrupt, so code that cleans up after Ctrl-C (Ray Data's executor) does so here.
     """

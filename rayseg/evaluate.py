@@ -25,6 +25,7 @@ import torch
 
 from rayseg import metrics as M
 from rayseg import outputs, storage
+from rayseg.cluster import check_gpus, worker_uri
 from rayseg.config import EvaluateConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.infer import (
@@ -36,14 +37,10 @@ from rayseg.infer import (
 )
 from rayseg.ingest import SampleError, decode_pair
 from rayseg.models import ClassMap
+from rayseg.rayconnect import connect_ray
+from rayseg.raydata import rows_with_progress
+from rayseg.rayoutput import quiet_ray_data
 from rayseg.records import Problem
-from rayseg.runtime import (
-    check_gpus,
-    connect_ray,
-    quiet_ray_data,
-    rows_with_progress,
-    worker_uri,
-)
 
 METRICS_NAME = "metrics.json"
 CONFUSION_IMAGE_NAME = "confusion_matrix.png"

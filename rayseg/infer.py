@@ -21,7 +21,7 @@ from rayseg.config import EvaluateConfig, PredictConfig
 from rayseg.errors import RaysegError
 from rayseg.ingest import image_counts
 from rayseg.models import forward_logits, normalize
-from rayseg.runtime import map_with_actors
+from rayseg.raydata import map_with_actors
 
 
 def load_checkpoint(uri: str, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -70,7 +70,7 @@ def map_with_model(
 ) -> Any:
     """ds (a ray.data.Dataset) through cfg.num_actors `actor(checkpoint, use_gpu)` replicas.
 
-    `checkpoint` must be valid on every worker (runtime.worker_uri).
+    `checkpoint` must be valid on every worker (cluster.worker_uri).
     """
     return map_with_actors(
         ds,

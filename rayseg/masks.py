@@ -22,8 +22,9 @@ from rayseg.classes import mask_classes
 from rayseg.coco import CocoIndex, load_coco, load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
+from rayseg.progress import Progress
+from rayseg.rayconnect import connect_ray
 from rayseg.render import ValueScheme, value_scheme
-from rayseg.runtime import Progress, connect_ray
 from rayseg.shard import (
     ShardJobs,
     auto_shard_size,

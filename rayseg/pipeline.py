@@ -44,7 +44,7 @@ from rayseg.config import (
     load_config,
 )
 from rayseg.errors import RaysegError
-from rayseg.runtime import connect_ray
+from rayseg.rayconnect import connect_ray
 
 # `rayseg demo`'s settings: the one file, also runnable as `rayseg pipeline --config` or a job.
 DEMO_FILE = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"

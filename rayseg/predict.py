@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from rayseg import naming, outputs, storage
+from rayseg.cluster import check_gpus, worker_uri
 from rayseg.config import PredictConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.infer import (
@@ -37,13 +38,9 @@ from rayseg.infer import (
     predict_labels,
 )
 from rayseg.models import ClassMap
+from rayseg.rayconnect import connect_ray
+from rayseg.raydata import rows_with_progress
 from rayseg.records import Problem
-from rayseg.runtime import (
-    check_gpus,
-    connect_ray,
-    rows_with_progress,
-    worker_uri,
-)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.35  # a light tint: the outline and legend carry the class

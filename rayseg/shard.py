@@ -27,9 +27,10 @@ from rayseg import export, layout, naming, storage, waits
 from rayseg.coco import AnnotationGroups, CocoIndex, decode_annotation, read_records
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
+from rayseg.progress import Progress
+from rayseg.rayconnect import connect_ray
 from rayseg.records import Problem
 from rayseg.render import Shape, ValueScheme, Window, render_mask
-from rayseg.runtime import Progress, connect_ray
 
 
 @dataclass(frozen=True)

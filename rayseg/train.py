@@ -26,7 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayseg import checkpoint, ingest, loop, netif, outputs, runtime, storage, waits
+from rayseg import (
+    checkpoint,
+    cluster,
+    ingest,
+    loop,
+    netif,
+    outputs,
+    raycompat,
+    rayconnect,
+    rayoutput,
+    storage,
+    waits,
+    workerlines,
+)
 from rayseg.config import TrainConfig, to_dict
 from rayseg.errors import RaysegError
 from rayseg.models import (
@@ -80,8 +93,8 @@ class Checked:
 def quiet_logs() -> None:
     # Ray Data logs a few INFO lines per dataset execution, i.e. per epoch and worker.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not runtime.verbose():
-        runtime.quiet_ray()
+    if not rayoutput.verbose():
+        rayoutput.quiet_ray()
     # MobileNet's depthwise weight grads come out in another stride order on CPU; DDP copes.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
@@ -109,7 +122,7 @@ def report_epoch(
         return
     history.append(record)
     checkpoint.write_history(storage.locate(plan.run_uri), history)
-    runtime.say(loop.epoch_line(record, cfg.epochs))
+    workerlines.say(loop.epoch_line(record, cfg.epochs))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.write_checkpoint(folder, state, record, cfg=cfg, class_map=plan.class_map)
         # Ray Train: persists the folder as RUN/epoch_NNNN, keeps the best num_to_keep + latest.
@@ -136,7 +149,7 @@ def resume(state: loop.TrainingState, *, plan: Plan, rank: int) -> int:
     else:
         return 0
     if rank == 0:
-        runtime.say(f"resumed from epoch {done} ({where})")
+        workerlines.say(f"resumed from epoch {done} ({where})")
     return done
 
 
@@ -147,7 +160,7 @@ def step_progress(plan: Plan, *, rank: int, world: int):
 
     def for_epoch(epoch: int) -> loop.StepHook:
         label = f"epoch {epoch}/{plan.cfg.epochs}"
-        reporter = runtime.StepReporter(label, plan.steps_per_epoch)
+        reporter = workerlines.StepReporter(label, plan.steps_per_epoch)
 
         def hook(stats: loop.EpochStats, loss: torch.Tensor) -> None:
             if reporter.due(stats.steps):
@@ -363,7 +376,7 @@ def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
     import ray
 
     have = ray.cluster_resources()
-    runtime.check_gpus(cfg.use_gpu)
+    cluster.check_gpus(cfg.use_gpu)
     check_gpu_count(cfg, have.get("GPU", 0))
     need = cpus_per_worker * cfg.num_workers
     if need > have.get("CPU", 0):
@@ -441,11 +454,12 @@ def fit(trainer) -> None:
     """trainer.fit(), with a worker's RaysegError surfacing as itself.
 
     Ray Train's fit() would swap in its own SIGINT handler (it aborts the run, then exits 1);
-    rayseg's stays (runtime.stop_on_signals), and stopping Ray ends the run at once.
+    rayseg's stays (signals.stop_on_signals; raycompat.keep_sigint_handler), and stopping Ray
+    ends the run at once.
     """
     import ray.train
 
-    trainer._register_sigint_handler = lambda controller: None  # Ray Train: keep our handler
+    raycompat.keep_sigint_handler(trainer)
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -464,11 +478,11 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     """Connect to Ray, check the cluster can run it, and train."""
     import ray
 
-    runtime.connect_ray(cfg.address, cfg.num_cpus, dashboard=True)
+    rayconnect.connect_ray(cfg.address, cfg.num_cpus, dashboard=True)
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     cpus_per_worker, threads = worker_resources(cfg, node_cpus)
     check_cluster(cfg, cpus_per_worker)
-    runtime.check_storage_reachable(checked.run)
+    cluster.check_storage_reachable(checked.run)
     ray.data.DataContext.get_current().enable_progress_bars = False
     split = checked.split
     plan = Plan(

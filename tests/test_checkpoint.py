@@ -15,7 +15,7 @@ import pytest
 import torch
 from mask_data import category_meta
 
-from rayseg import checkpoint, loop, storage
+from rayseg import checkpoint, loop, raycompat, storage
 from rayseg.config import TrainConfig
 from rayseg.errors import RaysegError
 from rayseg.models import class_map_from_meta, forward_logits
@@ -119,7 +119,7 @@ def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(
     record = {"epoch": 3, "loss": 0.4}
     checkpoint.write_checkpoint(newer.path, written, record, cfg=CFG, class_map=CLASS_MAP)
     damage(Path(newer.path, checkpoint.CHECKPOINT_FILE))
-    storage.write_json(loc.join(checkpoint.RAY_SNAPSHOT), ray_snapshot("epoch_0002", "epoch_0003"))
+    storage.write_json(loc.join(raycompat.TRAIN_SNAPSHOT), ray_snapshot("epoch_0002", "epoch_0003"))
 
     point = checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP)
     assert (point.epochs, point.name) == (2, "epoch_0002")
@@ -127,7 +127,7 @@ def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(
     assert name == "epoch_0003" and reason.startswith("checkpoint.pt ") and why in reason
     assert not Path(newer.path, "ran").exists() and "weights_only" not in reason
     # Ray Train's snapshot forgets it: it would hand it to the workers again.
-    snapshot = storage.read_json(loc.join(checkpoint.RAY_SNAPSHOT))
+    snapshot = storage.read_json(loc.join(raycompat.TRAIN_SNAPSHOT))
     assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == ["epoch_0002"]
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "epoch_0002"
     assert checkpoint.export_final(loc)["epoch"] == 2
@@ -136,18 +136,18 @@ def test_unreadable_newest_checkpoint_is_skipped_for_the_previous_one(
 def test_without_a_loadable_checkpoint_training_starts_afresh(run):
     loc, _ = run
     (Path(loc.path) / "epoch_0002" / "checkpoint.pt").write_bytes(b"x")
-    storage.write_json(loc.join(checkpoint.RAY_SNAPSHOT), ray_snapshot("epoch_0002"))
+    storage.write_json(loc.join(raycompat.TRAIN_SNAPSHOT), ray_snapshot("epoch_0002"))
     point = checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP)
     assert (point.epochs, point.uri, [n for n, _ in point.skipped]) == (0, None, ["epoch_0002"])
-    snapshot = storage.read_json(loc.join(checkpoint.RAY_SNAPSHOT))
+    snapshot = storage.read_json(loc.join(raycompat.TRAIN_SNAPSHOT))
     assert snapshot["checkpoint_results"] == [] and snapshot["latest_checkpoint_result"] is None
 
 
 def test_a_cut_short_ray_snapshot_is_removed(run):
     loc, _ = run
-    storage.write_bytes(loc.join(checkpoint.RAY_SNAPSHOT), b'{"ray_version": "2.6')
+    storage.write_bytes(loc.join(raycompat.TRAIN_SNAPSHOT), b'{"ray_version": "2.6')
     assert checkpoint.resume_point(loc, model=CFG.model, class_map=CLASS_MAP).epochs == 2
-    assert not storage.exists(loc.join(checkpoint.RAY_SNAPSHOT))
+    assert not storage.exists(loc.join(raycompat.TRAIN_SNAPSHOT))
 
 
 def test_dropped_snapshot_is_one_ray_train_loads():
@@ -157,7 +157,7 @@ def test_dropped_snapshot_is_one_ray_train_loads():
 
     full = ray_snapshot("epoch_0001", "epoch_0002", "epoch_0003")
     full["validated_checkpoint_dir_names"] = ["epoch_0003", "epoch_0001"]
-    dropped = checkpoint.drop_from_snapshot(full, {"epoch_0001", "epoch_0002"})
+    dropped = raycompat.drop_from_snapshot(full, {"epoch_0001", "epoch_0002"})
     state = _CheckpointManagerState.model_validate(dropped)
     assert [r.checkpoint_dir_name for r in state.checkpoint_results] == ["epoch_0001", "epoch_0002"]
     assert state.checkpoint_report_indices == [0, 1]

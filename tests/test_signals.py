@@ -25,7 +25,9 @@ from conftest import _processes_with_env, group_members
 from mask_data import write_masks
 from tiny_coco import write_big_coco
 
-from rayseg import cli, runtime
+from rayseg import cli, signals
+from rayseg.errors import Interrupted
+from rayseg.progress import Progress
 
 TAG = "RAYSEG_TEST_RUN"
 BIN = Path(sys.executable).with_name("rayseg")
@@ -203,16 +205,43 @@ def test_resume_skips_a_truncated_newest_checkpoint(interrupted_training, tmp_pa
 # ---- in-process: the pieces ----------------------------------------------------------------
 
 
+def test_a_signal_raises_interrupted_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.stop_on_signals():
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+        assert caught.value.exit_code == 143 and signals.stop_signal() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # already stopping: ignored, not raised again
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_inside_ray_init_waits_until_it_returns():
+    import ray._private.utils as ray_utils
+
+    ran_on = []
+    with signals.stop_on_signals():
+        with pytest.raises(Interrupted) as caught:
+            with signals.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                # What ray.init does first: its own SIGTERM handler, sys.exit(15).
+                ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+                os.kill(os.getpid(), signal.SIGTERM)
+                ran_on.append("the rest of ray.init")
+        assert caught.value.signum == signal.SIGINT and ran_on == ["the rest of ray.init"]
+        assert signal.getsignal(signal.SIGTERM) is signals._on_signal
+
+
 _MONITOR_FIRST = """
 import ray
-from rayseg import runtime
-runtime.connect_ray(None, 1)
+from rayseg import raycompat, rayconnect
+rayconnect.connect_ray(None, 1)
 processes = ray._private.worker._global_node.all_processes
 monitor = processes["monitor"][0].process
 others = [i.process for kind, infos in processes.items() if kind != "monitor" for i in infos]
-runtime.end_autoscaler_monitor()
+raycompat.end_autoscaler_monitor()
 print(monitor.poll() is not None, bool(others) and all(p.poll() is None for p in others))
-runtime.stop_ray()
+rayconnect.stop_ray()
 print(all(p.poll() is not None for p in others))
 """
 
@@ -228,17 +257,17 @@ def test_stopping_our_ray_ends_its_autoscaler_monitor_first(ray_tmpdir):
 
 
 def test_interrupted_line_says_how_far_the_command_got():
-    runtime.Progress.latest = None
+    Progress.latest = None
     assert cli.interrupted_line("predict") == (
         "rayseg predict: interrupted; rerun the same command to start over"
     )
-    progress = runtime.Progress(5, "epoch 2/3", unit="steps", interval=3600.0)
+    progress = Progress(5, "epoch 2/3", unit="steps", interval=3600.0)
     progress.update(3)
     assert cli.interrupted_line("train") == (
         "rayseg train: interrupted after 3 of 5 steps (epoch 2/3); rerun the same command to resume"
     )
-    runtime.Progress(40, "masks", interval=3600.0).update(16)
+    Progress(40, "masks", interval=3600.0).update(16)
     assert cli.interrupted_line("masks") == (
         "rayseg masks: interrupted after 16 of 40 images; rerun the same command to resume"
     )
-    runtime.Progress.latest = None
+    Progress.latest = None

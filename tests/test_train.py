@@ -14,7 +14,7 @@ import pytest
 import torch
 from mask_data import META, write_masks
 
-from rayseg import ingest, runtime, train
+from rayseg import cluster, ingest, train
 from rayseg.checkpoint import load_model
 from rayseg.config import TrainConfig, load_config
 from rayseg.errors import RaysegError
@@ -96,9 +96,9 @@ def test_unknown_config_key_names_the_nearest():
 
 
 def test_storage_probe_reports_an_invisible_marker(tmp_path):
-    assert runtime._probe_storage(str(tmp_path), "missing-marker") is not None
+    assert cluster._probe_storage(str(tmp_path), "missing-marker") is not None
     (tmp_path / "marker").write_text("ok")
-    assert runtime._probe_storage(str(tmp_path), "marker") is None
+    assert cluster._probe_storage(str(tmp_path), "marker") is None
 
 
 # ---- bad input, refused before any worker starts ----------------------------------------------

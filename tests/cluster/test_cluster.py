@@ -152,7 +152,7 @@ def test_host_lost_during_masks(ns, annotations):
 def test_credentials_reach_no_log_or_command_line(ns, pipeline_run):
     # The head has the AWS_* settings (as an instance profile would give them); workers get them
     # from the job. Ray logs a runtime_env's env_vars on every node and puts them on worker
-    # command lines: the secret must travel another way (rayseg.runtime.job_env).
+    # command lines: the secret must travel another way (rayseg.rayconnect.job_env).
     assert pipeline_run[0].returncode == 0
     secret = ns.s3_secret.encode()
     leaks = []

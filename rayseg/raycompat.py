@@ -1,0 +1,313 @@
+"""Every use of a private Ray API in rayseg: what each works around, and what it falls back to.
+
+Checked on Ray CHECKED_RAY. tests/test_raycompat.py fails on any other Ray, so an upgrade is a
+deliberate act: re-check each touch below against the new Ray, then update CHECKED_RAY.
+
+Each touch first checks that what it needs is there. Where it is not, Ray's own behaviour stays
+in place and `fell_back` says so once per process, on stderr (never a silent no-op):
+- end_autoscaler_monitor   ray._private.worker._global_node.all_processes["monitor"]
+- logs_dir                 ray._private.worker.global_worker.node.get_logs_dir_path()
+- ray_sigterm_handler_held ray._private.utils.set_sigterm_handler, patched during ray.init
+- route_worker_output      ray._private.worker.print_to_stdstream and the "ray_print_logs"
+                           handler of ray._private.ray_logging's stdstream dispatcher
+- keep_sigint_handler      DataParallelTrainer._register_sigint_handler (Ray Train V2)
+- sync_train_snapshot      Ray Train V2's checkpoint_manager_snapshot.json, rewritten
+- embedded_init_options    ray.init's `_system_config` (Ray's testing-only argument)
+- submitted_runtime_env    RAY_JOB_CONFIG_JSON_ENV_VAR, set by Ray's job supervisor
+Ray is imported inside the functions that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rayseg.storage import Location
+
+CHECKED_RAY = "2.60.0"
+log = logging.getLogger("rayseg.raycompat")  # no handler: Python prints warnings on stderr
+_SAID: set[str] = set()  # the touches that fell back in this process
+
+
+def fell_back(touch: str, consequence: str) -> None:
+    """Say once per process that `touch` found Ray not as checked, and what Ray does instead."""
+    if touch in _SAID:
+        return
+    _SAID.add(touch)
+    log.warning(
+        "rayseg: %s is not as rayseg expects (checked on Ray %s, running Ray %s); "
+        "Ray's own behaviour stays: %s",
+        touch,
+        CHECKED_RAY,
+        installed_ray(),
+        consequence,
+    )
+
+
+def installed_ray() -> str:
+    """The installed Ray's version (without importing Ray)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+# ---- ray.init and ray.shutdown ---------------------------------------------------------------
+
+
+def embedded_init_options() -> dict[str, Any]:
+    """ray.init's private options for an embedded Ray: no metrics exporter (nothing reads it).
+
+    Works around: the exporter's start-up time. `_system_config` is ray.init's testing-only
+    argument and `enable_metrics_collection` a RayConfig key of Ray's C++ core (checked on Ray
+    2.60.0). A key Ray no longer knows is fatal to its GCS ("Received unexpected config
+    parameter"), and ray.init then fails only after a timeout, so it is passed to the Ray it
+    was checked on alone. Fallback, on any other Ray: Ray's defaults (the exporter runs).
+    """
+    import ray
+
+    if ray.__version__ != CHECKED_RAY:
+        fell_back(
+            "ray.init(_system_config={'enable_metrics_collection': False})",
+            "an embedded Ray starts its metrics exporter",
+        )
+        return {}
+    return {"_system_config": {"enable_metrics_collection": False}}
+
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime_env a `ray job submit` gave this driver ({} for a driver not submitted).
+
+    Works around: ray.init refuses to merge its runtime_env with the submitted job's where
+    both set a key, and Ray has no public API for the submitted one. Checked on Ray 2.60.0:
+    the job supervisor passes the job config as JSON in RAY_JOB_CONFIG_JSON_ENV_VAR
+    (ray._private.runtime_env.constants), which ray.init reads. Fallback: a variable that is
+    not JSON of that shape is said once and read as {}; were it renamed, ray.init's own merge
+    refuses a key given twice with its own error.
+    """
+    raw = environ.get(JOB_CONFIG_ENV) or "{}"
+    try:
+        given = json.loads(raw).get("runtime_env") or {}
+        if not isinstance(given, dict):
+            raise TypeError(type(given).__name__)
+    except (ValueError, AttributeError, TypeError):
+        fell_back(JOB_CONFIG_ENV, "ray.init merges the submitted runtime_env as Ray does")
+        return {}
+    return given
+
+
+def end_autoscaler_monitor() -> None:
+    """Kill the autoscaler monitor of the Ray this process started, before ray.shutdown.
+
+    Works around: ray.shutdown stops the GCS first and then the monitor, whose SIGTERM handler
+    reports to the dead GCS until Ray kills it a second later: 1.0 of the 1.35 s a shutdown
+    takes. Ray's process table is private (checked on Ray 2.60.0:
+    ray._private.worker._global_node.all_processes["monitor"], a list of ProcessInfo whose
+    `.process` is a Popen). Fallback: ray.shutdown stops the monitor itself, a second later.
+    """
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    monitors = processes.get("monitor") if isinstance(processes, dict) else None
+    popens = [getattr(info, "process", None) for info in monitors or []]
+    if not monitors or not all(hasattr(p, "poll") and hasattr(p, "kill") for p in popens):
+        fell_back(
+            "ray._private.worker._global_node.all_processes['monitor']",
+            "ray.shutdown stops the autoscaler monitor, about a second slower",
+        )
+        return
+    for process in popens:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=1)
+
+
+@contextmanager
+def ray_sigterm_handler_held() -> Iterator[None]:
+    """Inside (ray.init), Ray does not install its own SIGTERM handler; the caller's stays.
+
+    Works around: ray.init installs a SIGTERM handler (sys.exit(15)) that would replace
+    rayseg's (signals.signals_deferred) and end the driver halfway through starting Ray. Checked
+    on Ray 2.60.0: ray.init and Node call ray._private.utils.set_sigterm_handler, made a no-op
+    here. Fallback: Ray's handler is in place while ray.init runs (a SIGTERM then exits at
+    once); a patch that did not hold is also reported, when the handler is found replaced.
+    """
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if not callable(original):
+        fell_back(
+            "ray._private.utils.set_sigterm_handler",
+            "a SIGTERM while ray.init runs ends rayseg at once, without its last line",
+        )
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+        if on_main_thread() and signal.getsignal(signal.SIGTERM) is not before:
+            fell_back(
+                "ray._private.utils.set_sigterm_handler (ray.init set SIGTERM another way)",
+                "a SIGTERM while ray.init runs ends rayseg at once, without its last line",
+            )
+
+
+def on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---- Ray's output on the driver --------------------------------------------------------------
+
+
+def logs_dir() -> str | None:
+    """The connected Ray session's logs folder (None, said once, where Ray has moved it).
+
+    Ray has no public API for it. Checked on Ray 2.60.0:
+    ray._private.worker.global_worker.node.get_logs_dir_path(). Fallback: the caller leaves the
+    process's fd 2 on the terminal, where Ray's C++ core prints its error-level lines.
+    """
+    from ray._private import worker
+
+    node = getattr(getattr(worker, "global_worker", None), "node", None)
+    get_path = getattr(node, "get_logs_dir_path", None)
+    if not callable(get_path):
+        fell_back(
+            "ray._private.worker.global_worker.node.get_logs_dir_path",
+            "the driver's C++ error-level lines reach the terminal",
+        )
+        return None
+    return get_path()
+
+
+RAY_PRINT_HANDLER = "ray_print_logs"  # the dispatcher handler ray.init adds with log_to_driver
+
+
+def route_worker_output(make_forward: Callable[[Callable[..., None]], Callable[..., None]]) -> bool:
+    """Ray's two driver-side printers replaced by make_forward(Ray's printer) (after ray.init).
+
+    Works around: Ray prints what its processes write, and the raylet's error messages, on the
+    driver with a `(pid)` prefix and no filter. Checked on Ray 2.60.0: both go through
+    ray._private.worker.print_to_stdstream (the error listener by module global, log_to_driver
+    through the handler named "ray_print_logs" of ray._private.ray_logging's
+    global_worker_stdstream_dispatcher, whose `handlers` is a list of (name, handler)).
+    Fallback: False; Ray's printers stay (every line with Ray's prefix, rayseg's marked lines
+    and progress messages as they were written).
+    """
+    from ray._private import ray_logging
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
+    handlers = getattr(dispatcher, "handlers", None)
+    known = isinstance(handlers, list) and any(
+        isinstance(pair, tuple) and pair[:1] == (RAY_PRINT_HANDLER,) for pair in handlers
+    )
+    if not callable(printer) or not known:
+        fell_back(
+            "ray._private.worker.print_to_stdstream / the 'ray_print_logs' handler",
+            "what Ray's processes print reaches the terminal as Ray prints it",
+        )
+        return False
+    ray_print = getattr(printer, "ray_print", printer)  # ours already, from an earlier init
+    forward = make_forward(ray_print)
+    forward.ray_print = ray_print  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = forward
+    dispatcher.remove_handler(RAY_PRINT_HANDLER)
+    dispatcher.add_handler(RAY_PRINT_HANDLER, forward)
+    return True
+
+
+# ---- Ray Train -------------------------------------------------------------------------------
+
+
+def keep_sigint_handler(trainer: Any) -> None:
+    """trainer.fit() leaves the process's SIGINT handler (rayseg's) in place.
+
+    Works around: Ray Train's fit() swaps in its own SIGINT handler (it aborts the run, then
+    exits 1), so Ctrl-C would not end with rayseg's line and exit 130. Checked on Ray 2.60.0:
+    DataParallelTrainer._register_sigint_handler(controller), called from fit() on the main
+    thread. Fallback: Ray Train's handler is installed during fit().
+    """
+    if not callable(getattr(trainer, "_register_sigint_handler", None)):
+        fell_back(
+            "ray.train DataParallelTrainer._register_sigint_handler",
+            "Ctrl-C during training aborts the run Ray Train's way and exits 1",
+        )
+        return
+    trainer._register_sigint_handler = lambda controller: None
+
+
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's CheckpointManager state
+
+
+def sync_train_snapshot(run: Location, keep: set[str]) -> None:
+    """Ray Train's snapshot of the run (if any) without the checkpoint folders not in `keep`.
+
+    Works around: Ray Train hands the latest checkpoint it lists to the workers (an unreadable
+    one fails every attempt), refuses to start if one is missing, and may later delete a new
+    checkpoint written to the folder of one it remembers. The file is Ray Train V2's private
+    _CheckpointManagerState (checked on Ray 2.60.0; drop_from_snapshot names its fields).
+    Fallback: a snapshot of another shape is deleted, said once; Ray Train then starts as it
+    does on a run without one (rayseg still resumes from its own newest checkpoint).
+    """
+    from rayseg import storage
+
+    loc = run.join(TRAIN_SNAPSHOT)
+    if not storage.exists(loc):
+        return
+    try:
+        snapshot = storage.read_json(loc)
+    except ValueError:  # cut short while Ray wrote it: Ray Train starts without one
+        storage.delete(loc)
+        return
+    try:
+        synced = drop_from_snapshot(snapshot, keep)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        storage.delete(loc)
+        fell_back(
+            f"Ray Train's {TRAIN_SNAPSHOT}",
+            f"{loc.uri} removed; Ray Train starts without its list of checkpoints",
+        )
+        return
+    if synced != snapshot:
+        storage.write_json(loc, synced)
+
+
+def drop_from_snapshot(snapshot: dict[str, Any], keep: set[str]) -> dict[str, Any]:
+    """Ray Train V2's CheckpointManager state with only the checkpoint folders `keep`."""
+    snapshot = dict(snapshot)
+    pairs = zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"], strict=True)
+    kept = [(i, r) for i, r in pairs if r["checkpoint_dir_name"] in keep]
+    snapshot["checkpoint_report_indices"] = [i for i, _ in kept]
+    snapshot["checkpoint_results"] = [r for _, r in kept]
+    latest = snapshot.get("latest_checkpoint_result")
+    if latest and latest["checkpoint_dir_name"] not in keep:
+        snapshot["latest_checkpoint_result"] = max(kept, key=lambda p: p[0])[1] if kept else None
+    pending = zip(
+        snapshot["pending_training_results"], snapshot["pending_validation_specs"], strict=True
+    )
+    still = [(r, v) for r, v in pending if r["checkpoint_dir_name"] in keep]
+    snapshot["pending_training_results"] = [r for r, _ in still]
+    snapshot["pending_validation_specs"] = [v for _, v in still]
+    for key in (
+        "validated_checkpoint_dir_names",
+        "timed_out_validation_checkpoint_dir_names",
+        "failed_validation_checkpoint_dir_names",
+    ):
+        snapshot[key] = [n for n in snapshot.get(key, []) if n in keep]
+    return snapshot
