@@ -12,7 +12,8 @@ import pytest
 from tiny_coco import square, tiny_coco, write_coco, write_images
 
 from rayseg import masks, storage
-from rayseg.coco import annotations_by_image, load_coco
+from rayseg.coco import load_coco
+from rayseg.coco_apart import annotations_by_image
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
 from rayseg.masks import run_masks
