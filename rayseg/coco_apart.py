@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
@@ -151,25 +150,6 @@ def load_as_ranges(path: str) -> tuple[CocoIndex, str]:
     return index, reason
 
 
-class Sha1Thread:
-    """sha1 of the bytes handed over, in order, taken in a thread beside the parse (hashlib
-    lets go of the GIL); one block waits while the one before it is hashed."""
-
-    def __init__(self) -> None:
-        self.sha = hashlib.sha1()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rayseg-sha1")
-        self.pending: Future[None] | None = None
-
-    def update(self, data: memoryview) -> None:
-        if self.pending is not None:
-            self.pending.result()
-        self.pending = self.pool.submit(self.sha.update, data)
-
-    def hexdigest(self) -> str:
-        self.pool.shutdown()
-        return self.sha.hexdigest()
-
-
 class NotScanned(Exception):
     """A shape BlockScanner leaves to the whole-file parse (which also words every error); the
     message says which."""
@@ -197,13 +177,16 @@ class BlockScanner:
 
     BLOCK = 8 << 20  # bytes read at a time, and a run's usual size
     RUN_MAX = 256 << 20  # a longer record is left to the whole parse
+    # The digest: the file's sha1, as load_coco's. Taken inline: a thread beside the scan was
+    # slower end to end (bench/parse_bench.py, issue 25).
+    HASH = hashlib.sha1
 
     def __init__(self, path: str, f: IO[bytes]) -> None:
         self.path, self.file, self.stat = path, f, os.fstat(f.fileno())
         # The bytes held: the file from offset window_start on; cursor: the next unread byte's
         # position in window. Bytes before the cursor are let go at the next block read.
         self.window, self.window_start, self.cursor = b"", 0, 0
-        self.sha1 = Sha1Thread()
+        self.sha1 = self.HASH()
         self.value_spans: dict[str, tuple[int, int]] = {}  # top-level key -> its value's range
         self.image_ids_seen: set[int] = set()
         self.images: list[Image] = []
