@@ -124,17 +124,21 @@ def timed_child(argv: list[str]) -> tuple[float, float, dict[str, Any]]:
 STAGES = ("parse", "parse_cpu", "masks", "masks_cpu")
 
 
-def measure(path: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
-    times: dict[str, dict[str, list[float]]] = {v: {s: [] for s in STAGES} for v in VARIANTS}
+def measure(
+    path: Path, rounds: int, variants: tuple[str, ...], *, masks: bool
+) -> dict[str, dict[str, list[float]]]:
+    times: dict[str, dict[str, list[float]]] = {v: {s: [] for s in STAGES} for v in variants}
     digests = set()
     with tempfile.TemporaryDirectory(prefix="parse_bench_") as out:
         for r in range(rounds):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for variant in order:
                 me = [sys.executable, __file__, "--variant", variant, str(path)]
                 _, parse_cpu, parsed = timed_child([*me, "--stage", "parse"])
                 digests.add(parsed["digest"])
-                seconds, cpu, _ = timed_child([*me, "--stage", "masks", "--out", out])
+                seconds = cpu = float("nan")
+                if masks:
+                    seconds, cpu, _ = timed_child([*me, "--stage", "masks", "--out", out])
                 run = (parsed["seconds"], parse_cpu, seconds, cpu)
                 for stage, value in zip(STAGES, run, strict=True):
                     times[variant][stage].append(value)
@@ -149,18 +153,20 @@ def measure(path: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
 
 
 def report(path: Path, times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    measured = [s for s in STAGES if all(x == x for x in times["as shipped"][s])]  # not NaN
+    times = {v: {s: st[s] for s in measured} for v, st in times.items()}
     best = {v: {stage: min(ts) for stage, ts in st.items()} for v, st in times.items()}
     rows = {}
-    for variant in VARIANTS:
+    for variant in times:
         rows[variant] = {
             "runs": times[variant],
             "best": best[variant],
-            "ratio_to_shipped": {s: best[variant][s] / best["as shipped"][s] for s in STAGES},
+            "ratio_to_shipped": {s: best[variant][s] / best["as shipped"][s] for s in measured},
         }
-    print(f"{'variant':>15}" + "".join(f" {s + ' s':>12} {'x shipped':>9}" for s in STAGES))
+    print(f"{'variant':>15}" + "".join(f" {s + ' s':>12} {'x shipped':>9}" for s in measured))
     for variant, row in rows.items():
         b, q = row["best"], row["ratio_to_shipped"]
-        print(f"{variant:>15}" + "".join(f" {b[s]:>12.2f} {q[s]:>8.3f}x" for s in STAGES))
+        print(f"{variant:>15}" + "".join(f" {b[s]:>12.2f} {q[s]:>8.3f}x" for s in measured))
     return {
         "file": path.name,
         "file_bytes": path.stat().st_size,
@@ -176,6 +182,10 @@ def main() -> None:
     parser.add_argument("annotations", nargs="?", help="COCO file (default: train2017 preset)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated, 'as shipped' first"
+    )
+    parser.add_argument("--parse-only", action="store_true", help="skip the masks runs")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--stage", choices=("parse", "masks"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -190,7 +200,8 @@ def main() -> None:
 
     path = Path(args.annotations) if args.annotations else ensure_preset("train2017")
     print(f"parse_bench: {path.name}, {path.stat().st_size / 2**20:.0f} MiB, {args.rounds} rounds")
-    result = report(path, measure(path, args.rounds))
+    variants = tuple(args.variants.split(","))
+    result = report(path, measure(path, args.rounds, variants, masks=not args.parse_only))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
