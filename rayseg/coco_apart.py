@@ -66,9 +66,9 @@ def load_coco_apart(path: str) -> CocoIndex:
     if outcome.killed_for_memory:
         size = os.path.getsize(path)
         raise RaysegError(
-            f"{path}: out of memory: the parse child was killed (SIGKILL) holding "
+            f"{path}: the parse child ran out of memory ({outcome.failure}) holding "
             f"{outcome.peak_bytes / 2**20:.0f} MiB, on a file of {size / 2**20:.0f} MiB; "
-            "parsing it whole would need more (free memory, or run on a larger machine)"
+            "parsing it whole here would need more (free memory, or use a larger machine)"
         )
     if outcome.result is None:
         print(
@@ -111,12 +111,12 @@ def _run_child(path: str) -> _ChildOutcome:
         lines = errors.read().decode(errors="replace").strip().splitlines()
     peak = usage.ru_maxrss * 1024  # KiB on Linux
     if code == -signal.SIGKILL:
-        return _ChildOutcome(None, "killed", True, peak)
+        return _ChildOutcome(None, "killed by SIGKILL, as the kernel's OOM killer does", True, peak)
     if code != 0:
         return _ChildOutcome(None, lines[-1] if lines else f"exit status {code}", False, peak)
     result = pickle.loads(data)
     if isinstance(result, MemoryError):
-        return _ChildOutcome(None, "out of memory", True, peak)
+        return _ChildOutcome(None, "MemoryError", True, peak)
     return _ChildOutcome(result, "", False, peak)
 
 

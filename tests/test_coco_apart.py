@@ -224,21 +224,26 @@ def never_in_the_driver(path):
 
 
 @pytest.mark.parametrize(
-    "child_code",
+    "child_code, why",
     [
-        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",  # what the OOM killer does
-        "import pickle, sys; sys.stdout.buffer.write(pickle.dumps(MemoryError()))",
+        (  # what the kernel's OOM killer does
+            "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+            "killed by SIGKILL, as the kernel's OOM killer does",
+        ),
+        ("import pickle, sys; sys.stdout.buffer.write(pickle.dumps(MemoryError()))", "MemoryError"),
     ],
     ids=["killed", "MemoryError"],
 )
-def test_a_child_out_of_memory_is_an_error_not_a_parse_in_the_driver(tiny, monkeypatch, child_code):
+def test_a_child_out_of_memory_is_an_error_not_a_parse_in_the_driver(
+    tiny, monkeypatch, child_code, why
+):
     monkeypatch.setattr(coco_apart, "CHILD_CODE", child_code)
     monkeypatch.setattr(coco_apart, "load_coco", never_in_the_driver)
     size_mib = f"{tiny.stat().st_size / 2**20:.0f} MiB"
     with pytest.raises(RaysegError) as raised:
         load_coco_apart(str(tiny))
     message = str(raised.value)
-    assert message.startswith(f"{tiny}: out of memory: the parse child was")
+    assert message.startswith(f"{tiny}: the parse child ran out of memory ({why}) holding ")
     assert f"on a file of {size_mib}" in message
     held = re.search(r"holding (\d+) MiB", message)
     assert held and int(held.group(1)) > 0  # an interpreter's own memory, at least
