@@ -6,7 +6,8 @@ The apart parse (rayseg.coco_apart, the `rayseg masks` driver's) had two speed-u
 - offsets: a run's record offsets by arithmetic from the first gap (run_offsets), instead of
   searching for each record (search_offsets): kept;
 - sha1 thread: the file's sha1 taken in a thread beside the scan (Sha1Thread here), instead of
-  inline: dropped, it was slower end to end on the train2017-sized file (issue 25:
+  inline: dropped, it gained nothing end to end on the train2017-sized file, and can gain at
+  most the hash itself, 0.25 CPU s of its ~3 CPU s parse (issue 25:
   bench/results/parse_bench_run1.json has the figures with it in; parse_bench.json without).
 Variants: "as shipped"; "no offsets" (search_offsets only); "sha1 thread" (the thread put back).
 Measured, each in a fresh process, rounds interleaved (every variant once per round, the order

@@ -177,8 +177,9 @@ class BlockScanner:
 
     BLOCK = 8 << 20  # bytes read at a time, and a run's usual size
     RUN_MAX = 256 << 20  # a longer record is left to the whole parse
-    # The digest: the file's sha1, as load_coco's. Taken inline: a thread beside the scan was
-    # slower end to end (bench/parse_bench.py, issue 25).
+    # The digest: the file's sha1, as load_coco's. Taken inline: a thread beside the scan saves
+    # at most the hash (0.25 CPU s of a 431 MiB file's ~3 s parse) and measured no gain end to
+    # end (bench/parse_bench.py, issue 25).
     HASH = hashlib.sha1
 
     def __init__(self, path: str, f: IO[bytes]) -> None:
