@@ -19,7 +19,8 @@ from typing import Any
 
 from rayseg import export, layout, lease, outputs, storage, verify
 from rayseg.classes import mask_classes
-from rayseg.coco import CocoIndex, load_coco, load_coco_apart
+from rayseg.coco import CocoIndex, load_coco
+from rayseg.coco_apart import load_coco_apart
 from rayseg.config import MasksConfig, dump_yaml, to_dict
 from rayseg.errors import RaysegError
 from rayseg.progress import Progress

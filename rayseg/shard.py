@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 
 from rayseg import export, layout, naming, storage, waits
-from rayseg.coco import AnnotationGroups, CocoIndex, decode_annotation, read_records
+from rayseg.coco import CocoIndex, decode_annotation
+from rayseg.coco_apart import AnnotationGroups
 from rayseg.config import MasksConfig
 from rayseg.errors import RaysegError
 from rayseg.progress import Progress
@@ -383,7 +384,7 @@ class ShardJobs(Sequence[ShardJob]):
         shard_images = self.index.images[first : first + self.shard_size]
         groups = [self.groups.positions(p) for p in range(first, first + len(shard_images))]
         positions = np.concatenate(groups) if groups else np.zeros(0, np.int64)
-        annotations = read_records(self.index.ann_raw, positions)
+        annotations = self.index.ann_raw.read(positions)
         images = ImageColumns(
             tuple(
                 (im.id, im.file_name, im.height, im.width, self.stems[p])

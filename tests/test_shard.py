@@ -3,7 +3,7 @@
 import hashlib
 import json
 import os
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ import pytest
 from tiny_coco import square, tiny_coco, write_coco, write_images
 
 from rayseg import masks, storage
-from rayseg.coco import annotations_by_image, load_coco
+from rayseg.coco import load_coco
+from rayseg.coco_apart import annotations_by_image
 from rayseg.config import MasksConfig, load_config
 from rayseg.errors import RaysegError
 from rayseg.masks import run_masks
@@ -143,24 +144,40 @@ def test_driver_renders_while_ray_starts_and_ray_renders_the_rest(tmp_path, monk
     out = tmp_path / "out"
     real_connect = masks.connect_ray
 
-    def slow_start(address, num_cpus):  # Ray "starts" until the driver has finished 3 shards
-        deadline = time.monotonic() + 60
-        while len(list((out / "_shards").glob("shard-*.json"))) < 3:
-            assert time.monotonic() < deadline, "the driver rendered no shard while Ray started"
-            time.sleep(0.005)
+    ray_up = []  # the event masks sets once Ray is up (render_until's `stop`)
+    started_after_up = []
+    fourth_started = threading.Event()
+
+    def slow_start(address, num_cpus):  # Ray "starts" until the driver is on its 4th shard
+        assert fourth_started.wait(60), "the driver rendered no shard while Ray started"
         real_connect(address, num_cpus)
 
-    def render_in_driver(job):  # 50 ms a shard: Ray comes up between two of them
+    def watching_render_until(prepared, stop, progress):
+        ray_up.append(stop)
+        return real_render_until(prepared, stop, progress)
+
+    def render_in_driver(job):
+        # Events, not sleeps, order it: Ray comes up while the 4th shard renders, which holds
+        # until masks has seen Ray up, however slow or busy this machine is.
+        started_after_up.append(ray_up[0].is_set())
+        if len(started_after_up) == 4:
+            fourth_started.set()
         record = render_shard(job)
-        time.sleep(0.05)
+        if len(started_after_up) >= 4:
+            assert ray_up[0].wait(60), "Ray did not come up"
         return record
 
+    real_render_until = masks.render_until
     monkeypatch.setattr(masks, "connect_ray", slow_start)
+    monkeypatch.setattr(masks, "render_until", watching_render_until)
     monkeypatch.setattr(masks, "render_shard", render_in_driver)
     manifest = run_masks(masks_config(annotations, out, shard_size=4))
     records = [json.loads(p.read_text()) for p in (out / "_shards").glob("shard-*.json")]
     by_driver = [r["shard"] for r in records if r["pid"] == os.getpid()]
-    assert 3 <= len(by_driver) <= 4  # at most the one it was rendering when Ray came up
+    # The driver rendered while Ray started, finished the shard it was on, and began none
+    # once Ray was up: Ray rendered the rest.
+    assert sorted(by_driver) == [0, 1, 2, 3]
+    assert started_after_up == [False] * 4
     assert len(records) == 10 and manifest["counts"]["shards_run"] == 10
     assert manifest["counts"]["masks_written"] == 40
     written = sorted(i for r in records for i in r["written"])
