@@ -318,14 +318,23 @@ def read_rows(
     import ray.data
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(
-        list(summary.paths),
-        filesystem=summary.location.fs,
-        shuffle="files" if shuffle else None,
-        num_cpus=num_cpus,
-    )
-    ds = ds.select_columns(["image_id", "image", "mask"])
-    return ds.filter(expr=col("image_id").is_in([int(i) for i in ids]))
+    # Ray Data 2.60's default Parquet read (DataContext.use_datasource_v2) lists files in tasks
+    # of 1 CPU that take no num_cpus: beside training workers of half a CPU on every node (as
+    # after a lost node), no node has a whole CPU free and the listing never starts. The other
+    # read asks for what it is given, in every task (tests/test_ingest.py checks it).
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            list(summary.paths),
+            filesystem=summary.location.fs,
+            shuffle="files" if shuffle else None,
+            num_cpus=num_cpus,
+        )
+    finally:
+        context.use_datasource_v2 = v2
+    ds = ds.select_columns(["image_id", "image", "mask"], num_cpus=num_cpus)
+    return ds.filter(expr=col("image_id").is_in([int(i) for i in ids]), num_cpus=num_cpus)
 
 
 def train_dataset(

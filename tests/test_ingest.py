@@ -241,3 +241,37 @@ def test_val_dataset_keeps_full_resolution(ray_local, tmp_path):
     (row,) = ds.take_all()
     _, mask = make_sample(2)
     assert np.array_equal(row["mask"], CLASS_MAP.to_train_ids(mask))
+
+
+def test_data_loading_fits_beside_workers_holding_all_but_half_a_cpu(ray_local, tmp_path):
+    # As on 1-CPU nodes after a lost node: training workers of half a CPU leave half a CPU on
+    # each node. Every data-loading task must ask for no more (Ray Data's default Parquet
+    # read lists files in 1-CPU tasks: it waited forever here).
+    import threading
+
+    import ray
+
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6)))
+    ids = summary.image_ids
+    lut = CLASS_MAP.train_lut()
+    datasets = [
+        ingest.train_dataset(summary, ids, lut=lut, crop_size=16, batch_size=2, num_cpus=0.5),
+        ingest.val_dataset(summary, ids, lut=lut, canvas=(48, 64), batch_size=2, num_cpus=0.5),
+    ]
+
+    @ray.remote(num_cpus=1.5)
+    class Workers:
+        def ready(self) -> bool:
+            return True
+
+    held = Workers.remote()
+    assert ray.get(held.ready.remote())
+    rows = []
+    reading = threading.Thread(
+        target=lambda: [rows.extend(ds.take_all()) for ds in datasets], daemon=True
+    )
+    reading.start()
+    reading.join(timeout=120)
+    ray.kill(held)
+    assert not reading.is_alive(), "a data-loading task waited for a whole CPU"
+    assert sorted(r["image_id"] for r in rows) == sorted([*ids, *ids])
