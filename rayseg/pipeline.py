@@ -45,6 +45,7 @@ from rayseg.config import (
 )
 from rayseg.errors import RaysegError
 from rayseg.runtime import connect_ray
+from rayseg.text import plural
 
 # `rayseg demo`'s settings: the one file, also runnable as `rayseg pipeline --config` or a job.
 DEMO_FILE = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
@@ -256,7 +257,7 @@ def stage_what(stages: Stages, name: str) -> str:
         s = stages.synth
         return f"{s.num_images} synthetic {s.width}x{s.height} images -> {s.out}"
     if name == "train":
-        return f"{stages.train.model}, {stages.train.epochs} epochs -> {stages.train.out}"
+        return f"{stages.train.model}, {plural(stages.train.epochs, 'epoch')} -> {stages.train.out}"
     if name == "subset":
         return f"{stages.subset.num_images} images -> {stages.subset.out}"
     if name == "evaluate":
