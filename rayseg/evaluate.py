@@ -241,29 +241,59 @@ def format_table(metrics: dict[str, Any], counts: dict[str, int], *, show_all: b
     return "\n".join(lines)
 
 
+MIN_FONT_PT = 8  # tick labels never smaller (5 pt at 81 classes was ~6 px tall)
+CELL_NUMBERS_UP_TO = 20  # classes shown; above that the cells are too small for "0.97"
+
+
+def classes_present(cm: np.ndarray) -> np.ndarray:
+    """Indices of the classes in the truth or the predictions (a row or column with pixels)."""
+    return np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
+
+
 def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: str = "") -> bytes:
-    """A row-normalised confusion matrix (each true class's share of predictions) as PNG bytes."""
+    """confusion_figure as PNG bytes."""
+    buf = pyio.BytesIO()
+    confusion_figure(cm, names, title=title).savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def confusion_figure(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: str = ""):
+    """A row-normalised confusion matrix (each true class's share of predictions), a Figure.
+
+    Only the classes present in the truth or the predictions are drawn, so 80 COCO classes of
+    which 40 occur give a 40x40 picture; labels are at least MIN_FONT_PT, and the figure grows
+    with the classes so that they fit. The title wraps onto its own lines and is never cut.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    k = len(names)
+    keep = classes_present(cm)
+    if keep.size == 0:
+        keep = np.arange(len(names))
+    cm = cm[np.ix_(keep, keep)]
+    shown = [names[i] for i in keep]
+    k = len(shown)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
-    side = min(max(5.0, 0.22 * k + 2.5), 30.0)
-    fig = Figure(figsize=(side, side), dpi=100)
+    label_in = max(len(n) for n in shown) * MIN_FONT_PT * 0.6 / 72  # the longest label, inches
+    side = max(4.5, 0.2 * k) + label_in + 1.8  # cells of >= 0.2 in: 8 pt labels fit
+    fig = Figure(figsize=(side + 1.0, side), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
     ticks = np.arange(k)
-    size = 8 if k <= 30 else 5
-    ax.set_xticks(ticks, labels=names, rotation=90, fontsize=size)
-    ax.set_yticks(ticks, labels=names, fontsize=size)
+    size = max(MIN_FONT_PT, 10 if k <= 30 else MIN_FONT_PT)
+    ax.set_xticks(ticks, labels=shown, rotation=90, fontsize=size)
+    ax.set_yticks(ticks, labels=shown, fontsize=size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    if title:
-        ax.set_title(title)
-    if k <= 20:
+    lines = [line for line in title.split(": ", 1) if line]
+    if k < len(names):
+        lines.append(f"the {k} of {len(names)} classes in the masks or the predictions")
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=11)
+    if k <= CELL_NUMBERS_UP_TO:
         for t in range(k):
             for p in range(k):
                 if cm[t, p]:
@@ -274,13 +304,10 @@ def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: 
                         f"{share[t, p]:.2f}",
                         ha="center",
                         va="center",
-                        fontsize=7,
+                        fontsize=MIN_FONT_PT if k > 10 else 9,
                         color=colour,
                     )
-    fig.tight_layout()
-    buf = pyio.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def sum_partials(rows, k: int) -> tuple[np.ndarray, int, list[Problem]]:
