@@ -9,6 +9,9 @@ the value scheme (from rayseg.masks). Output under OUT/VOCdevkit/VOC2012/:
   SegmentationClass/<stem>.png   the mask as an indexed PNG with the VOC colour map
   ImageSets/Segmentation/{train,val,trainval}.txt   stems, split as `rayseg train` splits
   classes.json                   [{value, name, category_id, color}], background and ignore too
+  mmseg_metainfo.py              the same classes as mmsegmentation's `metainfo` and
+                                 `num_classes`, literals only: a `_base_` file mmengine reads
+                                 under its default (lazy-import) parsing
 """
 
 from __future__ import annotations
@@ -83,8 +86,32 @@ def write_voc_lists(
     for name, ids in lists.items():
         text = "".join(f"{stems[int(i)]}\n" for i in ids)
         storage.write_bytes(root.join("ImageSets", "Segmentation", f"{name}.txt"), text.encode())
-    storage.write_json(root.join("classes.json"), voc_classes(meta))
+    classes = voc_classes(meta)
+    storage.write_json(root.join("classes.json"), classes)
+    storage.write_bytes(root.join(MMSEG_METAINFO), mmseg_metainfo(classes).encode())
     return {name: len(ids) for name, ids in lists.items()}
+
+
+MMSEG_METAINFO = "mmseg_metainfo.py"
+
+
+def mmseg_metainfo(classes: list[dict[str, Any]]) -> str:
+    """mmseg_metainfo.py: `metainfo` and `num_classes` as Python literals.
+
+    A config that reads classes.json needs `import json`, and mmengine's default parsing turns
+    any import into a lazy one, under which `json.load(...)` fails with a bare RuntimeError. A
+    `_base_` file of literals needs no import: `metainfo={{_base_.metainfo}}`.
+    """
+    kept = [c for c in classes if c["name"] != "ignore"]  # 255 is mmseg's ignore_index too
+    names = tuple(str(c["name"]) for c in kept)
+    palette = [list(c["color"]) for c in kept]
+    return (
+        "# mmsegmentation metainfo of this folder, written by `rayseg masks --layout voc`.\n"
+        "# Literals only: use it as a _base_ file (README: mmsegmentation). Mask values are\n"
+        "# class indices; 255 is ignored (mmseg's default ignore_index), not a class.\n"
+        f"metainfo = {{'classes': {names!r}, 'palette': {palette!r}}}\n"
+        f"num_classes = {len(names)}\n"
+    )
 
 
 def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:

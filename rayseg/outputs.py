@@ -163,7 +163,7 @@ def _recorded_masks_files(out: storage.Location) -> set[str]:
             if isinstance(entry, list) and entry and isinstance(entry[0], str):
                 own.add(f"masks/{entry[0]}")
     root, lists = "VOCdevkit/VOC2012", "VOCdevkit/VOC2012/ImageSets/Segmentation"
-    own.add(f"{root}/classes.json")
+    own.update({f"{root}/classes.json", f"{root}/mmseg_metainfo.py"})
     for split in ("train", "val", "trainval"):
         own.add(f"{lists}/{split}.txt")
         text = _read_text(out.join(*lists.split("/"), f"{split}.txt"))
