@@ -20,6 +20,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import yaml
 
 from rayseg import storage
@@ -125,26 +126,87 @@ def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
-def dataset_card(meta: dict[str, Any]) -> str:
-    """OUT/README.md for Hugging Face `datasets`: the Parquet parts and their features
-    (storage.hf_features in the card's YAML form), so `load_dataset(OUT)` decodes `image` and
-    `mask` as Image features and names the mask values."""
+# Parquet: `datasets` picks one builder for all configs. In a folder of its own: OUT/*.parquet
+# would make OUT look like a Parquet folder to rayseg's readers (storage.parquet_location).
+CLASSES_PATH = ("classes", "classes.parquet")
+CLASS_FEATURES = {"value": "int64", "name": "string", "category_id": "int64"}
+
+
+def hf_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """OUT/classes/classes.parquet's rows, one per mask value: {value, name, category_id} (None for
+    background and ignore), ignore last. `load_dataset(OUT, "classes")` reads them."""
+    rows = [{"value": meta["background_value"], "name": "background", "category_id": None}]
+    rows += [
+        {"value": int(c["value"]), "name": str(c["name"]), "category_id": int(c["category_id"])}
+        for c in sorted(meta["classes"], key=lambda c: c["value"])
+    ]
+    rows.append({"value": meta["ignore_value"], "name": "ignore", "category_id": None})
+    return rows
+
+
+def write_hf_classes(out: storage.Location, meta: dict[str, Any]) -> None:
+    """OUT/classes/classes.parquet: hf_classes' rows, for the card's `classes` config."""
+    types = {"int64": pa.int64(), "string": pa.string()}
+    schema = pa.schema([(k, types[v]) for k, v in CLASS_FEATURES.items()])
+    storage.make_dirs(out.join(CLASSES_PATH[0]), below=out)
+    table = pa.Table.from_pylist(hf_classes(meta), schema=schema)
+    storage.write_parquet(out.join(*CLASSES_PATH), table)
+
+
+def dataset_card(meta: dict[str, Any], *, split: dict[str, Any] | None = None) -> str:
+    """OUT/README.md for Hugging Face `datasets`: two configs.
+
+    `default`: the Parquet parts and their features (storage.hf_features in the card's YAML
+    form), so `load_dataset(OUT)` decodes `image` and `mask` as Image features; every image is
+    in its one split, `train`. `classes`: classes/classes.parquet, the name of every mask value.
+    `split` ({"train", "val", "where"}: counts and the files listing them), when rayseg made
+    one (--layout voc), is described in the card's text: `datasets` splits only by file.
+    """
     features = storage.hf_features(meta)
     card = {
         "configs": [
             {
                 "config_name": "default",
+                "default": True,
                 "data_files": [{"split": "train", "path": "parquet/*.parquet"}],
-            }
+            },
+            {
+                "config_name": "classes",
+                "data_files": [{"split": "train", "path": "/".join(CLASSES_PATH)}],
+            },
         ],
-        "dataset_info": {"features": [_card_feature(k, v) for k, v in features.items()]},
+        "dataset_info": [
+            {
+                "config_name": "default",
+                "features": [_card_feature(k, v) for k, v in features.items()],
+            },
+            {
+                "config_name": "classes",
+                "features": [{"name": k, "dtype": v} for k, v in CLASS_FEATURES.items()],
+            },
+        ],
     }
-    body = (
+    num_classes = len(meta["classes"]) + 1
+    body = [
         "Semantic masks written by `rayseg masks`: one row per image (`image`, `mask` PNG, "
-        "`category_ids` as COCO category ids, `value_pixels` as mask values). "
-        "Classes: see manifest.json or the Parquet `rayseg` metadata.\n"
-    )
-    return f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n{body}"
+        "`category_ids` as COCO category ids, `value_pixels` as mask values).",
+        "",
+        f"Classes: {num_classes} (background and {len(meta['classes'])} categories); mask value "
+        f"{meta['ignore_value']} is ignore, not a class. The name of each mask value: "
+        f'`load_dataset(OUT, "classes", split="train")` (value, name, category_id).',
+        "",
+    ]
+    if split:
+        body += [
+            f"Split: {split['train']} train and {split['val']} val images, listed by stem in "
+            f"{split['where']}/{{train,val}}.txt (the split `rayseg train` makes with the same "
+            "--val-fraction and --seed). The `train` split of `load_dataset(OUT)` holds every "
+            "image: select by `image_id` (the stems start with it under --naming stem).",
+            "",
+        ]
+    else:
+        body += ["Split: none; the `train` split holds every image.", ""]
+    return f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n" + "\n".join(body)
 
 
 def _card_feature(name: str, feature: dict[str, Any]) -> dict[str, Any]:
