@@ -146,3 +146,28 @@ def test_rayseg_metadata_names_its_version(tmp_path):
     meta = storage.read_mask_meta(str(write_parts(tmp_path)))
     assert meta["rayseg_version"] == rayseg.__version__
     assert [c["name"] for c in meta["classes"]] == ["person", "car", "train"]
+
+
+@pytest.mark.slow  # starts a Ray of its own: ~15 s on an idle 2-core machine
+def test_readme_ray_data_snippet_is_quiet(tmp_path):
+    """The README's Ray Data block, run as a user runs it: nothing on stderr, the mask read."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    out = write_parts(tmp_path, values="train_id")
+    code = readme_block("Ray Data (2.60), quiet").replace('"OUT/', f'"{out}/')
+    code += "\nprint(mask.shape, mask.dtype)\nray.shutdown()\n"
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths must be short
+    try:
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "(20, 20) uint8"
+    # Before: a deprecation warning for `columns=` and Ray Data's INFO lines.
+    assert result.stderr.strip() == "", result.stderr
