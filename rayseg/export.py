@@ -87,6 +87,7 @@ def write_voc_lists(
     for name, ids in lists.items():
         text = "".join(f"{stems[int(i)]}\n" for i in ids)
         storage.write_bytes(root.join("ImageSets", "Segmentation", f"{name}.txt"), text.encode())
+    write_hf_split(out, {"train": train, "val": val})
     classes = voc_classes(meta)
     storage.write_json(root.join("classes.json"), classes)
     storage.write_bytes(root.join(MMSEG_METAINFO), mmseg_metainfo(classes).encode())
@@ -129,6 +130,7 @@ def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
 # Parquet: `datasets` picks one builder for all configs. In a folder of its own: OUT/*.parquet
 # would make OUT look like a Parquet folder to rayseg's readers (storage.parquet_location).
 CLASSES_PATH = ("classes", "classes.parquet")
+SPLIT_PATH = ("split", "split.parquet")
 CLASS_FEATURES = {"value": "int64", "name": "string", "category_id": "int64"}
 
 
@@ -151,6 +153,15 @@ def write_hf_classes(out: storage.Location, meta: dict[str, Any]) -> None:
     storage.make_dirs(out.join(CLASSES_PATH[0]), below=out)
     table = pa.Table.from_pylist(hf_classes(meta), schema=schema)
     storage.write_parquet(out.join(*CLASSES_PATH), table)
+
+
+def write_hf_split(out: storage.Location, splits: dict[str, np.ndarray]) -> None:
+    """OUT/split/split.parquet: {image_id, split} per image, for the card's `split` config."""
+    ids = [int(i) for name in splits for i in splits[name]]
+    names = [name for name in splits for _ in splits[name]]
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "split": pa.array(names, pa.string())})
+    storage.make_dirs(out.join(SPLIT_PATH[0]), below=out)
+    storage.write_parquet(out.join(*SPLIT_PATH), table)
 
 
 def dataset_card(meta: dict[str, Any], *, split: dict[str, Any] | None = None) -> str:
@@ -197,11 +208,23 @@ def dataset_card(meta: dict[str, Any], *, split: dict[str, Any] | None = None) -
         "",
     ]
     if split:
+        files = [{"split": "train", "path": "/".join(SPLIT_PATH)}]
+        card["configs"].append({"config_name": "split", "data_files": files})
+        card["dataset_info"].append(
+            {
+                "config_name": "split",
+                "features": [
+                    {"name": "image_id", "dtype": "int64"},
+                    {"name": "split", "dtype": "string"},
+                ],
+            }
+        )
         body += [
-            f"Split: {split['train']} train and {split['val']} val images, listed by stem in "
-            f"{split['where']}/{{train,val}}.txt (the split `rayseg train` makes with the same "
-            "--val-fraction and --seed). The `train` split of `load_dataset(OUT)` holds every "
-            "image: select by `image_id` (the stems start with it under --naming stem).",
+            f"Split: {split['train']} train and {split['val']} val images (the split `rayseg "
+            "train` makes with the same --val-fraction and --seed), listed by stem in "
+            f"{split['where']}/{{train,val}}.txt and by image id in the `split` config: "
+            '`load_dataset(OUT, "split", split="train")` (image_id, split). The `train` split '
+            "of `load_dataset(OUT)` holds every image (`datasets` splits only by file).",
             "",
         ]
     else:

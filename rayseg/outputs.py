@@ -29,7 +29,7 @@ _SHARD_RECORD = re.compile(r"^shard-(\d+)\.json$")
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 # The files a masks run writes at the top of OUT, and the folders it writes into.
 MASKS_FILES = ("manifest.json", "README.md", "config.yaml")
-MASKS_FOLDERS = ("masks", "parquet", "_shards", "classes", "VOCdevkit")
+MASKS_FOLDERS = ("masks", "parquet", "_shards", "classes", "split", "VOCdevkit")
 SHOWN = 3  # names an error message lists
 
 
@@ -115,7 +115,7 @@ def remove_masks_run(out: storage.Location) -> list[str]:
     paths (relative to OUT) it kept because no run recorded them."""
     own = _recorded_masks_files(out)
     kept = []
-    for folder in (*MASKS_FOLDERS[:4], *_voc_folders()):
+    for folder in (*MASKS_FOLDERS[:5], *_voc_folders()):
         loc = out.join(folder)
         for name in storage.list_files(loc):
             rel = f"{folder}/{name}"
@@ -144,7 +144,7 @@ def _recorded_masks_files(out: storage.Location) -> set[str]:
     """Paths (relative to OUT) that the masks run in OUT wrote, from its plan, shard records
     and VOC lists; a part of a planned shard counts (it is written before the shard's record)."""
     shards = out.join("_shards")
-    own = {"_shards/plan.json", "classes/classes.parquet"}
+    own = {"_shards/plan.json", "classes/classes.parquet", "split/split.parquet"}
     plan = _read_json(shards.join("plan.json")) or {}
     num_shards = plan.get("num_shards") if isinstance(plan.get("num_shards"), int) else 0
     for name in storage.list_files(out.join("parquet")):
