@@ -171,7 +171,9 @@ def dataset_card(meta: dict[str, Any], *, split: dict[str, Any] | None = None) -
     form), so `load_dataset(OUT)` decodes `image` and `mask` as Image features; every image is
     in its one split, `train`. `classes`: classes/classes.parquet, the name of every mask value.
     `split` ({"train", "val", "where"}: counts and the files listing them), when rayseg made
-    one (--layout voc), is described in the card's text: `datasets` splits only by file.
+    one (--layout voc, or `rayseg pipeline`'s training), adds a `split` config
+    (OUT/split/split.parquet: image_id, split) and a line of text: `datasets` splits only by
+    file, so the default config keeps every image in `train`.
     """
     features = storage.hf_features(meta)
     card = {
@@ -221,8 +223,8 @@ def dataset_card(meta: dict[str, Any], *, split: dict[str, Any] | None = None) -
         )
         body += [
             f"Split: {split['train']} train and {split['val']} val images (the split `rayseg "
-            "train` makes with the same --val-fraction and --seed), listed by stem in "
-            f"{split['where']}/{{train,val}}.txt and by image id in the `split` config: "
+            "train` makes with the same --val-fraction and --seed), listed in "
+            f"{split['where']} and by image id in the `split` config: "
             '`load_dataset(OUT, "split", split="train")` (image_id, split). The `train` split '
             "of `load_dataset(OUT)` holds every image (`datasets` splits only by file).",
             "",

@@ -360,7 +360,7 @@ def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[st
         )
     split = None
     if "voc" in manifest:
-        where = "/".join((*export.VOC_DIR, "ImageSets", "Segmentation"))
+        where = "/".join((*export.VOC_DIR, "ImageSets", "Segmentation", "{train,val}.txt"))
         split = {"train": manifest["voc"]["train"], "val": manifest["voc"]["val"], "where": where}
     value_meta = manifest["value_scheme"]
     export.write_hf_classes(out, value_meta)

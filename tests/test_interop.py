@@ -95,7 +95,8 @@ def test_datasets_names_only_the_classes_that_exist_and_ignore(tmp_path):
 
 
 def test_card_says_the_split_rayseg_made(tmp_path):
-    split = {"train": 4, "val": 1, "where": "VOCdevkit/VOC2012/ImageSets/Segmentation"}
+    where = "VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt"
+    split = {"train": 4, "val": 1, "where": where}
     out = write_parts(tmp_path, values="train_id", split=split)
     card = (out / "README.md").read_text()
     assert "Split: 4 train and 1 val images" in card
