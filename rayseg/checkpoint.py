@@ -324,25 +324,32 @@ def export_final(run: storage.Location) -> dict[str, Any]:
 
 
 def plot_curves(history: list[dict[str, Any]]) -> bytes:
-    """PNG of training loss and validation mIoU per epoch."""
-    import matplotlib
+    """PNG of training loss and validation mIoU per epoch (curves_figure)."""
+    buf = io.BytesIO()
+    curves_figure(history).savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def curves_figure(history: list[dict[str, Any]]):
+    """A matplotlib Figure: training loss and validation mIoU per epoch, whole-epoch ticks."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5), layout="tight")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_miou = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax_miou.plot(epochs, [r["val_miou"] for r in history], marker="o", color="tab:green")
     ax_miou.set(xlabel="epoch", ylabel="mIoU", title="validation mIoU", ylim=(0, 1))
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+        # Epochs are whole: ticks 1, 2, ... (one epoch used to get 0.96 ... 1.04).
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    return fig
 
 
 def read_history(run: storage.Location, *, upto_epoch: int) -> list[dict[str, Any]]:

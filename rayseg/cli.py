@@ -1,4 +1,4 @@
-"""`rayseg <command> [--config X.yaml] [flags]`: flags are generated from the config dataclasses.
+"""`rayseg <command> [--config X.yaml] [flags]`: one flag per field of the command's config class.
 
 Each command maps to a Command: its config class, the function that runs it and its help line.
 The run functions import their stage only when called (`rayseg subset` never imports torch); each
@@ -80,36 +80,77 @@ class Command(NamedTuple):
     config: type
     run: Callable[[Any], Any]
     help: str
+    verbose: str  # what --verbose adds for this command
+    description: str = ""  # `rayseg <command> --help`'s text after the help line
 
+
+DESCRIPTION = (
+    "COCO instances -> semantic masks -> a trained segmentation model -> scores and overlays, "
+    "on one machine or a Ray cluster. Every command takes --config FILE.yaml with the same "
+    "settings as its flags (flags win); `rayseg COMMAND --help` lists them."
+)
+RAY_LOGS = "show Ray's own warnings and log lines on the terminal (default: in Ray's log files)"
+NO_RAY = "no effect: {name} runs without Ray and prints all it has to say either way"
+PIPELINE_HELP = (
+    "The config file needs a 'masks' section (annotations, images_dir, unless a 'synth' or "
+    "'subset' section makes them) and a 'train' section; 'synth', 'subset', 'evaluate', "
+    "'predict' and 'ray' are optional, and each section takes the settings of its command. "
+    "Examples: jobs/configs/demo.yaml (synthetic data, local), jobs/configs/coco8k.yaml (COCO "
+    "on a cluster). Only --out is a flag; every stage's paths derive from it."
+)
 
 COMMANDS: dict[str, Command] = {
-    "synth": Command(C.SynthConfig, _synth, "make a synthetic COCO dataset"),
-    "subset": Command(C.SubsetConfig, _subset, "select a deterministic image subset"),
-    "masks": Command(C.MasksConfig, _masks, "render semantic masks with Ray"),
-    "train": Command(C.TrainConfig, _train, "train a model with Ray Train"),
-    "evaluate": Command(C.EvaluateConfig, _evaluate, "score a model"),
-    "predict": Command(C.PredictConfig, _predict, "batch inference with Ray Data"),
-    "pipeline": Command(C.PipelineConfig, _pipeline, "run the whole chain"),
-    "demo": Command(C.PipelineConfig, _demo, "synthetic end-to-end demo"),
+    "synth": Command(
+        C.SynthConfig, _synth, "make a synthetic COCO dataset", NO_RAY.format(name="synth")
+    ),
+    "subset": Command(
+        C.SubsetConfig,
+        _subset,
+        "select a deterministic image subset",
+        NO_RAY.format(name="subset"),
+    ),
+    "masks": Command(C.MasksConfig, _masks, "render semantic masks with Ray", RAY_LOGS),
+    "train": Command(
+        C.TrainConfig,
+        _train,
+        "train a model with Ray Train",
+        RAY_LOGS + " (Ray Train's and its workers' included)",
+    ),
+    "evaluate": Command(
+        C.EvaluateConfig,
+        _evaluate,
+        "score a model",
+        "print every class's IoU, not only the best and worst; and " + RAY_LOGS,
+    ),
+    "predict": Command(C.PredictConfig, _predict, "batch inference with Ray Data", RAY_LOGS),
+    "pipeline": Command(
+        C.PipelineConfig,
+        _pipeline,
+        "run the whole chain from one config file",
+        RAY_LOGS + ", for every stage that uses Ray",
+        PIPELINE_HELP,
+    ),
+    "demo": Command(
+        C.PipelineConfig,
+        _demo,
+        "synthetic end-to-end demo",
+        RAY_LOGS + ", for every stage that uses Ray",
+        "jobs/configs/demo.yaml's stages; a --config file replaces the sections it names.",
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--num-cpu` is an error, not a silent `--num-cpus`.
-    parser = argparse.ArgumentParser(
-        prog="rayseg", description=__doc__.splitlines()[0], allow_abbrev=False
-    )
+    parser = argparse.ArgumentParser(prog="rayseg", description=DESCRIPTION, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"rayseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
+        about = f"{command.help}. {command.description}".strip()
+        p = sub.add_parser(name, help=command.help, description=about, allow_abbrev=False)
         p.add_argument("--config", help="YAML file with the same settings (flags override it)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
-        p.add_argument(
-            "--verbose",
-            action="store_true",
-            help="show Ray's own warnings and log lines (default: only in Ray's log files)",
-        )
+        p.add_argument("--verbose", action="store_true", help=command.verbose)
         add_config_flags(p, command.config)
     return parser
 

@@ -4,8 +4,9 @@ Every image is scored at its full resolution with the same labels `rayseg predic
 (rayseg.infer.predict_labels), against its mask mapped to model classes (ClassMap.to_train_ids);
 pixels with the ignore value are left out. One confusion matrix is summed over all images.
 Output under OUT: `metrics.json` (miou, pixel_accuracy, per_class_iou by class name, the
-confusion matrix, skipped rows with reasons, the resolved config) and `confusion_matrix.png`;
-a table on stdout.
+confusion matrix, skipped rows with reasons, the resolved config), `per_class_iou.csv` and
+`confusion_matrix.png`; on stdout the best and worst classes, mIoU and pixel accuracy (every
+class with --verbose).
 
 The pure core (score, metrics_from_confusion, score_images; the arithmetic is rayseg.metrics)
 needs no Ray; run_evaluate runs a Ray Data pass: Parquet rows -> Scorer actors, one partial
@@ -18,6 +19,7 @@ import io as pyio
 import json
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,10 +39,11 @@ from rayseg.infer import (
 )
 from rayseg.ingest import SampleError, decode_pair
 from rayseg.models import ClassMap
+from rayseg.progress import Progress
 from rayseg.rayconnect import connect_ray
-from rayseg.raydata import rows_with_progress
-from rayseg.rayoutput import quiet_ray_data
+from rayseg.rayoutput import quiet_ray_data, verbose
 from rayseg.records import Problem
+from rayseg.text import plural
 
 METRICS_NAME = "metrics.json"
 CONFUSION_IMAGE_NAME = "confusion_matrix.png"
@@ -171,44 +174,122 @@ class Scorer:
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def format_table(metrics: dict[str, Any], counts: dict[str, int]) -> str:
-    width = max(12, *(len(n) for n in metrics["per_class_iou"]))
+TABLE_NAME = "per_class_iou.csv"
+SHOWN_EACH_END = 5  # the terminal shows this many best and worst classes; --verbose shows all
+
+
+def per_class_rows(cm: np.ndarray, names: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+    """One row per class: its IoU (None where it is in neither truth nor predictions) and pixels."""
+    inter = np.diag(cm)
+    truth, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    union = truth + predicted - inter
+    return [
+        {
+            "class": name,
+            "iou": float(inter[k] / union[k]) if union[k] else None,
+            "true_pixels": int(truth[k]),
+            "predicted_pixels": int(predicted[k]),
+        }
+        for k, name in enumerate(names)
+    ]
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    """per_class_iou.csv: class,iou,true_pixels,predicted_pixels (iou empty for absent classes)."""
+    lines = ["class,iou,true_pixels,predicted_pixels"]
+    for r in rows:
+        name = '"' + r["class"].replace('"', '""') + '"' if "," in r["class"] else r["class"]
+        iou = "" if r["iou"] is None else f"{r['iou']:.6f}"
+        lines.append(f"{name},{iou},{r['true_pixels']},{r['predicted_pixels']}")
+    return "\n".join(lines) + "\n"
+
+
+def format_table(metrics: dict[str, Any], counts: dict[str, int], *, show_all: bool = False) -> str:
+    """The terminal's table: every class when there are few (or `show_all`), else the
+    SHOWN_EACH_END best and worst by IoU; then mIoU, pixel accuracy and the counts."""
+    ious = metrics["per_class_iou"]
+    scored = sorted(((iou, n) for n, iou in ious.items() if iou is not None), reverse=True)
+    width = max(12, *(len(n) for n in ious))
+    row = lambda name, iou: f"{name:<{width}}  {'-' if iou is None else f'{iou:.4f}':>6}"  # noqa: E731
     lines = [f"{'class':<{width}}  {'IoU':>6}"]
-    for name, iou in metrics["per_class_iou"].items():
-        lines.append(f"{name:<{width}}  {'-' if iou is None else f'{iou:.4f}':>6}")
+    if show_all or len(ious) <= 2 * SHOWN_EACH_END + 2:
+        lines += [row(n, iou) for n, iou in ious.items()]
+    else:
+        best, worst = scored[:SHOWN_EACH_END], scored[SHOWN_EACH_END:][-SHOWN_EACH_END:]
+        lines += [row(n, iou) for iou, n in best]
+        hidden = len(scored) - len(best) - len(worst)
+        if hidden:
+            lines.append(f"{'...':<{width}}  ({hidden} more; all in {TABLE_NAME})")
+        lines += [row(n, iou) for iou, n in worst]
+        absent = len(ious) - len(scored)
+        if absent:
+            lines.append(
+                f"{plural(absent, 'class')} in neither the masks nor the predictions (IoU -)"
+            )
     miou = metrics["miou"]
     lines.append(f"{'mIoU':<{width}}  {'-' if miou is None else f'{miou:.4f}':>6}")
     lines.append(f"{'pixel acc.':<{width}}  {metrics['pixel_accuracy']:.4f}")
     lines.append(
-        f"{counts['scored']} of {counts['rows']} images scored, {counts['pixels']} pixels"
+        f"{counts['scored']} of {plural(counts['rows'], 'image')} scored, "
+        f"{plural(counts['pixels'], 'pixel')}"
         + (f", {counts['skipped']} skipped (listed in {METRICS_NAME})" if counts["skipped"] else "")
     )
     return "\n".join(lines)
 
 
+MIN_FONT_PT = 8  # tick labels never smaller (5 pt at 81 classes was ~6 px tall)
+CELL_NUMBERS_UP_TO = 20  # classes shown; above that the cells are too small for "0.97"
+
+
+def classes_present(cm: np.ndarray) -> np.ndarray:
+    """Indices of the classes in the truth or the predictions (a row or column with pixels)."""
+    return np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
+
+
 def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: str = "") -> bytes:
-    """A row-normalised confusion matrix (each true class's share of predictions) as PNG bytes."""
+    """confusion_figure as PNG bytes."""
+    buf = pyio.BytesIO()
+    confusion_figure(cm, names, title=title).savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def confusion_figure(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: str = ""):
+    """A row-normalised confusion matrix (each true class's share of predictions), a Figure.
+
+    Only the classes present in the truth or the predictions are drawn, so 80 COCO classes of
+    which 40 occur give a 40x40 picture; labels are at least MIN_FONT_PT, and the figure grows
+    with the classes so that they fit. The title wraps onto its own lines and is never cut.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    k = len(names)
+    keep = classes_present(cm)
+    if keep.size == 0:
+        keep = np.arange(len(names))
+    cm = cm[np.ix_(keep, keep)]
+    shown = [names[i] for i in keep]
+    k = len(shown)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
-    side = min(max(5.0, 0.22 * k + 2.5), 30.0)
-    fig = Figure(figsize=(side, side), dpi=100)
+    label_in = max(len(n) for n in shown) * MIN_FONT_PT * 0.6 / 72  # the longest label, inches
+    side = max(4.5, 0.2 * k) + label_in + 1.8  # cells of >= 0.2 in: 8 pt labels fit
+    fig = Figure(figsize=(side + 1.0, side), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
     ticks = np.arange(k)
-    size = 8 if k <= 30 else 5
-    ax.set_xticks(ticks, labels=names, rotation=90, fontsize=size)
-    ax.set_yticks(ticks, labels=names, fontsize=size)
+    size = max(MIN_FONT_PT, 10 if k <= 30 else MIN_FONT_PT)
+    ax.set_xticks(ticks, labels=shown, rotation=90, fontsize=size)
+    ax.set_yticks(ticks, labels=shown, fontsize=size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    if title:
-        ax.set_title(title)
-    if k <= 20:
+    lines = [line for line in title.split(": ", 1) if line]
+    if k < len(names):
+        lines.append(f"the {k} of {len(names)} classes in the masks or the predictions")
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=11)
+    if k <= CELL_NUMBERS_UP_TO:
         for t in range(k):
             for p in range(k):
                 if cm[t, p]:
@@ -219,13 +300,10 @@ def confusion_png(cm: np.ndarray, names: tuple[str, ...] | list[str], *, title: 
                         f"{share[t, p]:.2f}",
                         ha="center",
                         va="center",
-                        fontsize=7,
+                        fontsize=MIN_FONT_PT if k > 10 else 9,
                         color=colour,
                     )
-    fig.tight_layout()
-    buf = pyio.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def sum_partials(rows, k: int) -> tuple[np.ndarray, int, list[Problem]]:
@@ -276,7 +354,18 @@ def score_on_ray(
     total = ds.count()  # from the Parquet footers, before any scoring
     ds = ds.select_columns(["image_id", "image", "mask", "height", "width"])
     ds = map_with_model(ds, Scorer, checkpoint=worker_uri(checkpoint), cfg=cfg)
-    return sum_partials(rows_with_progress(ds, total=total, label="evaluate"), k)
+    return sum_partials(rows_by_image(ds, total=total), k)
+
+
+def rows_by_image(ds: Any, *, total: int) -> Iterator[dict[str, Any]]:
+    """Scorer rows (one per batch) with a Progress of images done, as predict shows."""
+    progress = Progress(total, "evaluate")
+    try:
+        for row in ds.iter_rows():
+            progress.update(int(row["scored"]) + len(json.loads(row["problems"])))
+            yield row
+    finally:
+        progress.close()
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -287,7 +376,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = storage.locate(cfg.out)
     storage.check_writable(out)
     outputs.claim(
-        out, "evaluate", writes=(METRICS_NAME, CONFUSION_IMAGE_NAME), overwrite=cfg.overwrite
+        out,
+        "evaluate",
+        writes=(METRICS_NAME, CONFUSION_IMAGE_NAME, TABLE_NAME),
+        overwrite=cfg.overwrite,
     )
 
     cm, scored, problems = score_on_ray(
@@ -303,8 +395,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "pixels": int(cm.sum()),
     }
     metrics = metrics_from_confusion(cm, class_map.names)
+    per_class = per_class_rows(cm, class_map.names)
     report = {
         **metrics,
+        "per_class": per_class,
         "counts": counts,
         "class_names": list(class_map.names),
         "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted class
@@ -320,6 +414,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         out.join(CONFUSION_IMAGE_NAME),
         confusion_png(cm, class_map.names, title=plot_title(metrics, info["model"])),
     )
-    print(format_table(metrics, counts))
-    print(f"evaluate: wrote {out.join(METRICS_NAME).uri} and {out.join(CONFUSION_IMAGE_NAME).uri}")
+    storage.write_bytes(out.join(TABLE_NAME), table_csv(per_class).encode())
+    print(format_table(metrics, counts, show_all=verbose()))
+    print(
+        f"evaluate: wrote {out.join(METRICS_NAME).uri}, {out.join(TABLE_NAME).uri} and "
+        f"{out.join(CONFUSION_IMAGE_NAME).uri}"
+    )
     return report

@@ -9,6 +9,9 @@ the value scheme (from rayseg.masks). Output under OUT/VOCdevkit/VOC2012/:
   SegmentationClass/<stem>.png   the mask as an indexed PNG with the VOC colour map
   ImageSets/Segmentation/{train,val,trainval}.txt   stems, split as `rayseg train` splits
   classes.json                   [{value, name, category_id, color}], background and ignore too
+  mmseg_metainfo.py              the same classes as mmsegmentation's `metainfo` and
+                                 `num_classes`, literals only: a `_base_` file mmengine reads
+                                 under its default (lazy-import) parsing
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import yaml
 
 from rayseg import layout, storage
@@ -74,8 +78,30 @@ def write_voc_lists(
     for name, ids in lists.items():
         text = "".join(f"{stems[int(i)]}\n" for i in ids)
         storage.write_bytes(out.join(layout.voc_list_rel(name)), text.encode())
-    storage.write_json(out.join(layout.VOC_CLASSES_REL), voc_classes(meta))
+    write_hf_split(out, {"train": train, "val": val})
+    classes = voc_classes(meta)
+    storage.write_json(out.join(layout.VOC_CLASSES_REL), classes)
+    storage.write_bytes(out.join(layout.VOC_MMSEG_REL), mmseg_metainfo(classes).encode())
     return {name: len(ids) for name, ids in lists.items()}
+
+
+def mmseg_metainfo(classes: list[dict[str, Any]]) -> str:
+    """mmseg_metainfo.py: `metainfo` and `num_classes` as Python literals.
+
+    A config that reads classes.json needs `import json`, and mmengine's default parsing turns
+    any import into a lazy one, under which `json.load(...)` fails with a bare RuntimeError. A
+    `_base_` file of literals needs no import: `metainfo={{_base_.metainfo}}`.
+    """
+    kept = [c for c in classes if c["name"] != "ignore"]  # 255 is mmseg's ignore_index too
+    names = tuple(str(c["name"]) for c in kept)
+    palette = [list(c["color"]) for c in kept]
+    return (
+        "# mmsegmentation metainfo of this folder, written by `rayseg masks --layout voc`.\n"
+        "# Literals only: use it as a _base_ file (README: mmsegmentation). Mask values are\n"
+        "# class indices; 255 is ignored (mmseg's default ignore_index), not a class.\n"
+        f"metainfo = {{'classes': {names!r}, 'palette': {palette!r}}}\n"
+        f"num_classes = {len(names)}\n"
+    )
 
 
 def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,26 +115,108 @@ def voc_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
-def dataset_card(meta: dict[str, Any]) -> str:
-    """OUT/README.md for Hugging Face `datasets`: the Parquet parts and their features
-    (storage.hf_features in the card's YAML form), so `load_dataset(OUT)` decodes `image` and
-    `mask` as Image features and names the mask values."""
+# Parquet: `datasets` picks one builder for all configs (the files: rayseg.layout).
+CLASS_FEATURES = {"value": "int64", "name": "string", "category_id": "int64"}
+
+
+def hf_classes(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """OUT/classes/classes.parquet's rows, one per mask value: {value, name, category_id} (None for
+    background and ignore), ignore last. `load_dataset(OUT, "classes")` reads them."""
+    rows = [{"value": meta["background_value"], "name": "background", "category_id": None}]
+    rows += [
+        {"value": int(c["value"]), "name": str(c["name"]), "category_id": int(c["category_id"])}
+        for c in sorted(meta["classes"], key=lambda c: c["value"])
+    ]
+    rows.append({"value": meta["ignore_value"], "name": "ignore", "category_id": None})
+    return rows
+
+
+def write_hf_classes(out: storage.Location, meta: dict[str, Any]) -> None:
+    """OUT/classes/classes.parquet: hf_classes' rows, for the card's `classes` config."""
+    types = {"int64": pa.int64(), "string": pa.string()}
+    schema = pa.schema([(k, types[v]) for k, v in CLASS_FEATURES.items()])
+    storage.make_dirs(out.join(layout.CLASSES), below=out)
+    table = pa.Table.from_pylist(hf_classes(meta), schema=schema)
+    storage.write_parquet(out.join(layout.CLASSES_REL), table)
+
+
+def write_hf_split(out: storage.Location, splits: dict[str, np.ndarray]) -> None:
+    """OUT/split/split.parquet: {image_id, split} per image, for the card's `split` config."""
+    ids = [int(i) for name in splits for i in splits[name]]
+    names = [name for name in splits for _ in splits[name]]
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "split": pa.array(names, pa.string())})
+    storage.make_dirs(out.join(layout.SPLIT), below=out)
+    storage.write_parquet(out.join(layout.SPLIT_REL), table)
+
+
+def dataset_card(meta: dict[str, Any], *, split: dict[str, Any] | None = None) -> str:
+    """OUT/README.md for Hugging Face `datasets`: two configs.
+
+    `default`: the Parquet parts and their features (storage.hf_features in the card's YAML
+    form), so `load_dataset(OUT)` decodes `image` and `mask` as Image features; every image is
+    in its one split, `train`. `classes`: classes/classes.parquet, the name of every mask value.
+    `split` ({"train", "val", "where"}: counts and the files listing them), when rayseg made
+    one (--layout voc, or `rayseg pipeline`'s training), adds a `split` config
+    (OUT/split/split.parquet: image_id, split) and a line of text: `datasets` splits only by
+    file, so the default config keeps every image in `train`.
+    """
     features = storage.hf_features(meta)
     card = {
         "configs": [
             {
                 "config_name": "default",
+                "default": True,
                 "data_files": [{"split": "train", "path": layout.CARD_DATA_FILES}],
-            }
+            },
+            {
+                "config_name": "classes",
+                "data_files": [{"split": "train", "path": layout.CLASSES_REL}],
+            },
         ],
-        "dataset_info": {"features": [_card_feature(k, v) for k, v in features.items()]},
+        "dataset_info": [
+            {
+                "config_name": "default",
+                "features": [_card_feature(k, v) for k, v in features.items()],
+            },
+            {
+                "config_name": "classes",
+                "features": [{"name": k, "dtype": v} for k, v in CLASS_FEATURES.items()],
+            },
+        ],
     }
-    body = (
+    num_classes = len(meta["classes"]) + 1
+    body = [
         "Semantic masks written by `rayseg masks`: one row per image (`image`, `mask` PNG, "
-        "`category_ids` as COCO category ids, `value_pixels` as mask values). "
-        "Classes: see manifest.json or the Parquet `rayseg` metadata.\n"
-    )
-    return f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n{body}"
+        "`category_ids` as COCO category ids, `value_pixels` as mask values).",
+        "",
+        f"Classes: {num_classes} (background and {len(meta['classes'])} categories); mask value "
+        f"{meta['ignore_value']} is ignore, not a class. The name of each mask value: "
+        f'`load_dataset(OUT, "classes", split="train")` (value, name, category_id).',
+        "",
+    ]
+    if split:
+        files = [{"split": "train", "path": layout.SPLIT_REL}]
+        card["configs"].append({"config_name": "split", "data_files": files})
+        card["dataset_info"].append(
+            {
+                "config_name": "split",
+                "features": [
+                    {"name": "image_id", "dtype": "int64"},
+                    {"name": "split", "dtype": "string"},
+                ],
+            }
+        )
+        body += [
+            f"Split: {split['train']} train and {split['val']} val images (the split `rayseg "
+            "train` makes with the same --val-fraction and --seed), listed in "
+            f"{split['where']} and by image id in the `split` config: "
+            '`load_dataset(OUT, "split", split="train")` (image_id, split). The `train` split '
+            "of `load_dataset(OUT)` holds every image (`datasets` splits only by file).",
+            "",
+        ]
+    else:
+        body += ["Split: none; the `train` split holds every image.", ""]
+    return f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n" + "\n".join(body)
 
 
 def _card_feature(name: str, feature: dict[str, Any]) -> dict[str, Any]:

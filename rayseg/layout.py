@@ -7,6 +7,8 @@ What rayseg.checkpoint is for a run directory, this module is for a masks OUT (l
   OUT/_shards/shard-NNNNN.json         one per finished shard: its commit point
   OUT/manifest.json, OUT/config.yaml   counts and problems; the resolved settings
   OUT/README.md                        the Hugging Face dataset card (rayseg.export)
+  OUT/classes/classes.parquet          every mask value's name, the card's `classes` config
+  OUT/split/split.parquet              image id -> train/val where rayseg knows the split
   OUT/VOCdevkit/VOC2012/               with --layout voc (rayseg.export)
   OUT/_lock.json                       the lease of the run writing OUT (rayseg.lease)
   OUT/_rayseg.json                     the owner marker every command leaves (rayseg.outputs)
@@ -32,6 +34,8 @@ CARD = "README.md"
 LOCK = "_lock.json"
 OWNER = "_rayseg.json"
 VOC = "VOCdevkit"
+CLASSES = "classes"
+SPLIT = "split"
 
 PLAN_REL = f"{SHARDS}/{PLAN}"
 PART_GLOB = "part-*.parquet"
@@ -39,7 +43,10 @@ CARD_DATA_FILES = f"{PARQUET}/*.parquet"  # the card's `data_files` pattern
 # The folders a masks run renders into, then what it writes at the top of OUT.
 RENDER_FOLDERS = (MASKS, PARQUET, SHARDS)
 TOP_FILES = (MANIFEST, CARD, CONFIG)
-TOP_FOLDERS = (*RENDER_FOLDERS, VOC)
+# Parquet in folders of their own: OUT/*.parquet would make OUT look like a Parquet folder
+CLASSES_REL = f"{CLASSES}/classes.parquet"
+SPLIT_REL = f"{SPLIT}/split.parquet"
+TOP_FOLDERS = (*RENDER_FOLDERS, CLASSES, SPLIT, VOC)
 
 VOC_YEAR = "2012"  # torchvision's VOCSegmentation(year=...)
 VOC_ROOT = f"{VOC}/VOC{VOC_YEAR}"
@@ -48,6 +55,7 @@ _VOC_MASKS = f"{VOC_ROOT}/SegmentationClass"
 _VOC_LISTS = f"{VOC_ROOT}/ImageSets/Segmentation"
 VOC_FOLDERS = (VOC_ROOT, _VOC_IMAGES, _VOC_MASKS, _VOC_LISTS)
 VOC_CLASSES_REL = f"{VOC_ROOT}/classes.json"
+VOC_MMSEG_REL = f"{VOC_ROOT}/mmseg_metainfo.py"  # mmsegmentation's metainfo as literals
 VOC_SPLITS = ("train", "val", "trainval")
 
 _PART = re.compile(r"part-([0-9]+)\.parquet")

@@ -356,8 +356,14 @@ def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[st
         manifest["voc"] = export.write_voc_lists(
             out, written, manifest["value_scheme"], val_fraction=cfg.val_fraction, seed=cfg.seed
         )
+    split = None
+    if "voc" in manifest:
+        where = "/".join((*export.VOC_DIR, "ImageSets", "Segmentation", "{train,val}.txt"))
+        split = {"train": manifest["voc"]["train"], "val": manifest["voc"]["val"], "where": where}
+    value_meta = manifest["value_scheme"]
+    export.write_hf_classes(out, value_meta)
     storage.write_bytes(
-        out.join(layout.CARD), export.dataset_card(manifest["value_scheme"]).encode()
+        out.join(layout.CARD), export.dataset_card(value_meta, split=split).encode()
     )
     manifest["counts"]["seconds"] = round(time.monotonic() - start, 2)
     storage.write_json(out.join(layout.MANIFEST), manifest)

@@ -112,7 +112,7 @@ def remove_masks_run(out: storage.Location) -> list[str]:
     paths (relative to OUT) it kept because no run recorded them."""
     own = _recorded_masks_files(out)
     kept = []
-    for folder in (*layout.RENDER_FOLDERS, *layout.VOC_FOLDERS):
+    for folder in (*layout.RENDER_FOLDERS, layout.CLASSES, layout.SPLIT, *layout.VOC_FOLDERS):
         loc = out.join(folder)
         for name in storage.list_files(loc):
             rel = f"{folder}/{name}"
@@ -130,7 +130,7 @@ def remove_masks_run(out: storage.Location) -> list[str]:
 def _recorded_masks_files(out: storage.Location) -> set[str]:
     """Paths (relative to OUT) that the masks run in OUT wrote, from its plan, shard records
     and VOC lists; a part of a planned shard counts (it is written before the shard's record)."""
-    own = {layout.PLAN_REL}
+    own = {layout.PLAN_REL, layout.CLASSES_REL, layout.SPLIT_REL}
     plan = _read_json(layout.plan_path(out)) or {}
     num_shards = plan.get("num_shards") if isinstance(plan.get("num_shards"), int) else 0
     for name in storage.list_files(out.join(layout.PARQUET)):
@@ -149,7 +149,7 @@ def _recorded_masks_files(out: storage.Location) -> set[str]:
         for entry in record.get("masks") or []:
             if isinstance(entry, list) and entry and isinstance(entry[0], str):
                 own.add(layout.mask_rel(entry[0]))
-    own.add(layout.VOC_CLASSES_REL)
+    own.update({layout.VOC_CLASSES_REL, layout.VOC_MMSEG_REL})
     for split in layout.VOC_SPLITS:
         own.add(layout.voc_list_rel(split))
         for stem in _read_text(out.join(layout.voc_list_rel(split))).split():

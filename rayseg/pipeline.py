@@ -45,6 +45,7 @@ from rayseg.config import (
 )
 from rayseg.errors import RaysegError
 from rayseg.rayconnect import connect_ray
+from rayseg.text import plural
 
 # `rayseg demo`'s settings: the one file, also runnable as `rayseg pipeline --config` or a job.
 DEMO_FILE = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
@@ -256,7 +257,7 @@ def stage_what(stages: Stages, name: str) -> str:
         s = stages.synth
         return f"{s.num_images} synthetic {s.width}x{s.height} images -> {s.out}"
     if name == "train":
-        return f"{stages.train.model}, {stages.train.epochs} epochs -> {stages.train.out}"
+        return f"{stages.train.model}, {plural(stages.train.epochs, 'epoch')} -> {stages.train.out}"
     if name == "subset":
         return f"{stages.subset.num_images} images -> {stages.subset.out}"
     if name == "evaluate":
@@ -311,6 +312,8 @@ def run_pipeline(cfg: PipelineConfig, *, reference: Reference | None = None) -> 
         split = storage.read_json(storage.locate(stages.train.out).join(SPLIT_NAME))
         n = write_rows(stages.masks.out, split["val_image_ids"], stages.val_masks)
         print(f"validation split: {n} images -> {stages.val_masks}")
+        where = storage.locate(stages.train.out).join(SPLIT_NAME).uri
+        record_split(stages.masks.out, split["val_image_ids"], where=where)
     stage("evaluate", run_evaluate, stages.evaluate)
     stage("predict", run_predict, stages.predict)
 
@@ -319,6 +322,27 @@ def run_pipeline(cfg: PipelineConfig, *, reference: Reference | None = None) -> 
     storage.write_json(out.join("pipeline.json"), {"stages": summaries, "metrics": metrics})
     print_locations(stages, metrics)
     return metrics
+
+
+def record_split(masks: str, val_ids: list[int], *, where: str) -> None:
+    """The split `rayseg train` chose, in the masks output's dataset card (its `split` config):
+    rayseg.export.write_hf_split and the card rewritten to describe it."""
+    from rayseg import export
+
+    parts = storage.parquet_files(storage.parquet_location(masks))
+    ids = np.concatenate(
+        [
+            pq.read_table(p.path, columns=["image_id"], filesystem=p.fs)["image_id"].to_numpy()
+            for p in parts
+        ]
+    )
+    val = np.intersect1d(ids, np.asarray(val_ids, np.int64))
+    train = np.setdiff1d(ids, val)
+    out = storage.locate(masks)
+    export.write_hf_split(out, {"train": train, "val": val})
+    split = {"train": len(train), "val": len(val), "where": where}
+    card = export.dataset_card(storage.read_mask_meta(masks), split=split)
+    storage.write_bytes(out.join("README.md"), card.encode())
 
 
 def summarise(

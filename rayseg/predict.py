@@ -3,8 +3,9 @@
 Input: `--images`, a folder of .jpg/.jpeg/.png files or a masks Parquet folder (rows with `image`
 bytes); `--checkpoint`, anything rayseg.checkpoint.load_model reads. Output under OUT (local or s3://):
 `masks/<image stem>.png` (same height and width as the image, values in the scheme of the masks the
-model was trained on), `overlays/<image stem>.jpg`, and `predict_summary.json` (counts, every
-skipped input with its reason, the resolved config).
+model was trained on), `overlays/<image stem>.jpg` (its legend says "no class found" when the
+model found only background), and `predict_summary.json` (counts, the images with no class
+found, every skipped input with its reason, the resolved config).
 
 The labels come from rayseg.infer.predict_labels, as in rayseg.evaluate, so evaluate scores
 exactly the labels predict writes; overlay and render_outputs make the files, without Ray.
@@ -41,10 +42,12 @@ from rayseg.models import ClassMap
 from rayseg.rayconnect import connect_ray
 from rayseg.raydata import rows_with_progress
 from rayseg.records import Problem
+from rayseg.text import plural
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.35  # a light tint: the outline and legend carry the class
 SUMMARY_NAME = "predict_summary.json"
+NOTHING_FOUND = "no class found"
 PREDICT_WRITES = ("masks", "overlays", SUMMARY_NAME)
 
 
@@ -86,12 +89,15 @@ def overlay(
     out[edge] = colours[edge]
     if names is not None:
         present = [int(k) for k in np.unique(labels) if 0 < k < len(names)]
-        draw_legend(out, [(names[k], palette[k]) for k in present])
+        entries = [(names[k], palette[k]) for k in present]
+        # Without it an overlay of an image with nothing found is the photo itself.
+        draw_legend(out, entries or [(NOTHING_FOUND, None)])
     return out
 
 
-def draw_legend(rgb: np.ndarray, entries: list[tuple[str, np.ndarray]]) -> None:
-    """In place: a dark box in the top-left corner, one colour swatch + class name per line."""
+def draw_legend(rgb: np.ndarray, entries: list[tuple[str, np.ndarray | None]]) -> None:
+    """In place: a dark box in the top-left corner, one colour swatch + class name per line
+    (no swatch for a None colour)."""
     if not entries:
         return
     height = rgb.shape[0]
@@ -106,11 +112,17 @@ def draw_legend(rgb: np.ndarray, entries: list[tuple[str, np.ndarray]]) -> None:
     rgb[:box_h, :box_w] = (rgb[:box_h, :box_w] * 0.35).astype(np.uint8)
     for i, (name, colour) in enumerate(entries):
         y = 3 + i * line
-        cv2.rectangle(rgb, (4, y + 2), (line, y + line - 2), tuple(int(c) for c in colour), -1)
+        if colour is not None:
+            cv2.rectangle(rgb, (4, y + 2), (line, y + line - 2), tuple(int(c) for c in colour), -1)
         org = (line + 6, y + text_h + 2)
         cv2.putText(
             rgb, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA
         )
+
+
+def classes_found(labels: np.ndarray) -> int:
+    """How many classes other than background (0) an (H, W) prediction holds."""
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
 
 
 def render_outputs(
@@ -202,15 +214,18 @@ class Predictor:
         labels = predict_labels(self.model, [images[i] for i in ok], device=self.device)
         masks, overlays = [b""] * len(images), [b""] * len(images)
         heights, widths = np.zeros(len(images), np.int32), np.zeros(len(images), np.int32)
+        found = np.zeros(len(images), np.int32)  # classes other than background per image
         for i, lab in zip(ok, labels, strict=True):
             masks[i], overlays[i] = render_outputs(images[i], lab, self.class_map, self.palette)
             heights[i], widths[i] = lab.shape
+            found[i] = classes_found(lab)
         return {
             "name": batch["name"],
             "mask_png": objects(masks),
             "overlay_jpg": objects(overlays),
             "height": heights,
             "width": widths,
+            "found": found,
             "reason": np.array(reasons),
         }
 
@@ -229,11 +244,28 @@ def write_outputs(batch: dict[str, np.ndarray], *, out: str) -> dict[str, np.nda
             storage.write_bytes(root.join("overlays", f"{name}.jpg"), overlay_jpg)
         except OSError as e:  # one image's outputs, not the run
             reasons[k] = f"outputs not written ({type(e).__name__}: {e.strerror or e})"
-    status = {k: batch[k] for k in ("name", "height", "width")}
+    status = {k: batch[k] for k in ("name", "height", "width", "found")}
     return {**status, "reason": np.array(reasons)}
 
 
 # ---- driver --------------------------------------------------------------------------------------
+
+
+def summary_line(counts: dict[str, int], out: storage.Location) -> str:
+    """`predict: 12 of 12 images -> OUT/masks/ and OUT/overlays/; 3 of 12 images with no class
+    found (...)`."""
+    line = (
+        f"predict: {counts['written']} of {plural(counts['inputs'], 'image')} -> "
+        f"{out.join('masks').uri}/ and {out.join('overlays').uri}/"
+    )
+    if counts["nothing_found"]:
+        line += (
+            f"; {counts['nothing_found']} of {plural(counts['written'], 'image')} with no class "
+            f"found (only background; listed in {SUMMARY_NAME})"
+        )
+    if counts["skipped"]:
+        line += f"; {counts['skipped']} skipped (listed in {SUMMARY_NAME})"
+    return line
 
 
 def list_image_files(
@@ -327,6 +359,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
 
     num_inputs = inputs.count
     written = [r for r in rows if not r["reason"]]
+    empty = sorted(str(r["name"]) for r in written if int(r["found"]) == 0)
     problems = list(inputs.problems) + [
         Problem(str(r["reason"]), name=str(r["name"])) for r in rows if r["reason"]
     ]
@@ -336,17 +369,19 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         "model": info["model"],
         "value_scheme": class_map.value_scheme,
         "classes": list(class_map.names),
-        "counts": {"inputs": num_inputs, "written": len(written), "skipped": len(problems)},
+        "counts": {
+            "inputs": num_inputs,
+            "written": len(written),
+            "nothing_found": len(empty),
+            "skipped": len(problems),
+        },
+        "nothing_found": empty,
         "skipped": [p.to_dict() for p in problems],
         "seconds": round(time.monotonic() - start, 2),
         "config": to_dict(cfg),
     }
     storage.write_json(out.join(SUMMARY_NAME), summary)
-    print(
-        f"predict: {len(written)} of {num_inputs} images -> {out.join('masks').uri}/ "
-        f"and {out.join('overlays').uri}/"
-        + (f"; {len(problems)} skipped (listed in {SUMMARY_NAME})" if problems else "")
-    )
+    print(summary_line(summary["counts"], out))
     if not written:
         first = problems[0] if problems else Problem("no output", name="-")
         raise RaysegError(

@@ -36,7 +36,7 @@ from zlib_ng import zlib_ng
 
 from rayseg import __version__, layout
 from rayseg.errors import RaysegError
-from rayseg.records import BACKGROUND, DTYPE_MAX
+from rayseg.records import BACKGROUND
 
 TMP_MARK = ".tmp-"
 # Temporaries are `.<name>.tmp-<32 hex>`: no output name starts with "." (rayseg.naming), so no
@@ -381,8 +381,12 @@ def mask_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> pa.Table:
 
 
 def hf_features(meta: dict[str, Any]) -> dict[str, Any]:
-    """MASK_SCHEMA as `datasets.Features.to_dict()` writes it, `value_pixels.value` a ClassLabel
-    naming every mask value when the masks are 8-bit (16-bit values stay plain integers).
+    """MASK_SCHEMA as `datasets.Features.to_dict()` writes it; `value_pixels.value` plain int64.
+
+    The mask values are no ClassLabel: a ClassLabel names 0..N-1 without gaps, and the values
+    have gaps (the ignore value 255 above 0..20, COCO category ids), so it took 256 names, 234
+    of them `unused_N`, and `num_classes` said 256. The names are the dataset card's `classes`
+    config instead (rayseg.export.hf_classes: OUT/classes/classes.parquet, one row per value).
 
     `image` and `mask` are Image features. `datasets` takes a schema-metadata feature only where
     its Arrow type matches the column's, and an Image is struct<bytes, path> where rayseg stores
@@ -392,16 +396,6 @@ def hf_features(meta: dict[str, Any]) -> dict[str, Any]:
     def value(dtype: str) -> dict[str, str]:
         return {"dtype": dtype, "_type": "Value"}
 
-    pixel_value: dict[str, Any] = value("int64")
-    ignore = meta.get("ignore_value", DTYPE_MAX["uint16"])
-    if ignore <= DTYPE_MAX["uint8"]:
-        names = [f"unused_{v}" for v in range(ignore + 1)]
-        names[meta.get("background_value", BACKGROUND)] = "background"
-        names[ignore] = "ignore"
-        for c in meta.get("classes", []):
-            names[c["value"]] = c["name"]
-        if len(set(names)) == len(names):  # datasets refuses repeated label names
-            pixel_value = {"names": names, "_type": "ClassLabel"}
     return {
         "image_id": value("int64"),
         "file_name": value("string"),
@@ -409,7 +403,7 @@ def hf_features(meta: dict[str, Any]) -> dict[str, Any]:
         "width": value("int32"),
         "category_ids": {"feature": value("int32"), "_type": "List"},
         "value_pixels": {
-            "feature": {"value": pixel_value, "pixels": value("int64")},
+            "feature": {"value": value("int64"), "pixels": value("int64")},
             "_type": "List",
         },
         "mask_path": value("string"),

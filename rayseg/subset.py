@@ -19,6 +19,7 @@ import numpy as np
 from rayseg.coco import CocoIndex, load_coco
 from rayseg.config import SubsetConfig, dump_yaml
 from rayseg.errors import RaysegError
+from rayseg.text import plural
 
 
 def select_images(
@@ -128,6 +129,17 @@ def list_image_files(images_dir: str) -> set[str]:
     return set(storage.list_files(storage.locate(images_dir)))
 
 
+def files_line(counts: dict[str, int], images_dir: str) -> str:
+    """`subset: 158 of 160 images have their file in DIR; the 2 without one are left out`."""
+    total, missing = counts["images"], counts["missing_files"]
+    line = f"subset: {total - missing} of {plural(total, 'image')} have their file in {images_dir}"
+    if total == 1 and not missing:
+        line = f"subset: the 1 image has its file in {images_dir}"
+    if missing:
+        line += f"; the {missing} without one {'is' if missing == 1 else 'are'} left out"
+    return line
+
+
 def run_subset(cfg: SubsetConfig) -> dict[str, Any]:
     _check_out(cfg.out, cfg.annotations)
     index = load_coco(cfg.annotations)
@@ -153,12 +165,12 @@ def run_subset(cfg: SubsetConfig) -> dict[str, Any]:
     _write_chunks(cfg.out, subset_chunks(index, ids))
     _write_chunks(cfg.out + ".config.yaml", [dump_yaml(cfg).encode()])
     if available is not None:
-        print(
-            f"subset: {counts['missing_files']} of {counts['images']} images have no file "
-            f"in {cfg.images_dir}; they were not eligible"
-        )
+        print(files_line(counts, cfg.images_dir))
     if len(ids) < cfg.num_images:
-        print(f"subset: only {len(ids)} images eligible, fewer than --num-images {cfg.num_images}")
+        print(
+            f"subset: only {plural(len(ids), 'image')} eligible, fewer than --num-images "
+            f"{cfg.num_images}"
+        )
     print(
         f"subset: wrote {summary['images']} images, {summary['annotations']} annotations "
         f"to {cfg.out}"

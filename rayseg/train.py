@@ -49,6 +49,7 @@ from rayseg.models import (
     class_map_from_meta,
 )
 from rayseg.split import split_ids
+from rayseg.text import plural
 
 PREFETCH_BATCHES = 2
 
@@ -267,7 +268,8 @@ def steps_per_epoch(num_train: int, cfg: TrainConfig) -> int:
     if steps < 1:
         raise RaysegError(
             f"{num_train} training images are too few for --batch-size {cfg.batch_size} on "
-            f"{cfg.num_workers} workers (each step needs {cfg.batch_size * cfg.num_workers})"
+            f"{plural(cfg.num_workers, 'worker')} "
+            f"(each step needs {cfg.batch_size * cfg.num_workers})"
         )
     return steps
 
@@ -365,7 +367,8 @@ def check_gpu_count(cfg: TrainConfig, have: float) -> None:
     need = cfg.gpus_per_worker * cfg.num_workers
     if need > have + 1e-9:
         raise RaysegError(
-            f"--use-gpu with {cfg.num_workers} workers x {cfg.gpus_per_worker:g} GPUs needs "
+            f"--use-gpu with {plural(cfg.num_workers, 'worker')} x {cfg.gpus_per_worker:g} GPUs "
+            "needs "
             f"{need:g} GPUs; the cluster has {have:g} (lower --num-workers, or share GPUs "
             "with --gpus-per-worker 0.5)"
         )
@@ -381,14 +384,14 @@ def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
     need = cpus_per_worker * cfg.num_workers
     if need > have.get("CPU", 0):
         raise RaysegError(
-            f"{cfg.num_workers} workers x {cpus_per_worker:g} CPUs need {need:g} CPUs; "
+            f"{plural(cfg.num_workers, 'worker')} x {cpus_per_worker:g} CPUs need {need:g} CPUs; "
             f"the cluster has {have.get('CPU', 0):g} (lower --num-workers or --cpus-per-worker)"
         )
     if have.get("CPU", 0) - need < data_task_cpus(cpus_per_worker) - 1e-9:
         raise RaysegError(
-            f"{cfg.num_workers} workers x {cpus_per_worker:g} CPUs hold all {have['CPU']:g} "
-            "CPUs of the cluster: none is left for loading their data (lower --num-workers "
-            "or --cpus-per-worker)"
+            f"{plural(cfg.num_workers, 'worker')} x {cpus_per_worker:g} CPUs hold all "
+            f"{have['CPU']:g} CPUs of the cluster: none is left for loading their data "
+            "(lower --num-workers or --cpus-per-worker)"
         )
 
 
@@ -498,7 +501,8 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     )
     print(
         f"training {cfg.model} on {plan.num_train} images ({plan.num_val} for validation), "
-        f"{plan.class_map.num_classes} classes, {cfg.num_workers} workers x {cfg.batch_size} "
+        f"{plural(plan.class_map.num_classes, 'class')}, {plural(cfg.num_workers, 'worker')} x "
+        f"{cfg.batch_size} "
         f"images/step, {plan.steps_per_epoch} steps/epoch"
     )
     held = cpus_per_worker * cfg.num_workers
@@ -534,7 +538,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         print(f"skipping checkpoint {name} ({why}); {after}")
     if resume.epochs >= cfg.epochs:
         print(
-            f"{run.uri} already has {resume.epochs} epochs (--epochs {cfg.epochs}): "
+            f"{run.uri} already has {plural(resume.epochs, 'epoch')} (--epochs {cfg.epochs}): "
             "nothing to train"
         )
     else:
@@ -560,11 +564,8 @@ def print_outputs(summary: dict[str, Any], run: storage.Location) -> None:
             f"listed in {run.join(checkpoint.SUMMARY_NAME).uri}"
         )
     miou = summary["val_miou"]
-    print(
-        f"trained {summary['epochs']} epochs: val mIoU {miou:.4f}"
-        if miou is not None
-        else f"trained {summary['epochs']} epochs"
-    )
+    trained = f"trained {plural(summary['epochs'], 'epoch')}"
+    print(f"{trained}: val mIoU {miou:.4f}" if miou is not None else trained)
     print(f"model:       {summary['model_file']}")
     print(f"metrics:     {run.join(checkpoint.METRICS_NAME).uri}")
     print(f"curves:      {run.join(checkpoint.CURVES_NAME).uri}")

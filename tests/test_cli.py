@@ -113,7 +113,9 @@ def test_subset_reports_missing_image_files(tmp_path):
         str(images),
     )
     assert result.returncode == 0, result.stderr
-    assert "4 of 5 images have no file" in result.stdout
+    assert f"1 of 5 images have their file in {images}; the 4 without one are left out" in (
+        result.stdout
+    )
     assert [im["id"] for im in json.loads((tmp_path / "s.json").read_text())["images"]] == [2]
 
 
@@ -224,3 +226,60 @@ def test_abbreviated_flags_are_rejected(tmp_path, flag):
     # The full spelling of the first one parses.
     args = parser.parse_args(["masks", "--annotations", "a.json", "--out", "o", "--num-cpus", "2"])
     assert args.num_cpus == "2"
+
+
+def help_text(*argv) -> str:
+    """`rayseg ... --help` as one line (argparse wraps), in-process."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*argv, "--help"])
+    return " ".join(buf.getvalue().split())
+
+
+def test_help_speaks_to_users():
+    text = help_text()
+    assert "dataclass" not in text and "generated" not in text
+    assert "--config FILE.yaml" in text and "rayseg COMMAND --help" in text
+
+
+def test_pipeline_help_names_its_sections_and_the_example_configs():
+    text = help_text("pipeline")
+    for section in ("'masks'", "'train'", "'synth'", "'subset'", "'evaluate'", "'predict'"):
+        assert section in text
+    for example in ("jobs/configs/demo.yaml", "jobs/configs/coco8k.yaml"):
+        assert example in text
+
+
+@pytest.mark.parametrize("command", ["subset", "synth"])
+def test_verbose_says_commands_without_ray_have_nothing_more(command):
+    text = help_text(command)
+    assert f"--verbose no effect: {command} runs without Ray" in text
+    assert "Ray's own warnings" not in text
+
+
+def test_verbose_says_what_it_adds_for_evaluate():
+    assert "--verbose print every class's IoU" in help_text("evaluate")
+    assert "--verbose show Ray's own warnings" in help_text("masks")
+
+
+def test_training_summary_says_one_epoch(tmp_path, capsys):
+    from rayseg import storage
+    from rayseg.train import print_outputs
+
+    summary = {"skipped_rows": 0, "val_miou": 0.5, "epochs": 1, "model_file": "m"}
+    print_outputs(summary, storage.locate(str(tmp_path)))
+    assert capsys.readouterr().out.splitlines()[0] == "trained 1 epoch: val mIoU 0.5000"
+
+
+def test_subset_files_line_is_plain():
+    from rayseg.subset import files_line
+
+    every = {"images": 160, "missing_files": 0}
+    assert files_line(every, "imgs") == "subset: 160 of 160 images have their file in imgs"
+    some = {"images": 160, "missing_files": 1}
+    assert files_line(some, "imgs") == (
+        "subset: 159 of 160 images have their file in imgs; the 1 without one is left out"
+    )

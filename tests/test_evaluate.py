@@ -16,11 +16,15 @@ from rayseg.config import EvaluateConfig
 from rayseg.errors import RaysegError
 from rayseg.evaluate import (
     check_class_map,
+    format_table,
     metrics_from_confusion,
+    per_class_rows,
+    rows_by_image,
     run_evaluate,
     score,
     score_images,
     sum_partials,
+    table_csv,
 )
 from rayseg.models import ClassMap
 from rayseg.records import Problem
@@ -195,6 +199,58 @@ def test_evaluate_matches_a_hand_computed_confusion_matrix(ray_local, dataset, c
     assert cv2.imread(str(out / "confusion_matrix.png")) is not None
     table = capsys.readouterr().out
     assert "person" in table and f"{written['miou']:.4f}" in table
+    csv_lines = (out / "per_class_iou.csv").read_text().splitlines()
+    assert csv_lines[0] == "class,iou,true_pixels,predicted_pixels"
+    assert [line.split(",")[0] for line in csv_lines[1:]] == list(CLASS_MAP.names)
+    assert [r["true_pixels"] for r in written["per_class"]] == expected.sum(1).tolist()
+
+
+def many_classes(k: int = 81) -> tuple[dict, dict]:
+    """Metrics of k classes, IoU rising with the index, the last two absent."""
+    names = ["background", *(f"class{i:02d}" for i in range(1, k))]
+    ious = {n: (i / k if i < k - 2 else None) for i, n in enumerate(names)}
+    metrics = {"per_class_iou": ious, "miou": 0.5, "pixel_accuracy": 0.9}
+    return metrics, {"scored": 158, "rows": 158, "skipped": 0, "pixels": 1000}
+
+
+def test_terminal_table_shows_the_best_and_worst_classes_only():
+    metrics, counts = many_classes()
+    lines = format_table(metrics, counts).splitlines()
+    # Before: a line per class (81 + 4). Now 5 best, a "... more" line, 5 worst, the rest.
+    assert len(lines) < 20
+    shown = [line.split()[0] for line in lines[1:12]]
+    assert shown[:5] == ["class78", "class77", "class76", "class75", "class74"]
+    assert shown[-5:] == ["class04", "class03", "class02", "class01", "background"]
+    assert "(69 more; all in per_class_iou.csv)" in lines[6]
+    assert "2 classes in neither" in lines[12]
+    assert lines[-3].split() == ["mIoU", "0.5000"] and lines[-2].split()[-1] == "0.9000"
+    everything = format_table(metrics, counts, show_all=True).splitlines()
+    assert len(everything) == 1 + 81 + 3
+
+
+def test_per_class_rows_and_csv():
+    cm = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    rows = per_class_rows(cm, ["background", "a,b", "c"])
+    assert rows[0] == {"class": "background", "iou": 5 / 8, "true_pixels": 6, "predicted_pixels": 7}
+    assert rows[2]["iou"] is None
+    assert table_csv(rows).splitlines()[1:] == [
+        "background,0.625000,6,7",
+        '"a,b",0.500000,5,4',
+        "c,,0,0",
+    ]
+
+
+def test_progress_counts_images_not_batches(capsys):
+    class Batches:  # Scorer rows: one per batch of 4 images (one of them skipped in the last)
+        def iter_rows(self):
+            for scored, skipped in ((4, 0), (4, 0), (3, 1)):
+                yield {"scored": scored, "problems": json.dumps([{}] * skipped)}
+
+    rows = list(rows_by_image(Batches(), total=12))
+    assert len(rows) == 3
+    from rayseg.progress import Progress
+
+    assert Progress.latest.count() == "12 of 12 images"
 
 
 def test_evaluate_rejects_a_checkpoint_of_another_class_mapping(dataset):

@@ -1,6 +1,7 @@
 """`rayseg masks --layout voc` loaded by torchvision's own VOCSegmentation (local Ray cluster)."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ from rayseg.errors import RaysegError
 from rayseg.masks import plan_masks, run_masks
 from rayseg.split import split_ids
 
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when `datasets` is imported
 VOCSegmentation = pytest.importorskip("torchvision.datasets").VOCSegmentation
 
 
@@ -61,6 +63,23 @@ def test_split_is_the_one_rayseg_train_uses(voc_out):
     assert (sets / "train.txt").read_text().split() == [f"{i:012d}" for i in train]
     assert (sets / "val.txt").read_text().split() == [f"{i:012d}" for i in val]
     assert manifest["voc"] == {"train": 4, "val": 1, "trainval": 5}
+
+
+def test_hf_card_lists_the_voc_split(voc_out, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out, _ = voc_out
+    card = (out / "README.md").read_text()
+    assert "Split: 4 train and 1 val images" in card  # before: one `train` split, no word of it
+    cache = str(tmp_path / "hf")
+    split = datasets.load_dataset(str(out), "split", split="train", cache_dir=cache)
+    by_split = {"train": set(), "val": set()}
+    for image_id, name in zip(split["image_id"], split["split"], strict=True):
+        by_split[name].add(image_id)
+    train, val = split_ids(np.arange(1, 6), VAL_FRACTION, seed=0)
+    assert by_split == {"train": set(train.tolist()), "val": set(val.tolist())}
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=cache)
+    held_out = ds.filter(lambda r: r["image_id"] in by_split["val"])
+    assert held_out["image_id"] == sorted(by_split["val"])
 
 
 def test_class_list_names_every_value_with_its_palette_colour(voc_out):

@@ -21,7 +21,7 @@ from rayseg.shard import render_shard, scheme_meta
 datasets = pytest.importorskip("datasets")
 
 
-def write_parts(tmp_path, **settings):
+def write_parts(tmp_path, split=None, **settings):
     data = tiny_coco()
     values = {
         "annotations": str(write_coco(tmp_path / "in.json", data)),
@@ -38,7 +38,8 @@ def write_parts(tmp_path, **settings):
     for job in planned.jobs:
         render_shard(job)
     meta = scheme_meta(planned.scheme, planned.names)
-    (out / "README.md").write_text(export.dataset_card(meta))
+    (out / "README.md").write_text(export.dataset_card(meta, split=split))
+    export.write_hf_classes(storage.locate(str(out)), meta)
     return out
 
 
@@ -47,14 +48,13 @@ def load_hf(out, tmp_path):
     return datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
 
 
-def test_plain_parquet_loading_keeps_class_names_through_the_schema_metadata(tmp_path):
+def test_plain_parquet_loading_keeps_the_features_of_the_schema_metadata(tmp_path):
     out = write_parts(tmp_path, values="train_id")
     files = sorted(str(p) for p in (out / "parquet").glob("*.parquet"))
     ds = datasets.load_dataset(
         "parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf")
     )
-    labels = ds.features["value_pixels"].feature["value"]
-    assert labels.int2str(3) == "train"
+    assert ds.features["value_pixels"].feature["value"] == datasets.Value("int64")
     assert ds.features["mask"] == datasets.Value("binary")  # Image needs the card or features=
 
 
@@ -69,29 +69,76 @@ def test_datasets_loads_images_and_masks_as_image_features(tmp_path):
     assert np.asarray(row["image"].convert("RGB")).shape == (20, 20, 3)
 
 
-def test_datasets_keeps_the_class_names_of_mask_values(tmp_path):
-    ds = load_hf(write_parts(tmp_path, values="train_id"), tmp_path)
-    labels = ds.features["value_pixels"].feature["value"]
-    assert isinstance(labels, datasets.ClassLabel)
-    assert [labels.int2str(v) for v in (0, 1, 2, 3, 255)] == [
-        "background",
-        "person",
-        "car",
-        "train",
-        "ignore",
-    ]
+def load_classes(out, tmp_path):
+    """The README's recipe: the card's `classes` config."""
+    return datasets.load_dataset(
+        str(out), "classes", split="train", cache_dir=str(tmp_path / "hf-classes")
+    )
+
+
+def test_datasets_names_only_the_classes_that_exist_and_ignore(tmp_path):
+    out = write_parts(tmp_path, values="train_id", overlap="ignore_any", crowd="ignore")
+    ds = load_hf(out, tmp_path)
+    # Before: a ClassLabel of 256 names (252 `unused_N`), num_classes 256.
+    assert ds.features["value_pixels"].feature["value"] == datasets.Value("int64")
+    classes = load_classes(out, tmp_path)
+    names = dict(zip(classes["value"], classes["name"], strict=True))
+    assert names == {0: "background", 1: "person", 2: "car", 3: "train", 255: "ignore"}
+    num_classes = len(names) - 1  # as the README says: ignore is not a class
+    assert num_classes == 4
+    assert classes["category_id"] == [None, 1, 3, 7, None]
+    values = {p["value"] for row in ds for p in row["value_pixels"]}
+    assert 255 in values and values <= set(names)  # every value in the data has a name
     row = next(r for r in ds if r["image_id"] == 2)
     assert row["category_ids"] == [3, 7]  # COCO ids, whatever the value scheme
-    assert [labels.int2str(p["value"]) for p in row["value_pixels"]] == [
-        "background",
-        "car",
-        "train",
-    ]
+    assert [names[p["value"]] for p in row["value_pixels"]][:3] == ["background", "car", "train"]
+
+
+def test_card_says_the_split_rayseg_made(tmp_path):
+    where = "VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt"
+    split = {"train": 4, "val": 1, "where": where}
+    out = write_parts(tmp_path, values="train_id", split=split)
+    card = (out / "README.md").read_text()
+    assert "Split: 4 train and 1 val images" in card
+    assert "VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt" in card
+    assert "Classes: 4 (background and 3 categories); mask value 255 is ignore" in card
+    (tmp_path / "plain").mkdir()
+    plain = (write_parts(tmp_path / "plain", values="train_id") / "README.md").read_text()
+    assert "Split: none" in plain
+
+
+def readme_block(title: str) -> str:
+    """The first python block after `title` in docs/outputs.md (the README's "outputs with
+    other tools")."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    after = text[text.index(title) :]
+    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+
+
+def test_readme_dataloader_over_load_dataset_runs(tmp_path):
+    torch = pytest.importorskip("torch")
+    out = write_parts(tmp_path, values="train_id", overlap="ignore_any", crowd="ignore")
+    code = readme_block("## Hugging Face `datasets`").replace('"OUT"', repr(str(out)))
+    code = code.replace("SIZE = 480", "SIZE = 64")
+    code = code.replace('split="train")', f'split="train", cache_dir={str(tmp_path / "c")!r})')
+    namespace: dict = {}
+    exec(compile(code, "docs/outputs.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    batch = next(iter(namespace["loader"]))
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 64, 64) and batch["mask"].dtype == torch.int64
+    assert set(batch["mask"].unique().tolist()) <= {0, 1, 2, 3, 255}
+    assert namespace["num_classes"] == 4
 
 
 def test_sixteen_bit_masks_keep_plain_integer_values(tmp_path):
-    ds = load_hf(write_parts(tmp_path, values="scaled"), tmp_path)
+    out = write_parts(tmp_path, values="scaled")
+    ds = load_hf(out, tmp_path)
     assert isinstance(ds.features["value_pixels"].feature["value"], datasets.Value)
+    classes = load_classes(out, tmp_path)
+    assert dict(zip(classes["value"], classes["name"], strict=True))[100] == "person"
     row = next(r for r in ds if r["image_id"] == 1)
     assert np.asarray(row["mask"]).max() == 100  # person (id 1) x 100, still 16-bit
     assert [p["value"] for p in row["value_pixels"]] == [0, 100]
@@ -101,3 +148,28 @@ def test_rayseg_metadata_names_its_version(tmp_path):
     meta = storage.read_mask_meta(str(write_parts(tmp_path)))
     assert meta["rayseg_version"] == rayseg.__version__
     assert [c["name"] for c in meta["classes"]] == ["person", "car", "train"]
+
+
+@pytest.mark.slow  # starts a Ray of its own: ~15 s on an idle 2-core machine
+def test_readme_ray_data_snippet_is_quiet(tmp_path):
+    """The README's Ray Data block, run as a user runs it: nothing on stderr, the mask read."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    out = write_parts(tmp_path, values="train_id")
+    code = readme_block("Ray Data (2.60), quiet").replace('"OUT/', f'"{out}/')
+    code += "\nprint(mask.shape, mask.dtype)\nray.shutdown()\n"
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths must be short
+    try:
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "(20, 20) uint8"
+    # Before: a deprecation warning for `columns=` and Ray Data's INFO lines.
+    assert result.stderr.strip() == "", result.stderr

@@ -173,6 +173,11 @@ def test_reduced_demo_end_to_end(ray_local, tmp_path, capsys):
     assert (out / "train" / "model.pt").exists() and (out / "train" / "curves.png").exists()
     val = json.loads((out / "train" / "split.json").read_text())["val_image_ids"]
     assert len(list(Path(out / "predict" / "overlays").iterdir())) == len(val) == 4
+    # The masks' dataset card now states the split training made (before: one `train` split).
+    card = (out / "masks" / "README.md").read_text()
+    assert "Split: 16 train and 4 val images" in card and "train/split.json" in card
+    split = pq.read_table(out / "masks" / "split" / "split.parquet").to_pylist()
+    assert sorted(r["image_id"] for r in split if r["split"] == "val") == sorted(val)
     printed = capsys.readouterr().out
     assert f"metrics:         {out}/metrics.json" in printed
 
@@ -238,6 +243,7 @@ def test_demo_prints_each_stage_with_the_time_left(monkeypatch, tmp_path, capsys
     for target, summary in stubs.items():
         monkeypatch.setattr(target, lambda cfg, summary=summary: summary)
     monkeypatch.setattr(pipeline, "write_rows", lambda *a: 0)
+    monkeypatch.setattr(pipeline, "record_split", lambda *a, **k: None)
     monkeypatch.setattr(pipeline.storage, "read_json", lambda loc: {"val_image_ids": []})
     cfg = dataclasses.replace(demo, out=str(tmp_path))
     pipeline.run_pipeline(cfg, reference=reference)

@@ -19,7 +19,14 @@ from rayseg.checkpoint import load_model
 from rayseg.config import PredictConfig
 from rayseg.errors import RaysegError
 from rayseg.models import ClassMap
-from rayseg.predict import overlay, overlay_palette, render_outputs, run_predict
+from rayseg.predict import (
+    classes_found,
+    overlay,
+    overlay_palette,
+    render_outputs,
+    run_predict,
+    summary_line,
+)
 from rayseg.storage import decode_image
 
 CLASS_MAP = PERSON_CAR
@@ -75,6 +82,35 @@ def test_overlay_outline_and_legend_use_the_palette_colours_of_mask_values():
     )
 
 
+def test_an_overlay_with_nothing_found_says_so_in_its_legend():
+    palette = overlay_palette(CLASS_MAP)
+    image = np.full((120, 160, 3), 128, np.uint8)
+    nothing = np.zeros((120, 160), np.uint8)
+    assert classes_found(nothing) == 0
+    out = overlay(image, nothing, palette, CLASS_MAP.names)
+    changed = np.abs(out.astype(int) - image).sum(-1) > 0
+    # Before: the photo itself, unchanged. Now a legend box in the corner, the rest untouched.
+    assert changed[:20, :60].mean() > 0.5
+    assert not changed[40:].any() and not changed[:, 120:].any()
+    # Its text: white pixels beside no colour swatch (the swatch column stays dark grey).
+    assert (out[:20, :100] > 200).all(-1).sum() > 20
+    assert (out[2:12, 4:12] < 60).all()
+    some = nothing.copy()
+    some[60:80, 60:80] = 2
+    assert classes_found(some) == 1
+
+
+def test_summary_line_counts_images_with_no_class_found(tmp_path):
+    out = storage.locate(str(tmp_path))
+    counts = {"inputs": 12, "written": 12, "nothing_found": 3, "skipped": 0}
+    line = summary_line(counts, out)
+    assert line.endswith(
+        "; 3 of 12 images with no class found (only background; listed in predict_summary.json)"
+    )
+    one = summary_line({"inputs": 1, "written": 1, "nothing_found": 0, "skipped": 0}, out)
+    assert one.startswith("predict: 1 of 1 image -> ") and "no class" not in one
+
+
 def test_render_outputs_uses_the_masks_value_scheme():
     labels = np.array([[0, 1], [2, 2]], np.uint8)
     image = random_rgb(2, 2, seed=0)
@@ -114,7 +150,15 @@ def test_predict_image_folder(ray_local, model_file, tmp_path):
         PredictConfig(checkpoint=model_file, images=str(images), out=str(out), batch_size=2)
     )
 
-    assert summary["counts"] == {"inputs": 4, "written": 3, "skipped": 1}
+    masks = {p.stem: storage.decode_png(p.read_bytes()) for p in (out / "masks").iterdir()}
+    empty = sorted(stem for stem, m in masks.items() if not m.any())
+    assert summary["counts"] == {
+        "inputs": 4,
+        "written": 3,
+        "nothing_found": len(empty),
+        "skipped": 1,
+    }
+    assert summary["nothing_found"] == empty
     assert summary["skipped"] == [{"name": "broken", "reason": "image does not decode"}]
     assert json.loads((out / "predict_summary.json").read_text())["counts"]["written"] == 3
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["img0.png", "img1.png", "img2.png"]
@@ -150,7 +194,15 @@ def test_predict_parquet_rows(ray_local, model_file, tmp_path):
         PredictConfig(checkpoint=model_file, images=str(tmp_path / "masks"), out=str(out))
     )
 
-    assert summary["counts"] == {"inputs": 4, "written": 3, "skipped": 1}
+    masks = {p.stem: storage.decode_png(p.read_bytes()) for p in (out / "masks").iterdir()}
+    empty = sorted(stem for stem, m in masks.items() if not m.any())
+    assert summary["counts"] == {
+        "inputs": 4,
+        "written": 3,
+        "nothing_found": len(empty),
+        "skipped": 1,
+    }
+    assert summary["nothing_found"] == empty
     assert summary["skipped"][0]["name"] == "no_bytes"
     for i, (h, w) in enumerate(SIZES):
         assert storage.decode_png((out / "masks" / f"{i:06d}.png").read_bytes()).shape == (h, w)
