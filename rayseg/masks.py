@@ -358,7 +358,7 @@ def _run_masks(cfg: MasksConfig, out: storage.Location, start: float) -> dict[st
         )
     split = None
     if "voc" in manifest:
-        where = "/".join((*export.VOC_DIR, "ImageSets", "Segmentation", "{train,val}.txt"))
+        where = layout.voc_list_rel("{train,val}")
         split = {"train": manifest["voc"]["train"], "val": manifest["voc"]["val"], "where": where}
     value_meta = manifest["value_scheme"]
     export.write_hf_classes(out, value_meta)

@@ -4,6 +4,7 @@ Shards are rendered in-process (rayseg.shard.render_shard is plain Python), no R
 """
 
 import os
+import re
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read before `datasets` is imported
 
@@ -170,6 +171,14 @@ def test_readme_ray_data_snippet_is_quiet(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[0] == "(20, 20) uint8"
+    # A raylet's own warning on a machine too loaded to start workers at Ray's pace is not the
+    # snippet's to silence (Ray prints it whatever the log settings).
+    lines = [
+        line
+        for line in result.stdout.splitlines()
+        if not ("(raylet)" in line and "worker processes have been started" in line)
+    ]
+    # One mask of the folder (which row comes first depends on Ray Data's read order).
+    assert len(lines) == 1 and re.fullmatch(r"\(\d+, \d+\) uint8", lines[0]), result.stdout
     # Before: a deprecation warning for `columns=` and Ray Data's INFO lines.
     assert result.stderr.strip() == "", result.stderr
