@@ -460,7 +460,11 @@ def run_jobs(
 
     connect_ray(cfg.address, cfg.num_cpus)
     # The driver's AWS_* reach the tasks through the job's runtime_env (runtime.job_env).
-    task = ray.remote(render_shard).options(name="render_shard", num_cpus=1, max_retries=3)
+    render, options = (
+        ray.remote(render_shard),
+        {"name": "render_shard", "num_cpus": 1, "max_retries": 3},
+    )
+    task = render.options(**options)
     waiting = iter(todo)
     pending: dict[Any, int] = {}
     records, errors = [], []
@@ -472,7 +476,10 @@ def run_jobs(
         if time.monotonic() - checked > 10.0:  # an autoscaling cluster grows: look again
             limit = in_flight_limit(ray.cluster_resources().get("CPU", 0))
             checked = time.monotonic()
-            for ref in lost.stranded(pending):
+            moved = lost.stranded(pending)
+            if lost.lost:  # every shard from now on: away from the lost nodes (waits.LostNodes)
+                task = render.options(**options, label_selector=waits.away_from(set(lost.lost)))
+            for ref in moved:
                 ray.cancel(ref)  # so Ray does not run it again once it notices the node is gone
                 k = pending.pop(ref)
                 pending[task.remote(jobs[k])] = k

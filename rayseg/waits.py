@@ -211,16 +211,27 @@ class Attempt:
 
 
 def stranded(
-    pending: Mapping[str, Any], attempts: list[Attempt], dead: set[str]
-) -> list[tuple[Any, str]]:
-    """(key, node id) of each pending task whose latest attempt was placed on a dead node.
+    pending: Mapping[str, Any], attempts: list[Attempt], dead: set[str], *, unplaced: bool = False
+) -> list[Any]:
+    """The keys of the pending tasks to submit again: each whose latest attempt was placed on a
+    dead node, and with `unplaced` each not placed on a node yet.
 
     `pending`: task id (hex) -> the caller's key for that task."""
     latest: dict[str, Attempt] = {}
     for a in attempts:
         if a.task_id in pending and a.attempt >= latest.get(a.task_id, a).attempt:
             latest[a.task_id] = a
-    return [(pending[t], a.node_id) for t, a in latest.items() if a.node_id in dead]
+    keys = []
+    for task_id, key in pending.items():
+        node = latest[task_id].node_id if task_id in latest else None
+        if node in dead or (unplaced and not node):
+            keys.append(key)
+    return keys
+
+
+def away_from(nodes: set[str]) -> dict[str, str]:
+    """A label selector (Ray's `label_selector=`) for any node but `nodes` (node ids)."""
+    return {"ray.io/node-id": f"!in({', '.join(sorted(nodes))})"}
 
 
 def dead_nodes() -> dict[str, str]:
@@ -248,11 +259,17 @@ def task_attempts(name: str) -> list[Attempt]:
 
 @dataclass
 class LostNodes:
-    """Tasks (idempotent ones) stranded on a node the cluster lost without a word: the driver's
-    look, every so often, at which of its pending refs sit on a node marked dead.
+    """Tasks (idempotent ones) stranded by a node the cluster lost without a word: the driver's
+    look, every so often, at which of its pending refs to submit again, away from that node.
 
+    Two kinds are stranded. Tasks running there: their owner hears of the node's death only
+    when gRPC gives up on the call. And tasks not placed yet: the owner's requests for workers
+    for their kind of task wait on the lost node the same way, and new tasks of that kind queue
+    behind them, while the other nodes sit idle (seen on Ray 2.60: "no resource demands", CPUs
+    free, tasks PENDING_NODE_ASSIGNMENT). Tasks submitted again with a label selector that
+    excludes the lost nodes (`away_from(self.lost)`) are a new kind with requests of their own.
     Looks for `watch_s` after each newly dead node (the state API's record of where a task runs
-    arrives within seconds) and says once per look which node was lost."""
+    arrives within seconds); says which node was lost."""
 
     name: str  # the Ray task's name
     what: str = "task"  # the user's word for one task
@@ -261,26 +278,37 @@ class LostNodes:
     dead_nodes: Callable[[], dict[str, str]] = dead_nodes
     attempts: Callable[[str], list[Attempt]] = task_attempts
     clock: Callable[[], float] = time.monotonic
-    _dead: dict[str, str] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)  # node id -> address, died since start
+    _known: dict[str, str] | None = None  # every dead node seen; the first look's: before start
     _since: float = -float("inf")
+    _move_unplaced: bool = False
 
     def stranded(self, pending: Mapping[Any, Any]) -> list[Any]:
-        """The refs in `pending` to submit again (each ref has Ray's `task_id()`)."""
+        """The refs in `pending` to submit again (each ref has Ray's `task_id()`), away from
+        `self.lost`: those placed on a dead node, and after a new death those not placed."""
         dead = self.dead_nodes()
-        if set(dead) - set(self._dead):
-            self._dead = dict(dead)
+        if self._known is None:  # the first look: nodes dead before the run are no news
+            self._known = dict(dead)
+        new = {n: a for n, a in dead.items() if n not in self._known}
+        if new:
+            self._known.update(new)
+            self.lost.update(new)
             self._since = self.clock()
+            self._move_unplaced = True
         if not pending or self.clock() - self._since > self.watch_s:
             return []
         try:
             attempts = self.attempts(self.name)
         except Exception:  # noqa: BLE001 - no state API (no dashboard): Ray retries in its time
             return []
-        found = stranded({ref.task_id().hex(): ref for ref in pending}, attempts, set(dead))
-        if found:
-            where = ", ".join(sorted({dead[node] for _, node in found}))
-            n = len(found)
+        by_task = {ref.task_id().hex(): ref for ref in pending}
+        refs = stranded(by_task, attempts, set(dead), unplaced=self._move_unplaced)
+        self._move_unplaced = False
+        if new or refs:
+            where = ", ".join(sorted((new or self.lost).values()))
+            n = len(refs)
             self.say(
-                f"lost {where}; running its {n} {self.what}{'' if n == 1 else 's'} again elsewhere"
+                f"lost {where}; submitting {n} {self.what}{'' if n == 1 else 's'} again, "
+                "away from it"
             )
-        return [ref for ref, _ in found]
+        return refs

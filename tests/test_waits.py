@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rayseg import waits
 from rayseg.waits import Need, ResourceWatch
 
@@ -145,13 +147,23 @@ def test_stranded_takes_each_tasks_latest_attempt():
         waits.Attempt("cc", 0, None),  # not placed yet
         waits.Attempt("dd", 0, "dead"),  # not one of ours (finished)
     ]
-    pending = {"aa": 1, "bb": 2, "cc": 3}
-    assert waits.stranded(pending, attempts, {"dead"}) == [(2, "dead")]
+    pending = {"aa": 1, "bb": 2, "cc": 3, "ee": 4}  # ee: not in the state API yet
+    assert waits.stranded(pending, attempts, {"dead"}) == [2]
+    assert waits.stranded(pending, attempts, {"dead"}, unplaced=True) == [2, 3, 4]
 
 
-def test_lost_nodes_resubmits_stranded_refs_once_a_node_is_dead():
+def test_away_from_is_a_label_selector_ray_accepts():
+    from ray._private.label_utils import validate_label_selector
+
+    ids = {"a" * 56, "b" * 56}  # Ray's node ids: 56 hex digits
+    selector = waits.away_from(ids)
+    assert selector == {"ray.io/node-id": f"!in({'a' * 56}, {'b' * 56})"}
+    assert validate_label_selector(selector) is None  # Ray's own check of .options(...)
+
+
+def test_lost_nodes_moves_stranded_and_unplaced_refs_away_from_a_new_death():
     now = [0.0]
-    dead: dict[str, str] = {}
+    dead = {"old": "198.51.100.99"}  # dead before the run: no news
     said = []
     attempts = [waits.Attempt("0a", 0, "n1"), waits.Attempt("0b", 0, "n2")]
     lost = waits.LostNodes(
@@ -162,13 +174,18 @@ def test_lost_nodes_resubmits_stranded_refs_once_a_node_is_dead():
         attempts=lambda name: attempts if name == "render_shard" else [],
         clock=lambda: now[0],
     )
-    a, b = Ref("0a"), Ref("0b")
-    assert lost.stranded({a: 0, b: 1}) == []  # every node alive
+    a, b, c = Ref("0a"), Ref("0b"), Ref("0c")  # c: not placed yet
+    assert lost.stranded({a: 0, b: 1, c: 2}) == [] and lost.lost == {} and said == []
     dead["n2"] = "198.51.100.12"
-    assert lost.stranded({a: 0, b: 1}) == [b]
-    assert said == ["lost 198.51.100.12; running its 1 shard again elsewhere"]
-    now[0] = 61.0  # a minute after the node died, nothing more is looked for
-    assert lost.stranded({a: 0, Ref("0c"): 2}) == []
+    now[0] = 10.0
+    assert lost.stranded({a: 0, b: 1, c: 2}) == [b, c]  # on the lost node, and not placed
+    assert lost.lost == {"n2": "198.51.100.12"}
+    assert said == ["lost 198.51.100.12; submitting 2 shards again, away from it"]
+    now[0] = 20.0  # the next look: only what sits on the lost node (none now)
+    assert lost.stranded({a: 0, Ref("0d"): 3}) == []
+    now[0] = 80.0  # a minute after the death, nothing more is looked for
+    attempts.append(waits.Attempt("0e", 0, "n2"))
+    assert lost.stranded({Ref("0e"): 4}) == []
     assert len(said) == 1
 
 
@@ -176,7 +193,21 @@ def test_lost_nodes_leaves_it_to_ray_without_a_state_api():
     def no_dashboard(name):
         raise ConnectionError("no dashboard")
 
+    dead: dict[str, str] = {}
     lost = waits.LostNodes(
-        "render_shard", dead_nodes=lambda: {"n1": "x"}, attempts=no_dashboard, say=print
+        "render_shard", dead_nodes=lambda: dict(dead), attempts=no_dashboard, say=print
     )
     assert lost.stranded({Ref("0a"): 0}) == []
+    dead["n1"] = "x"
+    assert lost.stranded({Ref("0a"): 0}) == []
+
+
+def test_a_task_sent_away_from_lost_nodes_runs_on_the_others(ray_local):
+    import ray
+
+    gone = {"a" * 56}  # a node id no node has
+    task = ray.remote(lambda: ray.get_runtime_context().get_node_id())
+    here = ray.get(task.options(label_selector=waits.away_from(gone)).remote(), timeout=120)
+    assert here not in gone
+    with pytest.raises(ray.exceptions.GetTimeoutError):  # and never on a node it excludes
+        ray.get(task.options(label_selector=waits.away_from({here})).remote(), timeout=5)

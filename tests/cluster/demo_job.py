@@ -22,12 +22,13 @@ def head_path(c: NsCluster, relative: str) -> tuple[Path, str]:
     return c.head.folder / "home" / relative, str(Path("~").expanduser() / relative)
 
 
-def prepare_data(c: NsCluster, num_images: int, *, prefix: str = "images") -> str:
-    """Synthetic images on the head, uploaded to s3://BUCKET/prefix; the annotations stay put.
-
-    Returns the head-local path of the annotation file.
+def prepare_data(
+    c: NsCluster, num_images: int, *, prefix: str = "images", folder: str = "data"
+) -> str:
+    """Synthetic images in ~/folder on the head, uploaded to s3://BUCKET/prefix; the annotations
+    stay put. Returns the head-local path of the annotation file.
     """
-    _, data = head_path(c, "data")
+    _, data = head_path(c, folder)
     c.run(
         "head",
         ["rayseg", "synth", "--out", data, "--num-images", str(num_images),
