@@ -234,6 +234,7 @@ def test_link_cut_during_masks(ns):
         assert status == "SUCCEEDED", logs[-4000:]
         lost = re.search(r"masks: lost (\S+); submitting (\d+) shards? again, away from it", logs)
         assert lost and lost.group(1) == worker2, logs[-4000:]
+        print(lost.group(0))  # how many were moved: `pytest -rP` shows it
     finally:
         ns.kill_host("worker2")
         ns.restore_link("worker2")
