@@ -25,7 +25,7 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow and not cluster_faults'
 
-# Every case on the namespace cluster of tests/cluster (root and Linux namespaces; ~15 min).
+# Every case on the namespace cluster of tests/cluster (root and Linux namespaces; ~5 min idle).
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' tests/cluster
 
