@@ -150,21 +150,6 @@ def test_a_cut_short_ray_snapshot_is_removed(run):
     assert not storage.exists(loc.join(raycompat.TRAIN_SNAPSHOT))
 
 
-def test_dropped_snapshot_is_one_ray_train_loads():
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
-        _CheckpointManagerState,
-    )
-
-    full = ray_snapshot("epoch_0001", "epoch_0002", "epoch_0003")
-    full["validated_checkpoint_dir_names"] = ["epoch_0003", "epoch_0001"]
-    dropped = raycompat.drop_from_snapshot(full, {"epoch_0001", "epoch_0002"})
-    state = _CheckpointManagerState.model_validate(dropped)
-    assert [r.checkpoint_dir_name for r in state.checkpoint_results] == ["epoch_0001", "epoch_0002"]
-    assert state.checkpoint_report_indices == [0, 1]
-    assert state.latest_checkpoint_result.checkpoint_dir_name == "epoch_0002"
-    assert state.validated_checkpoint_dir_names == ["epoch_0001"]
-
-
 def test_restore_brings_back_weights_optimizer_and_schedule(run):
     loc, written = run
     fresh = state(seed=2)

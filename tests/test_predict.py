@@ -44,6 +44,19 @@ def model_file(tmp_path_factory) -> str:
 # ---- pure core -----------------------------------------------------------------------------------
 
 
+def assert_three_of_four_written(summary: dict, out) -> None:
+    """3 of 4 inputs written, 1 skipped, and the masks with no class found counted and named."""
+    masks = {p.stem: storage.decode_png(p.read_bytes()) for p in (out / "masks").iterdir()}
+    empty = sorted(stem for stem, m in masks.items() if not m.any())
+    assert summary["counts"] == {
+        "inputs": 4,
+        "written": 3,
+        "nothing_found": len(empty),
+        "skipped": 1,
+    }
+    assert summary["nothing_found"] == empty
+
+
 def test_overlay_tints_only_foreground():
     image = np.full((2, 2, 3), 100, np.uint8)
     labels = np.array([[0, 1], [2, 0]], np.uint8)
@@ -150,15 +163,7 @@ def test_predict_image_folder(ray_local, model_file, tmp_path):
         PredictConfig(checkpoint=model_file, images=str(images), out=str(out), batch_size=2)
     )
 
-    masks = {p.stem: storage.decode_png(p.read_bytes()) for p in (out / "masks").iterdir()}
-    empty = sorted(stem for stem, m in masks.items() if not m.any())
-    assert summary["counts"] == {
-        "inputs": 4,
-        "written": 3,
-        "nothing_found": len(empty),
-        "skipped": 1,
-    }
-    assert summary["nothing_found"] == empty
+    assert_three_of_four_written(summary, out)
     assert summary["skipped"] == [{"name": "broken", "reason": "image does not decode"}]
     assert json.loads((out / "predict_summary.json").read_text())["counts"]["written"] == 3
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["img0.png", "img1.png", "img2.png"]
@@ -194,15 +199,7 @@ def test_predict_parquet_rows(ray_local, model_file, tmp_path):
         PredictConfig(checkpoint=model_file, images=str(tmp_path / "masks"), out=str(out))
     )
 
-    masks = {p.stem: storage.decode_png(p.read_bytes()) for p in (out / "masks").iterdir()}
-    empty = sorted(stem for stem, m in masks.items() if not m.any())
-    assert summary["counts"] == {
-        "inputs": 4,
-        "written": 3,
-        "nothing_found": len(empty),
-        "skipped": 1,
-    }
-    assert summary["nothing_found"] == empty
+    assert_three_of_four_written(summary, out)
     assert summary["skipped"][0]["name"] == "no_bytes"
     for i, (h, w) in enumerate(SIZES):
         assert storage.decode_png((out / "masks" / f"{i:06d}.png").read_bytes()).shape == (h, w)
