@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from mask_data import category_meta
+from test_raycompat import ray_snapshot  # Ray Train V2's snapshot file, as it writes it
 
 from rayseg import checkpoint, loop, raycompat, storage
 from rayseg.config import TrainConfig
@@ -76,26 +77,6 @@ def test_another_model_or_classes_is_refused(run):
     other = class_map_from_meta(META, "2")
     with pytest.raises(RaysegError, match=r"was trained on classes \['square', 'disc'\]"):
         checkpoint.resume_point(loc, model=CFG.model, class_map=other)
-
-
-def ray_snapshot(*names: str) -> dict:
-    """Ray Train V2's checkpoint_manager_snapshot.json listing `names` (reported in order)."""
-    results = [
-        {"version": 0, "checkpoint_dir_name": n, "metrics": {"epoch": i + 1, "val_miou": 0.5}}
-        for i, n in enumerate(names)
-    ]
-    return {
-        "ray_version": "2.60.0",
-        "checkpoint_results": results,
-        "checkpoint_report_indices": list(range(len(names))),
-        "latest_checkpoint_result": results[-1],
-        "pending_training_results": [],
-        "pending_validation_specs": [],
-        "current_report_index": len(names),
-        "validated_checkpoint_dir_names": [],
-        "timed_out_validation_checkpoint_dir_names": [],
-        "failed_validation_checkpoint_dir_names": [],
-    }
 
 
 @pytest.mark.parametrize(
