@@ -486,7 +486,7 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     cpus_per_worker, threads = worker_resources(cfg, node_cpus)
     check_cluster(cfg, cpus_per_worker)
     cluster.check_storage_reachable(checked.run)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    rayoutput.quiet_ray_data()  # its INFO lines (the Parquet read's sizing) stay in ray-data.log
     split = checked.split
     plan = Plan(
         cfg=cfg,
