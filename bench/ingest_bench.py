@@ -11,16 +11,21 @@ All in one process tree, on the same rows, epochs after the first ("steady state
 (b) torch DataLoader, num_workers = cores, persistent workers, rows in memory (fork-shared),
     the same per-image work in __getitem__, default collate. The peer users would pick instead.
 (c) rayseg: ingest.train_dataset, consumed as `rayseg train` consumes it (streaming_split as Ray
-    Train does, then iter_torch_batches with train.py's arguments).
-(d) rayseg before issue 22: the same wiring with the previous per-image recipe (resize the whole
+    Train does, then iter_torch_batches with train.py's arguments): each Parquet part read,
+    decoded and augmented in one Ray Data task.
+(c') rayseg_unfused: this recipe through the wiring before it (read -> filter by id ->
+    map_batches of 16 rows, which Ray Data could not fuse: a task per batch).
+(c") rayseg_small_blocks: (c) with Ray Data blocks of one batch each.
+(d) rayseg before issue 22: that wiring with the per-image recipe before it (resize the whole
     image, then crop; numpy look-up table), kept here as `before_train_batch`.
 Per core: images per CPU second of the whole process tree (this process, its DataLoader workers,
 Ray's gcs, raylet, actors and task workers; for (a) this thread), beside wall images/s / cores:
 on a machine that others load too, wall time counts their share and CPU time does not.
-The waits: (c) again on --wait-images images, paced by a simulated step at half (c)'s wall rate,
-with a validation pause between epochs during which the next epoch's first batch is fetched
-(rayseg.loop.Prefetched, as train.py does): the share of each epoch's time spent blocked on data,
-the first epoch and the later ones. --no-local-shuffle also times (c) without train.py's local
+The waits: (c) again on --wait-images images, paced by a simulated step at half (c)'s wall rate.
+As train.py does, the first epoch's fetching starts before the model is built (deeplabv3_resnet50
+here, on CPU), and the next epoch's first batch is fetched during a validation pause between
+epochs (rayseg.loop.Prefetched): the share of each epoch's time spent blocked on data, the
+first epoch and the later ones. --no-local-shuffle also times (c) without train.py's local
 shuffle buffer (its cost to the consumer).
 Cheap wins are timed per image in this thread (CPU ms): decode at half size (JPEG DCT scaling),
 crop before resize, the look-up table, OpenCV threads (CPU of all threads).
@@ -47,9 +52,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rayseg import ingest, storage  # noqa: E402
-from rayseg.models import class_map_from_meta  # noqa: E402
+from rayseg.models import build_model, class_map_from_meta  # noqa: E402
 
 GPU_RATE = 272.0
+MODEL = "deeplabv3_resnet50"  # the model GPU_RATE is for
 PACE = 0.5  # the simulated step consumes this share of (c)'s steady rate
 VAL_PAUSE_S = 2.0  # simulated validation between epochs
 
@@ -140,13 +146,46 @@ def before_train_batch(batch, *, lut, crop_size):
     }
 
 
-def before_dataset(summary, ids, *, lut, crop_size, batch_size):
-    return ingest.read_rows(summary, ids, shuffle=True).map_batches(
-        before_train_batch,
+def read_filtered(summary, ids):
+    """The read before this change: Parquet rows, then a filter by image id (a Ray Data
+    operator, so map_batches of a fixed batch size was not fused with the read)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            list(summary.paths), filesystem=summary.location.fs, shuffle="files"
+        )
+    finally:
+        context.use_datasource_v2 = v2
+    ds = ds.select_columns(["image_id", "image", "mask"])
+    return ds.filter(expr=col("image_id").is_in([int(i) for i in ids]))
+
+
+def before_dataset(summary, ids, *, fn, lut, crop_size, batch_size):
+    """read_filtered -> map_batches(fn) of batch_size rows: a task per batch (before)."""
+    return read_filtered(summary, ids).map_batches(
+        fn,
         fn_kwargs={"lut": lut, "crop_size": crop_size},
         batch_size=batch_size,
         batch_format="numpy",
     )
+
+
+def small_blocks_dataset(summary, ids, **kwargs):
+    """rayseg's dataset with Ray Data blocks of one batch (the default: 128 MiB, ~9 batches)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    size = context.target_max_block_size
+    one_batch = kwargs["batch_size"] * kwargs["crop_size"] ** 2 * 4 + 1024
+    context.target_max_block_size = one_batch  # a Dataset copies the context when made
+    try:
+        return ingest.train_dataset(summary, ids, **kwargs)
+    finally:
+        context.target_max_block_size = size
 
 
 # ---- (a) the work alone, and the wins -------------------------------------------------------
@@ -343,13 +382,18 @@ def interleaved(runs: dict, rounds: int, exclude: dict) -> dict[str, dict[str, f
     }
 
 
-def ray_waits(ds, batch: int, epochs: int, step_rate: float) -> list[float]:
-    """Share of each epoch's time blocked on data, behind a step of `step_rate` images/s."""
+def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[list[float], float]:
+    """(Share of each epoch's time blocked on data, behind a step of `step_rate` images/s;
+    seconds `build` took). As in train.py, the first epoch's fetching starts, then the model is
+    built (`build`), then the epochs run."""
     from rayseg.loop import Prefetched
 
     split = split_one(ds)
     shares = []
-    batches = Prefetched(torch_batches(split, batch))  # as train.py: fetching starts here
+    batches = Prefetched(torch_batches(split, batch))  # as train.py: before the model
+    start = time.perf_counter()
+    build()
+    built = time.perf_counter() - start
     for e in range(epochs):
         waited, start = 0.0, time.perf_counter()
         it = iter(batches)
@@ -364,7 +408,7 @@ def ray_waits(ds, batch: int, epochs: int, step_rate: float) -> list[float]:
         if e + 1 < epochs:
             batches = Prefetched(torch_batches(split, batch))  # starts during validation
             time.sleep(VAL_PAUSE_S)
-    return shares
+    return shares, built
 
 
 def main() -> int:
@@ -410,12 +454,17 @@ def main() -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
     ray_pids -= loader_pids
-    after = split_one(ingest.train_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs))
-    before = split_one(before_dataset(summary, ids, lut=lut, crop_size=crop, batch_size=bs))
+    kw = {"lut": lut, "crop_size": crop, "batch_size": bs}
+    after = split_one(ingest.train_dataset(summary, ids, **kw))
+    unfused = split_one(before_dataset(summary, ids, fn=ingest.train_batch, **kw))
+    before = split_one(before_dataset(summary, ids, fn=before_train_batch, **kw))
+    small = split_one(small_blocks_dataset(summary, ids, **kw))
     runs = {
         "dataloader": lambda: loader,
         "rayseg": lambda: torch_batches(after, bs),
+        "rayseg_unfused": lambda: torch_batches(unfused, bs),
         "rayseg_before": lambda: torch_batches(before, bs),
+        "rayseg_small_blocks": lambda: torch_batches(small, bs),
     }
     if args.no_local_shuffle:  # train.py's local shuffle buffer: its cost to the consumer
         runs["rayseg_no_local_shuffle"] = lambda: torch_batches(after, bs, shuffle_buffer=False)
@@ -427,11 +476,13 @@ def main() -> int:
     cpu_rate = {k: v["images_per_cpu_s"] for k, v in got.items()}
     step = PACE * rate["rayseg"]
     few = ids[: args.wait_images]
-    waits = ray_waits(
-        ingest.train_dataset(summary, few, lut=lut, crop_size=crop, batch_size=bs),
+    classes = class_map_from_meta(summary.meta).num_classes
+    waits, built = ray_waits(
+        ingest.train_dataset(summary, few, **kw),
         bs,
         args.rounds + 1,
         step,
+        lambda: build_model(MODEL, classes, aux_loss=False),  # on CPU: what train.py builds
     )
     print(f"waits behind a {step:.1f} images/s step: {[round(w, 3) for w in waits]}", flush=True)
     ray.shutdown()
@@ -472,10 +523,22 @@ def main() -> int:
             "later_epoch_wait": round(float(np.median(waits[1:])), 3),
             "paced_step_images_per_s": round(step, 1),
             "wait_epoch_images": int(len(few)),
+            "model_build_s_before_first_epoch": round(built, 2),
             "consumer_cpu_s_per_image": round(consumer, 5),
             "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
         },
-        "rayseg_before": figures("rayseg_before"),
+        "rayseg_unfused": {
+            **figures("rayseg_unfused"),
+            "is": "this recipe through the wiring before: read -> filter -> map_batches(16 rows)",
+        },
+        "rayseg_before": {
+            **figures("rayseg_before"),
+            "is": "the recipe and the wiring before issue 22",
+        },
+        "rayseg_small_blocks": {
+            **figures("rayseg_small_blocks"),
+            "is": "rayseg with Ray Data blocks of one batch (default: up to 128 MiB)",
+        },
         **(
             {
                 "rayseg_no_local_shuffle": {

@@ -2,8 +2,9 @@
 
 scan_data(data) reads only the small columns (image ids, sizes) on the driver, to split, size and
 check the data before any worker starts. The per-image work is pure numpy/cv2 (decode_pair,
-augment, pad_into); train_batch / val_batch apply it to a Ray Data batch; train_dataset /
-val_dataset wire `read_parquet -> filter by image id -> map_batches`.
+augment, pad_into); train_batch / val_batch apply it to a batch of rows; train_part / val_part
+turn one Parquet part into such batches; train_dataset / val_dataset wire `read_parquet ->
+map_batches(train_part)`, which Ray Data runs as one task per part (bench/ingest_bench.py).
 
 Batches carry uint8 pixels: image (B, S, S, 3) RGB, mask (B, S, S) train ids (255 = ignore),
 image_id (B,), problem (B,) (0 = fine, else a PROBLEMS code). Mask values become train ids through
@@ -16,6 +17,7 @@ nothing to loss or metrics, and is counted by the training loop.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,19 @@ FLIP_PROBABILITY = 0.5
 # Decoding runs in Ray Data tasks on the CPUs the worker does not reserve, so reserving more
 # would take them from the decoder: a node needs "cores_per_gpu_272" further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
+
+# Ray Data settings of the training and validation datasets (documented DataContext fields).
+DATA_SETTINGS = {
+    # Ray Data 2.60's default Parquet read (use_datasource_v2) lists files in tasks of 1 CPU
+    # that take no num_cpus: beside training workers of half a CPU on every node (as after a
+    # lost node), no node has a whole CPU free and the listing never starts. The other read
+    # asks for what it is given, in every task (tests/test_ingest.py checks it).
+    "use_datasource_v2": False,
+    # Reserving resources per operator (for pipelines of several) held this one-operator
+    # pipeline to one task for the first second of every epoch: 2 CPUs, 310 -> 380 images/s
+    # (bench/ingest_bench.py).
+    "op_resource_reservation_enabled": False,
+}
 
 # Codes in a batch's "problem" column.
 PROBLEMS = {
@@ -260,7 +275,7 @@ def pad_into(
     out_mask[:h, :w] = mask
 
 
-# ---- per Ray Data batch -------------------------------------------------------------------
+# ---- per batch of rows, per Parquet part ------------------------------------------------------
 
 
 def train_batch(
@@ -280,6 +295,43 @@ def val_batch(
 ) -> dict[str, np.ndarray]:
     """Rows -> unscaled images padded to the (height, width) canvas, masks padded with ignore."""
     return _map_rows(batch, lut, height, width, pad_into)
+
+
+def train_part(
+    part: dict[str, np.ndarray],
+    *,
+    ids: np.ndarray,
+    lut: np.ndarray,
+    crop_size: int,
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One Parquet part's rows -> train_batch batches of its rows whose id is in `ids`, in a new
+    random order (Ray Data reads the parts in a new random order too)."""
+    order = np.random.default_rng().permutation(np.flatnonzero(np.isin(part["image_id"], ids)))
+    for rows in _chunks(order, batch_size):
+        yield train_batch(_take(part, rows), lut=lut, crop_size=crop_size)
+
+
+def val_part(
+    part: dict[str, np.ndarray],
+    *,
+    ids: np.ndarray,
+    lut: np.ndarray,
+    height: int,
+    width: int,
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One Parquet part's rows -> val_batch batches of its rows whose id is in `ids`, in order."""
+    for rows in _chunks(np.flatnonzero(np.isin(part["image_id"], ids)), batch_size):
+        yield val_batch(_take(part, rows), lut=lut, height=height, width=width)
+
+
+def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    return (rows[i : i + size] for i in range(0, len(rows), size))
+
+
+def _take(part: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in part.items()}
 
 
 def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
@@ -307,34 +359,34 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
 # ---- Ray Data -----------------------------------------------------------------------------
 
 
-def read_rows(
-    summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False, num_cpus: float = 1.0
-):
-    """ray.data.Dataset of the rows whose image_id is in `ids` (columns image_id, image, mask).
+def read_parts(summary: DataSummary, *, shuffle: bool = False, num_cpus: float = 1.0):
+    """ray.data.Dataset of the Parquet parts' image_id, image and mask columns, a block per part.
 
-    shuffle: Parquet parts in a new random order each epoch; unlike a block shuffle it keeps
-    reading streamed (the training loop mixes rows further in a local shuffle buffer).
+    A block per part lets Ray Data fuse the read with the map_batches after it (whole blocks):
+    each part is read and decoded in one task, with no Ray objects of encoded rows in between
+    (issue 22, bench/ingest_bench.py: 1.7x the rate of read -> filter -> map_batches of 16 rows,
+    which ran as 10-row blocks of the read and a task per batch).
+    shuffle: the parts in a new random order each epoch.
     """
     import ray.data
-    from ray.data.expressions import col
 
-    # Ray Data 2.60's default Parquet read (DataContext.use_datasource_v2) lists files in tasks
-    # of 1 CPU that take no num_cpus: beside training workers of half a CPU on every node (as
-    # after a lost node), no node has a whole CPU free and the listing never starts. The other
-    # read asks for what it is given, in every task (tests/test_ingest.py checks it).
     context = ray.data.DataContext.get_current()
-    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    before = {k: getattr(context, k) for k in DATA_SETTINGS}
     try:
-        ds = ray.data.read_parquet(
+        for k, v in DATA_SETTINGS.items():
+            setattr(context, k, v)
+        # The Dataset keeps a copy of the context, these settings included.
+        return ray.data.read_parquet(
             list(summary.paths),
             filesystem=summary.location.fs,
+            columns=["image_id", "image", "mask"],
             shuffle="files" if shuffle else None,
+            override_num_blocks=len(summary.paths),
             num_cpus=num_cpus,
         )
     finally:
-        context.use_datasource_v2 = v2
-    ds = ds.select_columns(["image_id", "image", "mask"], num_cpus=num_cpus)
-    return ds.filter(expr=col("image_id").is_in([int(i) for i in ids]), num_cpus=num_cpus)
+        for k, v in before.items():
+            setattr(context, k, v)
 
 
 def train_dataset(
@@ -346,15 +398,20 @@ def train_dataset(
     batch_size: int,
     num_cpus: float = 1.0,
 ):
-    """Shuffled-order, augmented training rows (decode + augment in map_batches tasks).
+    """Shuffled, augmented training batches: each part read, decoded and augmented in one task.
 
     num_cpus: what each task asks of Ray (train.data_task_cpus: less than 1 where training
     workers hold fractions of CPUs, so the tasks fit beside them).
     """
-    return read_rows(summary, ids, shuffle=True, num_cpus=num_cpus).map_batches(
-        train_batch,
-        fn_kwargs={"lut": lut, "crop_size": crop_size},
-        batch_size=batch_size,
+    return read_parts(summary, shuffle=True, num_cpus=num_cpus).map_batches(
+        train_part,
+        fn_kwargs={
+            "ids": np.unique(ids),
+            "lut": lut,
+            "crop_size": crop_size,
+            "batch_size": batch_size,
+        },
+        batch_size=None,  # the whole part: see read_parts
         batch_format="numpy",
         num_cpus=num_cpus,
     )
@@ -370,10 +427,16 @@ def val_dataset(
     num_cpus: float = 1.0,
 ):
     """Validation rows at full resolution, padded to `canvas`."""
-    return read_rows(summary, ids, num_cpus=num_cpus).map_batches(
-        val_batch,
-        fn_kwargs={"lut": lut, "height": canvas[0], "width": canvas[1]},
-        batch_size=batch_size,
+    return read_parts(summary, num_cpus=num_cpus).map_batches(
+        val_part,
+        fn_kwargs={
+            "ids": np.unique(ids),
+            "lut": lut,
+            "height": canvas[0],
+            "width": canvas[1],
+            "batch_size": batch_size,
+        },
+        batch_size=None,
         batch_format="numpy",
         num_cpus=num_cpus,
     )

@@ -352,16 +352,18 @@ def fit_epochs(
     world_size: int,
     on_epoch: Callable[[dict[str, Any]], None],
     on_step: Callable[[int], StepHook | None] | None = None,
+    first_batches: Batches | None = None,
 ) -> None:
     """Each epoch: train, validate, sum across workers, hand the epoch_record to on_epoch.
 
     `train_model` is `state`'s model, possibly wrapped (DDP, torch.compile); validation runs the
     plain one. `on_step(epoch)`, if given, returns that epoch's train_one_epoch hook. The next
     epoch's train_batches() is called before validation, so a pipeline that starts fetching at
-    once (Prefetched) starts up while this epoch validates.
+    once (Prefetched) starts up while this epoch validates. `first_batches`: the first epoch's,
+    if the caller started them earlier (train.py: before building the model).
     """
     model, optimizer, scheduler = state
-    batches = train_batches() if len(epochs) else None
+    batches = first_batches or (train_batches() if len(epochs) else None)
     for epoch in epochs:
         stats = train_one_epoch(
             train_model,

@@ -201,6 +201,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # Ray Train
     torch.set_num_threads(plan.threads)
     torch.manual_seed(cfg.seed)
+    train_shard = ray.train.get_dataset_shard("train")  # Ray Train
+    # The first epoch's data starts loading now, while the model is built and restored (Ray
+    # Data's start-up: bench/ingest_bench.py, "first_epoch_wait").
+    first_batches = train_batches(train_shard, cfg, device)
     amp = cfg.amp and device.type == "cuda"
     num_classes = plan.class_map.num_classes
     state = loop.build_training(
@@ -211,7 +215,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history = checkpoint.read_history(run, upto_epoch=start_epoch) if rank == 0 else []
     train_model = torch.compile(state[0]) if cfg.compile else state[0]
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # Ray Train: DDP
-    train_shard = ray.train.get_dataset_shard("train")  # Ray Train
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")  # Ray Train: this worker's val images
     loop.fit_epochs(
         state,
@@ -227,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=world,
         on_epoch=lambda rec: report_epoch(rec, state, plan=plan, rank=rank, history=history),
         on_step=step_progress(plan, rank=rank, world=world),
+        first_batches=first_batches,
     )
 
 

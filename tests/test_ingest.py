@@ -172,6 +172,41 @@ def test_val_batch_pads_to_canvas_and_flags_bad_rows():
     assert (out["mask"][0, 48:] == 255).all() and (out["mask"][0, :, 64:] == 255).all()
 
 
+def part_of(count: int) -> dict[str, np.ndarray]:
+    """A Parquet part's rows as Ray Data hands them to map_batches: ids 0..count-1."""
+    rows = [sample_row(i, *make_sample(i)) for i in range(count)]
+    part = {k: np.array([r[k] for r in rows], dtype=object) for k in ("image", "mask")}
+    part["image_id"] = np.arange(count, dtype=np.int64)
+    return part
+
+
+def test_train_part_batches_each_wanted_row_once_in_a_new_order():
+    part, wanted = part_of(40), np.arange(0, 40, 2)  # the other half belongs to another split
+    lut = CLASS_MAP.train_lut()
+    orders = []
+    for _ in range(2):
+        batches = list(ingest.train_part(part, ids=wanted, lut=lut, crop_size=24, batch_size=6))
+        assert [len(b["image_id"]) for b in batches] == [6, 6, 6, 2]
+        assert all(b["image"].shape[1:] == (24, 24, 3) for b in batches)
+        order = np.concatenate([b["image_id"] for b in batches])
+        assert sorted(order.tolist()) == wanted.tolist()
+        orders.append(order.tolist())
+    assert orders[0] != orders[1] and orders[0] != wanted.tolist()  # 1 in 20! to fail
+
+
+def test_val_part_keeps_the_part_order():
+    part = part_of(5)
+    batches = list(
+        ingest.val_part(
+            part, ids=np.array([4, 1, 3]), lut=CLASS_MAP.train_lut(), height=48, width=64,
+            batch_size=2,
+        )
+    )  # fmt: skip
+    assert [b["image_id"].tolist() for b in batches] == [[1, 3], [4]]
+    _, mask = make_sample(3)
+    np.testing.assert_array_equal(batches[0]["mask"][1], CLASS_MAP.to_train_ids(mask))
+
+
 # ---- driver-side scan -----------------------------------------------------------------------
 
 
@@ -223,6 +258,8 @@ def test_crop_larger_than_every_image_is_refused(tmp_path):
 
 
 def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
+    import ray.data
+
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6, bad={101: "mask"})))
     ids = np.array([100, 101, 103, 104])
     ds = ingest.train_dataset(summary, ids, lut=CLASS_MAP.train_lut(), crop_size=32, batch_size=2)
@@ -231,6 +268,12 @@ def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
     for r in rows:
         assert r["image"].shape == (32, 32, 3) and r["mask"].shape == (32, 32)
         assert r["problem"] == (3 if r["image_id"] == 101 else 0)
+    # Read and decode run as one task per Parquet part (issue 22: an operator between them,
+    # such as a filter, splits them into a task per batch, with every encoded row a Ray object).
+    assert "ReadParquet->MapBatches(train_part): 2 tasks executed" in ds.stats()
+    # The settings travel with the dataset (its copy of DataContext), not the driver's.
+    assert not ds.context.op_resource_reservation_enabled and not ds.context.use_datasource_v2
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled
 
 
 def test_val_dataset_keeps_full_resolution(ray_local, tmp_path):

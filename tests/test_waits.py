@@ -11,8 +11,8 @@ DATA = Need("data loading", (("CPU", 1.0),))
 
 
 def test_purpose_names_rays_work_in_user_words():
-    assert waits.purpose("ReadParquet->Filter->MapBatches(train_batch)") == "data loading"
-    assert waits.purpose("MapBatches(val_batch)") == "data loading"
+    assert waits.purpose("ReadParquet->MapBatches(train_part)") == "data loading"
+    assert waits.purpose("MapBatches(val_part)") == "data loading"
     assert waits.purpose("RayTrainWorker") == "a training worker"
     assert waits.purpose("render_shard") == "mask rendering"
     assert waits.purpose("FooterReader") == waits.purpose("ListFiles") == "data loading"
