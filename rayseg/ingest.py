@@ -36,12 +36,15 @@ SCALE_RANGE = (0.5, 2.0)
 FLIP_PROBABILITY = 0.5
 
 # CPUs a GPU training worker should reserve (`--cpus-per-worker` on GPU), from
-# bench/ingest_bench.py (issue 22, bench/results/ingest_bench_run*.json): the worker's side of
-# this ingest (Ray Data's batching, local shuffle and torch conversion in iter_torch_batches)
-# took 0.13-0.14 of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate").
-# Decoding runs in Ray Data tasks on the CPUs the worker does not reserve, so reserving more
-# would take them from the decoder: a node needs "cores_per_gpu_272" further CPUs per GPU.
+# bench/ingest_bench.py (issue 22, bench/results/ingest_bench.json): the worker's side of this
+# ingest (Ray Data's batching, local shuffle and torch conversion in iter_torch_batches) took
+# 0.08 of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate"). Decoding runs
+# in Ray Data tasks on the CPUs the worker does not reserve, so reserving more would take them
+# from the decoder: a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
+# CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU:
+# 1.5-1.6 measured on 2 x86-64 cores ("cores_per_gpu_272"), rounded up.
+DATA_CPUS_PER_GPU = 2
 
 # Ray Data settings of the training and validation datasets (documented DataContext fields).
 DATA_SETTINGS = {

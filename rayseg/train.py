@@ -399,6 +399,22 @@ def check_cluster(cfg: TrainConfig, cpus_per_worker: float) -> None:
         )
 
 
+def data_cpus_note(cfg: TrainConfig, cluster_cpus: float, cpus_per_worker: float) -> str | None:
+    """A line when GPU workers leave fewer CPUs per GPU for data loading than feeding a fast GPU
+    takes (ingest.DATA_CPUS_PER_GPU); None otherwise, and on CPU."""
+    if not cfg.use_gpu:
+        return None
+    gpus = cfg.num_workers * cfg.gpus_per_worker
+    left = cluster_cpus - cpus_per_worker * cfg.num_workers
+    if left >= ingest.DATA_CPUS_PER_GPU * gpus:
+        return None
+    return (
+        f"note: {left:g} CPUs are left to load data for {gpus:g} GPUs ({left / gpus:.1f} per "
+        f"GPU); feeding 272 images/s (deeplabv3_resnet50 on one H200) takes about "
+        f"{ingest.DATA_CPUS_PER_GPU} (docs/performance.md): data loading may hold the GPUs back"
+    )
+
+
 def datasets_for(plan: Plan, split: Split) -> dict[str, Any]:
     """Ray Data datasets: "train" (split across workers) and "val_<rank>", one per worker."""
     cfg, lut = plan.cfg, plan.class_map.train_lut()
@@ -489,6 +505,8 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     cpus_per_worker, threads = worker_resources(cfg, node_cpus)
     check_cluster(cfg, cpus_per_worker)
+    if note := data_cpus_note(cfg, ray.cluster_resources().get("CPU", 0), cpus_per_worker):
+        print(note)
     cluster.check_storage_reachable(checked.run)
     rayoutput.quiet_ray_data()  # its INFO lines (the Parquet read's sizing) stay in ray-data.log
     split = checked.split

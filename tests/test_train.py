@@ -88,6 +88,14 @@ def test_data_tasks_fit_beside_fractional_workers():
     assert train.data_task_cpus(1.75) == 0.25
 
 
+def test_gpu_workers_with_few_cpus_left_for_data_get_a_note():
+    gpu = TrainConfig(data="d", out="o", use_gpu=True, num_workers=2)
+    assert train.data_cpus_note(gpu, 6, 1.0) is None  # 4 left: 2 per GPU
+    note = train.data_cpus_note(gpu, 4, 1.0)
+    assert note.startswith("note: 2 CPUs are left to load data for 2 GPUs (1.0 per GPU)")
+    assert train.data_cpus_note(TrainConfig(data="d", out="o"), 2, 1.0) is None  # CPU training
+
+
 def test_unknown_config_key_names_the_nearest():
     with pytest.raises(RaysegError, match="did you mean 'epochs'"):
         load_config(TrainConfig, None, {"data": "d", "out": "o", "epoch": 3})
