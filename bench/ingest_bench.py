@@ -15,7 +15,8 @@ All in one process tree, on the same rows, epochs after the first ("steady state
     decoded and augmented in one Ray Data task.
 (c') rayseg_unfused: this recipe through the wiring before it (read -> filter by id ->
     map_batches of 16 rows, which Ray Data could not fuse: a task per batch).
-(c") rayseg_small_blocks: (c) with Ray Data blocks of one batch each.
+(c") rayseg_small_blocks: (c) with Ray Data blocks of one batch each; rayseg_reserved: (c) with
+    Ray Data's per-operator resource reservation on (its default; rayseg turns it off).
 (d) rayseg before issue 22: that wiring with the per-image recipe before it (resize the whole
     image, then crop; numpy look-up table), kept here as `before_train_batch`.
 Per core: images per CPU second of the whole process tree (this process, its DataLoader workers,
@@ -174,18 +175,23 @@ def before_dataset(summary, ids, *, fn, lut, crop_size, batch_size):
     )
 
 
-def small_blocks_dataset(summary, ids, **kwargs):
-    """rayseg's dataset with Ray Data blocks of one batch (the default: 128 MiB, ~9 batches)."""
+def varied_dataset(summary, ids, settings: dict, **kwargs):
+    """rayseg's dataset made with other DataContext `settings` (a Dataset copies the context
+    when made; ingest.DATA_SETTINGS left as they are)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    size = context.target_max_block_size
-    one_batch = kwargs["batch_size"] * kwargs["crop_size"] ** 2 * 4 + 1024
-    context.target_max_block_size = one_batch  # a Dataset copies the context when made
+    before = {k: getattr(context, k) for k in settings}
+    saved = dict(ingest.DATA_SETTINGS)
     try:
+        for k, v in settings.items():
+            setattr(context, k, v)
+            ingest.DATA_SETTINGS.pop(k, None)
         return ingest.train_dataset(summary, ids, **kwargs)
     finally:
-        context.target_max_block_size = size
+        for k, v in before.items():
+            setattr(context, k, v)
+        ingest.DATA_SETTINGS.update(saved)
 
 
 # ---- (a) the work alone, and the wins -------------------------------------------------------
@@ -458,13 +464,18 @@ def main() -> int:
     after = split_one(ingest.train_dataset(summary, ids, **kw))
     unfused = split_one(before_dataset(summary, ids, fn=ingest.train_batch, **kw))
     before = split_one(before_dataset(summary, ids, fn=before_train_batch, **kw))
-    small = split_one(small_blocks_dataset(summary, ids, **kw))
+    one_batch = bs * crop**2 * 4 + 1024  # bytes of a batch's images and masks
+    small = split_one(varied_dataset(summary, ids, {"target_max_block_size": one_batch}, **kw))
+    reserved = split_one(
+        varied_dataset(summary, ids, {"op_resource_reservation_enabled": True}, **kw)
+    )
     runs = {
         "dataloader": lambda: loader,
         "rayseg": lambda: torch_batches(after, bs),
         "rayseg_unfused": lambda: torch_batches(unfused, bs),
         "rayseg_before": lambda: torch_batches(before, bs),
         "rayseg_small_blocks": lambda: torch_batches(small, bs),
+        "rayseg_reserved": lambda: torch_batches(reserved, bs),
     }
     if args.no_local_shuffle:  # train.py's local shuffle buffer: its cost to the consumer
         runs["rayseg_no_local_shuffle"] = lambda: torch_batches(after, bs, shuffle_buffer=False)
@@ -538,6 +549,10 @@ def main() -> int:
         "rayseg_small_blocks": {
             **figures("rayseg_small_blocks"),
             "is": "rayseg with Ray Data blocks of one batch (default: up to 128 MiB)",
+        },
+        "rayseg_reserved": {
+            **figures("rayseg_reserved"),
+            "is": "rayseg with Ray Data's per-operator resource reservation (its default)",
         },
         **(
             {
