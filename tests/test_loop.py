@@ -151,6 +151,31 @@ def test_fit_epochs_trains_validates_and_hands_over_each_record():
     assert records[1]["loss"] < records[0]["loss"]
 
 
+def test_fit_epochs_starts_with_batches_started_earlier():
+    state = training(epochs=2)
+    calls, records = [], []
+
+    def train_batches():
+        calls.append("train")
+        return BATCHES
+
+    loop.fit_epochs(
+        state,
+        state[0],
+        epochs=range(1, 3),
+        train_batches=train_batches,
+        val_batches=lambda: BATCHES[1:],
+        class_map=class_map_from_meta(META),
+        device=CPU,
+        amp=False,
+        world_size=1,
+        on_epoch=records.append,
+        first_batches=BATCHES[:1],  # train.py: started before the model was built
+    )
+    assert calls == ["train"]  # only the second epoch's
+    assert [r["steps"] for r in records] == [1, 2]
+
+
 def test_on_step_sees_each_step_with_its_loss():
     model, optimizer, scheduler = training()
     seen = []
