@@ -26,8 +26,9 @@ The waits: (c) again on --wait-images images, paced by a simulated step at half 
 As train.py does, the first epoch's fetching starts before the model is built (deeplabv3_resnet50
 here, on CPU), and the next epoch's first batch is fetched during a validation pause between
 epochs (rayseg.loop.Prefetched): the share of each epoch's time spent blocked on data, the
-first epoch and the later ones. --no-local-shuffle also times (c) without train.py's local
-shuffle buffer (its cost to the consumer).
+first epoch and the later ones; then the same under Ray Train (a TorchTrainer of one worker,
+the dataset split by its DataConfig as in `rayseg train`). --no-local-shuffle also times (c)
+without train.py's local shuffle buffer (its cost to the consumer).
 Cheap wins are timed per image in this thread (CPU ms): decode at half size (JPEG DCT scaling),
 crop before resize, the look-up table, OpenCV threads (CPU of all threads).
 Cores per GPU = the GPU step rate (272 images/s: deeplabv3_resnet50, 480 px, batch 16, bf16 +
@@ -417,6 +418,61 @@ def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[lis
     return shares, built
 
 
+def paced_loop(config: dict) -> None:
+    """Ray Train worker: train.py's order (first epoch's fetching, then the model, then epochs),
+    each step a sleep; reports each epoch's share of time blocked on data."""
+    import ray.train
+
+    from rayseg.loop import Prefetched
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = Prefetched(torch_batches(shard, config["batch"]))  # as train.py
+    build_model(MODEL, config["classes"], aux_loss=False)
+    shares = []
+    for e in range(config["epochs"]):
+        waited, start, it = 0.0, time.perf_counter(), iter(batches)
+        while True:
+            t = time.perf_counter()
+            b = next(it, None)
+            waited += time.perf_counter() - t
+            if b is None:
+                break
+            time.sleep(len(b["image_id"]) / config["step_rate"])  # the GPU step
+        shares.append(waited / (time.perf_counter() - start))
+        if e + 1 < config["epochs"]:
+            batches = Prefetched(torch_batches(shard, config["batch"]))
+            time.sleep(VAL_PAUSE_S)
+    Path(config["out"]).write_text(json.dumps(shares))  # this machine: Result.metrics is None
+
+
+def train_waits(ds, *, batch: int, epochs: int, step_rate: float, classes: int) -> list[float]:
+    """paced_loop under Ray Train (one worker holding no CPU: the data tasks get them all), the
+    dataset split by Ray Train's DataConfig as rayseg train does."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = REPO / "bench" / "_data" / "ray_train" / "waits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        paced_loop,
+        train_loop_config={
+            "batch": batch, "epochs": epochs, "step_rate": step_rate, "classes": classes,
+            "out": str(out),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, resources_per_worker={"memory": 2**28}  # no CPU: Ray wants one key
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=str(REPO / "bench" / "_data" / "ray_train"),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )  # fmt: skip
+    trainer.fit()
+    return json.loads(out.read_text())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000, help="synthetic images to make")
@@ -496,6 +552,14 @@ def main() -> int:
         lambda: build_model(MODEL, classes, aux_loss=False),  # on CPU: what train.py builds
     )
     print(f"waits behind a {step:.1f} images/s step: {[round(w, 3) for w in waits]}", flush=True)
+    under_train = train_waits(
+        ingest.train_dataset(summary, few, **kw),
+        batch=bs,
+        epochs=args.rounds + 1,
+        step_rate=step,
+        classes=classes,
+    )
+    print(f"the same under Ray Train: {[round(w, 3) for w in under_train]}", flush=True)
     ray.shutdown()
 
     def figures(name: str) -> dict[str, float]:
@@ -535,6 +599,8 @@ def main() -> int:
             "paced_step_images_per_s": round(step, 1),
             "wait_epoch_images": int(len(few)),
             "model_build_s_before_first_epoch": round(built, 2),
+            "under_ray_train_first_epoch_wait": round(under_train[0], 3),
+            "under_ray_train_later_epoch_wait": round(float(np.median(under_train[1:])), 3),
             "consumer_cpu_s_per_image": round(consumer, 5),
             "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
         },
