@@ -84,10 +84,15 @@ class DataSummary:
     heights: np.ndarray  # (N,) int32
     widths: np.ndarray  # (N,) int32
     rows_without_image: int
+    parts: np.ndarray  # (N,) int32: the index in `paths` of the part each row is in
 
     @property
     def num_rows(self) -> int:
         return len(self.image_ids)
+
+    def paths_with(self, ids: np.ndarray) -> list[str]:
+        """The parts that hold any of `ids`, in `paths` order (the others need not be read)."""
+        return [self.paths[k] for k in np.unique(self.parts[np.isin(self.image_ids, ids)])]
 
 
 def scan_data(data: str) -> DataSummary:
@@ -112,7 +117,9 @@ def scan_data(data: str) -> DataSummary:
         raise RaysegError(
             f"{loc.uri}: rows carry no images; rerun `rayseg masks` with --images-dir"
         )
-    return DataSummary(loc, tuple(p.path for p in parts), meta, ids, heights, widths, missing)
+    part_of = np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_rows for t in tables])
+    paths = tuple(p.path for p in parts)
+    return DataSummary(loc, paths, meta, ids, heights, widths, missing, part_of)
 
 
 def image_counts(part: storage.Location) -> tuple[int, int]:
@@ -362,8 +369,11 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
 # ---- Ray Data -----------------------------------------------------------------------------
 
 
-def read_parts(summary: DataSummary, *, shuffle: bool = False, num_cpus: float = 1.0):
-    """ray.data.Dataset of the Parquet parts' image_id, image and mask columns, a block per part.
+def read_parts(
+    summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False, num_cpus: float = 1.0
+):
+    """ray.data.Dataset of image_id, image and mask of the Parquet parts that hold any of `ids`
+    (a validation split need not read every part), a block per part.
 
     A block per part lets Ray Data fuse the read with the map_batches after it (whole blocks):
     each part is read and decoded in one task, with no Ray objects of encoded rows in between
@@ -379,12 +389,14 @@ def read_parts(summary: DataSummary, *, shuffle: bool = False, num_cpus: float =
         for k, v in DATA_SETTINGS.items():
             setattr(context, k, v)
         # The Dataset keeps a copy of the context, these settings included.
+        # A worker's share of a few validation images may be none: one part, no rows kept.
+        paths = summary.paths_with(ids) or list(summary.paths[:1])
         return ray.data.read_parquet(
-            list(summary.paths),
+            paths,
             filesystem=summary.location.fs,
             columns=["image_id", "image", "mask"],
             shuffle="files" if shuffle else None,
-            override_num_blocks=len(summary.paths),
+            override_num_blocks=len(paths),
             num_cpus=num_cpus,
         )
     finally:
@@ -406,7 +418,7 @@ def train_dataset(
     num_cpus: what each task asks of Ray (train.data_task_cpus: less than 1 where training
     workers hold fractions of CPUs, so the tasks fit beside them).
     """
-    return read_parts(summary, shuffle=True, num_cpus=num_cpus).map_batches(
+    return read_parts(summary, ids, shuffle=True, num_cpus=num_cpus).map_batches(
         train_part,
         fn_kwargs={
             "ids": np.unique(ids),
@@ -430,7 +442,7 @@ def val_dataset(
     num_cpus: float = 1.0,
 ):
     """Validation rows at full resolution, padded to `canvas`."""
-    return read_parts(summary, num_cpus=num_cpus).map_batches(
+    return read_parts(summary, ids, num_cpus=num_cpus).map_batches(
         val_part,
         fn_kwargs={
             "ids": np.unique(ids),

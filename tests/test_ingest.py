@@ -284,6 +284,13 @@ def test_val_dataset_keeps_full_resolution(ray_local, tmp_path):
     (row,) = ds.take_all()
     _, mask = make_sample(2)
     assert np.array_equal(row["mask"], CLASS_MAP.to_train_ids(mask))
+    # Only the part that holds image 102 is read; a share of no images reads one, keeps none.
+    assert summary.paths_with(np.array([102])) == [summary.paths[0]]  # rows 0, 2 of 4
+    assert "1 tasks executed" in ds.stats()
+    none = ingest.val_dataset(
+        summary, np.array([], np.int64), lut=CLASS_MAP.train_lut(), canvas=(48, 64), batch_size=4
+    )
+    assert none.take_all() == []
 
 
 def test_data_loading_fits_beside_workers_holding_all_but_half_a_cpu(ray_local, tmp_path):
