@@ -43,7 +43,7 @@ FLIP_PROBABILITY = 0.5
 # from the decoder: a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
 # CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU:
-# 1.5-1.6 measured on 2 x86-64 cores ("cores_per_gpu_272"), rounded up.
+# 1.35-1.6 measured on 2 x86-64 cores ("cores_per_gpu_272"), rounded up.
 DATA_CPUS_PER_GPU = 2
 
 # Ray Data settings of the training and validation datasets (documented DataContext fields).
@@ -54,7 +54,7 @@ DATA_SETTINGS = {
     # asks for what it is given, in every task (tests/test_ingest.py checks it).
     "use_datasource_v2": False,
     # Reserving resources per operator (for pipelines of several) held this one-operator
-    # pipeline to one task for the first second of every epoch: 2 CPUs, 310 -> 380 images/s
+    # pipeline to one task for the first second of every epoch: +22-27% images/s on 2 CPUs
     # (bench/ingest_bench.py).
     "op_resource_reservation_enabled": False,
 }
@@ -377,8 +377,8 @@ def read_parts(
 
     A block per part lets Ray Data fuse the read with the map_batches after it (whole blocks):
     each part is read and decoded in one task, with no Ray objects of encoded rows in between
-    (issue 22, bench/ingest_bench.py: 1.7x the rate of read -> filter -> map_batches of 16 rows,
-    which ran as 10-row blocks of the read and a task per batch).
+    (issue 22, bench/ingest_bench.py: 1.5-1.65x the images/s of read -> filter -> map_batches of
+    16 rows, which ran as 10-row blocks of the read and a task per batch).
     shuffle: the parts in a new random order each epoch.
     """
     import ray.data
