@@ -389,21 +389,17 @@ def interleaved(runs: dict, rounds: int, exclude: dict) -> dict[str, dict[str, f
     }
 
 
-def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[list[float], float]:
-    """(Share of each epoch's time blocked on data, behind a step of `step_rate` images/s;
-    seconds `build` took). As in train.py, the first epoch's fetching starts, then the model is
-    built (`build`), then the epochs run."""
+def paced_epochs(shard, batch: int, epochs: int, step_rate: float, build) -> list[float]:
+    """Share of each epoch's time blocked on data, behind a step of `step_rate` images/s. As in
+    train.py, the first epoch's fetching starts, then the model is built (`build`), then the
+    epochs run, the next one's fetching started before a validation pause."""
     from rayseg.loop import Prefetched
 
-    split = split_one(ds)
-    shares = []
-    batches = Prefetched(torch_batches(split, batch))  # as train.py: before the model
-    start = time.perf_counter()
+    batches = Prefetched(torch_batches(shard, batch))  # as train.py: before the model
     build()
-    built = time.perf_counter() - start
+    shares = []
     for e in range(epochs):
-        waited, start = 0.0, time.perf_counter()
-        it = iter(batches)
+        waited, start, it = 0.0, time.perf_counter(), iter(batches)
         while True:
             t = time.perf_counter()
             b = next(it, None)
@@ -413,35 +409,34 @@ def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[lis
             time.sleep(len(b["image_id"]) / step_rate)  # the GPU step
         shares.append(waited / (time.perf_counter() - start))
         if e + 1 < epochs:
-            batches = Prefetched(torch_batches(split, batch))  # starts during validation
+            batches = Prefetched(torch_batches(shard, batch))  # starts during validation
             time.sleep(VAL_PAUSE_S)
-    return shares, built
+    return shares
+
+
+def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[list[float], float]:
+    """(paced_epochs of `ds` split as Ray Train splits it, seconds `build` took)."""
+    took = []
+
+    def timed_build() -> None:
+        start = time.perf_counter()
+        build()
+        took.append(time.perf_counter() - start)
+
+    return paced_epochs(split_one(ds), batch, epochs, step_rate, timed_build), took[0]
 
 
 def paced_loop(config: dict) -> None:
-    """Ray Train worker: train.py's order (first epoch's fetching, then the model, then epochs),
-    each step a sleep; reports each epoch's share of time blocked on data."""
+    """Ray Train worker: paced_epochs of its shard, written to config["out"]."""
     import ray.train
 
-    from rayseg.loop import Prefetched
-
-    shard = ray.train.get_dataset_shard("train")
-    batches = Prefetched(torch_batches(shard, config["batch"]))  # as train.py
-    build_model(MODEL, config["classes"], aux_loss=False)
-    shares = []
-    for e in range(config["epochs"]):
-        waited, start, it = 0.0, time.perf_counter(), iter(batches)
-        while True:
-            t = time.perf_counter()
-            b = next(it, None)
-            waited += time.perf_counter() - t
-            if b is None:
-                break
-            time.sleep(len(b["image_id"]) / config["step_rate"])  # the GPU step
-        shares.append(waited / (time.perf_counter() - start))
-        if e + 1 < config["epochs"]:
-            batches = Prefetched(torch_batches(shard, config["batch"]))
-            time.sleep(VAL_PAUSE_S)
+    shares = paced_epochs(
+        ray.train.get_dataset_shard("train"),
+        config["batch"],
+        config["epochs"],
+        config["step_rate"],
+        lambda: build_model(MODEL, config["classes"], aux_loss=False),
+    )
     Path(config["out"]).write_text(json.dumps(shares))  # this machine: Result.metrics is None
 
 

@@ -126,7 +126,8 @@ def test_sum_across_workers_without_a_process_group_is_the_identity():
     assert (problems, seconds) == ({1: 2}, 0.5)
 
 
-def test_fit_epochs_trains_validates_and_hands_over_each_record():
+def fit_two_epochs(**kwargs) -> tuple[list[str], list[dict]]:
+    """loop.fit_epochs over epochs 1-2 of BATCHES: (train_batches() calls, epoch records)."""
     state = training(epochs=2)
     calls, records = [], []
 
@@ -145,33 +146,21 @@ def test_fit_epochs_trains_validates_and_hands_over_each_record():
         amp=False,
         world_size=1,
         on_epoch=records.append,
+        **kwargs,
     )
+    return calls, records
+
+
+def test_fit_epochs_trains_validates_and_hands_over_each_record():
+    calls, records = fit_two_epochs()
     assert calls == ["train", "train"] and [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["steps"] == 2 and records[-1]["lr"] == pytest.approx(0.0)
     assert records[1]["loss"] < records[0]["loss"]
 
 
 def test_fit_epochs_starts_with_batches_started_earlier():
-    state = training(epochs=2)
-    calls, records = [], []
-
-    def train_batches():
-        calls.append("train")
-        return BATCHES
-
-    loop.fit_epochs(
-        state,
-        state[0],
-        epochs=range(1, 3),
-        train_batches=train_batches,
-        val_batches=lambda: BATCHES[1:],
-        class_map=class_map_from_meta(META),
-        device=CPU,
-        amp=False,
-        world_size=1,
-        on_epoch=records.append,
-        first_batches=BATCHES[:1],  # train.py: started before the model was built
-    )
+    # train.py starts the first epoch's batches before it builds the model.
+    calls, records = fit_two_epochs(first_batches=BATCHES[:1])
     assert calls == ["train"]  # only the second epoch's
     assert [r["steps"] for r in records] == [1, 2]
 
