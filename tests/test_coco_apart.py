@@ -23,12 +23,13 @@ def tiny(tmp_path):
     return write_coco(tmp_path / "tiny.json", tiny_coco())
 
 
+@pytest.mark.parametrize("load", [load_coco, load_coco_apart])
 @pytest.mark.parametrize("content, message", FATAL_INPUTS)
-def test_fatal_input_errors_are_load_cocos(tmp_path, content, message):
+def test_fatal_input_errors_are_the_same_in_both_loaders(tmp_path, load, content, message):
     path = tmp_path / "f.json"
     path.write_bytes(content)
     with pytest.raises(RaysegError, match=message):
-        load_coco_apart(str(path))
+        load(str(path))
 
 
 def test_loading_apart_gives_the_same_index_with_records_read_from_the_file(tiny):
