@@ -10,35 +10,35 @@ All in one process tree, on the same rows, epochs after the first ("steady state
 (a) work alone: train_batch in this process, one thread, no Ray, no torch.
 (b) torch DataLoader, num_workers = cores, persistent workers, rows in memory (fork-shared),
     the same per-image work in __getitem__, default collate. The peer users would pick instead.
-(c) rayseg: ingest.train_dataset, consumed as `rayseg train` consumes it (streaming_split as Ray
-    Train does, then iter_torch_batches with train.py's arguments): each Parquet part read,
-    decoded and augmented in one Ray Data task.
-(c') rayseg_unfused: this recipe through the wiring before it (read -> filter by id ->
-    map_batches of 16 rows, which Ray Data could not fuse: a task per batch).
-(c") rayseg_small_blocks: (c) with Ray Data blocks of one batch each; rayseg_reserved: (c) with
-    Ray Data's per-operator resource reservation on (its default; rayseg turns it off).
-(d) rayseg before issue 22: that wiring with the per-image recipe before it (resize the whole
-    image, then crop; numpy look-up table), kept here as `before_train_batch`.
+(c) rayseg: what `rayseg train` feeds a worker (rayseg.feed.Feed of ingest.train_tasks): a Ray
+    task per Parquet part, read, decoded and augmented, its batches streamed to this process as
+    numpy arrays in Ray's object store, as many tasks at once as cores.
+(c') rayseg_raydata: this recipe through the Ray Data wiring that (c) replaced (read_parquet ->
+    map_batches of a whole part, fused; streaming_split as Ray Train's DataConfig does, then
+    iter_torch_batches with a local shuffle buffer of 4 batches).
+(d) rayseg before issue 22: Ray Data's read -> filter by id -> map_batches of 16 rows (a task
+    per batch) with the per-image recipe before it (resize the whole image, then crop; numpy
+    look-up table), kept here as `before_train_batch`.
 Per core: images per CPU second of the whole process tree (this process, its DataLoader workers,
 Ray's gcs, raylet, actors and task workers; for (a) this thread), beside wall images/s / cores:
 on a machine that others load too, wall time counts their share and CPU time does not.
 The waits: (c) again on --wait-images images, paced by a simulated step at half (c)'s wall rate.
-As train.py does, the first epoch's fetching starts before the model is built (deeplabv3_resnet50
-here, on CPU), and the next epoch's first batch is fetched during a validation pause between
-epochs (rayseg.loop.Prefetched): the share of each epoch's time spent blocked on data, the
-first epoch and the later ones; then the same under Ray Train (a TorchTrainer of one worker,
-the dataset split by its DataConfig as in `rayseg train`). --no-local-shuffle also times (c)
-without train.py's local shuffle buffer (its cost to the consumer).
+As train.py does, the first epoch's tasks start before the model is built (deeplabv3_resnet50
+here, on CPU), and the next epoch's start before a validation pause between epochs: the share
+of each epoch's time spent blocked on data, the first epoch and the later ones; then the same
+under Ray Train (a TorchTrainer of one worker making its Feeds as `rayseg train` does).
 Cheap wins are timed per image in this thread (CPU ms): decode at half size (JPEG DCT scaling),
 crop before resize, the look-up table, OpenCV threads (CPU of all threads).
 Cores per GPU = the GPU step rate (272 images/s: deeplabv3_resnet50, 480 px, batch 16, bf16 +
 channels_last + torch.compile on one H200, bench/results/gpu_bench_h200.json) / (c) per core;
-gpu_cpus_per_worker = the consumer's CPU at that rate, rounded up (Ray Data decodes elsewhere).
+gpu_cpus_per_worker = the consumer's CPU at that rate, rounded up (the tasks decode elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import math
 import os
@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rayseg import ingest, storage  # noqa: E402
+from rayseg import feed, ingest, storage  # noqa: E402
 from rayseg.models import build_model, class_map_from_meta  # noqa: E402
 
 GPU_RATE = 272.0
@@ -176,23 +176,61 @@ def before_dataset(summary, ids, *, fn, lut, crop_size, batch_size):
     )
 
 
-def varied_dataset(summary, ids, settings: dict, **kwargs):
-    """rayseg's dataset made with other DataContext `settings` (a Dataset copies the context
-    when made; ingest.DATA_SETTINGS left as they are)."""
+def raydata_part(part, *, ids, lut, crop_size, batch_size):
+    """(c'): one Parquet part's rows -> train_batch batches of its rows in `ids`, in a new order."""
+    order = np.random.default_rng().permutation(np.flatnonzero(np.isin(part["image_id"], ids)))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        yield ingest.train_batch(
+            {k: v[rows] for k, v in part.items()}, lut=lut, crop_size=crop_size
+        )
+
+
+def raydata_dataset(summary, ids, *, lut, crop_size, batch_size):
+    """(c'): read_parquet -> map_batches(raydata_part) of whole parts, which Ray Data fuses into a
+    task per part, with the DataContext settings rayseg had for it."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
+    settings = {"use_datasource_v2": False, "op_resource_reservation_enabled": False}
     before = {k: getattr(context, k) for k in settings}
-    saved = dict(ingest.DATA_SETTINGS)
     try:
         for k, v in settings.items():
             setattr(context, k, v)
-            ingest.DATA_SETTINGS.pop(k, None)
-        return ingest.train_dataset(summary, ids, **kwargs)
+        ds = ray.data.read_parquet(
+            list(summary.paths),
+            filesystem=summary.location.fs,
+            columns=["image_id", "image", "mask"],
+            shuffle="files",
+            override_num_blocks=len(summary.paths),
+        )
     finally:
         for k, v in before.items():
             setattr(context, k, v)
-        ingest.DATA_SETTINGS.update(saved)
+    return ds.map_batches(
+        raydata_part,
+        fn_kwargs={"ids": ids, "lut": lut, "crop_size": crop_size, "batch_size": batch_size},
+        batch_size=None,
+        batch_format="numpy",
+    )
+
+
+def feed_epochs(summary, ids, *, lut, crop_size: int, batch_size: int, in_flight: int):
+    """(c): epoch -> rayseg.feed.Feed of that epoch's ingest.train_tasks (one worker), on CPU."""
+    import torch
+
+    make = functools.partial(ingest.train_batch, lut=lut, crop_size=crop_size)
+
+    def epoch_of(epoch: int) -> feed.Feed:
+        tasks = ingest.train_tasks(
+            summary, ids, rank=0, world=1, batch_size=batch_size, seed=0, epoch=epoch
+        )
+        return feed.Feed(
+            tasks, fs=summary.location.fs, make_batch=make, in_flight=in_flight, num_cpus=1.0,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+
+    return epoch_of
 
 
 # ---- (a) the work alone, and the wins -------------------------------------------------------
@@ -334,12 +372,12 @@ def epoch(batches, exclude: set[int]) -> tuple[float, float, float]:
 # ---- (c), (d) Ray Data, consumed as rayseg train consumes it --------------------------------
 
 
-def torch_batches(split, batch: int, *, shuffle_buffer: bool = True):
-    """train.py's iter_torch_batches call (rayseg.train.train_batches), on CPU."""
+def torch_batches(split, batch: int):
+    """(c'): the iter_torch_batches call train.py made with Ray Data, on CPU."""
     return split.iter_torch_batches(
         batch_size=batch,
         drop_last=True,
-        local_shuffle_buffer_size=4 * batch if shuffle_buffer else None,
+        local_shuffle_buffer_size=4 * batch,
         prefetch_batches=2,
         device="cpu",
     )
@@ -389,13 +427,11 @@ def interleaved(runs: dict, rounds: int, exclude: dict) -> dict[str, dict[str, f
     }
 
 
-def paced_epochs(shard, batch: int, epochs: int, step_rate: float, build) -> list[float]:
+def paced_epochs(make, batch: int, epochs: int, step_rate: float, build) -> list[float]:
     """Share of each epoch's time blocked on data, behind a step of `step_rate` images/s. As in
-    train.py, the first epoch's fetching starts, then the model is built (`build`), then the
-    epochs run, the next one's fetching started before a validation pause."""
-    from rayseg.loop import Prefetched
-
-    batches = Prefetched(torch_batches(shard, batch))  # as train.py: before the model
+    train.py, the first epoch's tasks start (make(1)), then the model is built (`build`), then
+    the epochs run, the next one's tasks started before a validation pause."""
+    batches = make(1)
     build()
     shares = []
     for e in range(epochs):
@@ -409,13 +445,13 @@ def paced_epochs(shard, batch: int, epochs: int, step_rate: float, build) -> lis
             time.sleep(len(b["image_id"]) / step_rate)  # the GPU step
         shares.append(waited / (time.perf_counter() - start))
         if e + 1 < epochs:
-            batches = Prefetched(torch_batches(shard, batch))  # starts during validation
+            batches = make(e + 2)  # starts during validation
             time.sleep(VAL_PAUSE_S)
     return shares
 
 
-def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[list[float], float]:
-    """(paced_epochs of `ds` split as Ray Train splits it, seconds `build` took)."""
+def waits_here(make, batch: int, epochs: int, step_rate: float, build) -> tuple[list[float], float]:
+    """(paced_epochs of make(epoch) in this process, seconds `build` took)."""
     took = []
 
     def timed_build() -> None:
@@ -423,15 +459,13 @@ def ray_waits(ds, batch: int, epochs: int, step_rate: float, build) -> tuple[lis
         build()
         took.append(time.perf_counter() - start)
 
-    return paced_epochs(split_one(ds), batch, epochs, step_rate, timed_build), took[0]
+    return paced_epochs(make, batch, epochs, step_rate, timed_build), took[0]
 
 
 def paced_loop(config: dict) -> None:
-    """Ray Train worker: paced_epochs of its shard, written to config["out"]."""
-    import ray.train
-
+    """Ray Train worker: paced_epochs of its Feeds, written to config["out"]."""
     shares = paced_epochs(
-        ray.train.get_dataset_shard("train"),
+        feed_epochs(config["summary"], config["ids"], **config["feed"]),
         config["batch"],
         config["epochs"],
         config["step_rate"],
@@ -440,9 +474,10 @@ def paced_loop(config: dict) -> None:
     Path(config["out"]).write_text(json.dumps(shares))  # this machine: Result.metrics is None
 
 
-def train_waits(ds, *, batch: int, epochs: int, step_rate: float, classes: int) -> list[float]:
-    """paced_loop under Ray Train (one worker holding no CPU: the data tasks get them all), the
-    dataset split by Ray Train's DataConfig as rayseg train does."""
+def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, step_rate: float,
+                classes: int) -> list[float]:  # fmt: skip
+    """paced_loop under Ray Train: one worker holding no CPU (the data tasks get them all),
+    making its Feeds inside Ray Train as rayseg train does."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -451,8 +486,8 @@ def train_waits(ds, *, batch: int, epochs: int, step_rate: float, classes: int) 
     trainer = TorchTrainer(
         paced_loop,
         train_loop_config={
-            "batch": batch, "epochs": epochs, "step_rate": step_rate, "classes": classes,
-            "out": str(out),
+            "summary": summary, "ids": ids, "feed": feed_options, "batch": batch,
+            "epochs": epochs, "step_rate": step_rate, "classes": classes, "out": str(out),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, resources_per_worker={"memory": 2**28}  # no CPU: Ray wants one key
@@ -461,8 +496,6 @@ def train_waits(ds, *, batch: int, epochs: int, step_rate: float, classes: int) 
             storage_path=str(REPO / "bench" / "_data" / "ray_train"),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )  # fmt: skip
     trainer.fit()
     return json.loads(out.read_text())
@@ -479,7 +512,6 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="timed epochs of each, after the first")
     p.add_argument("--gpu-rate", type=float, default=GPU_RATE, help="images/s one GPU trains")
     p.add_argument("--wait-images", type=int, default=1000, help="images per epoch for the waits")
-    p.add_argument("--no-local-shuffle", action="store_true", help="also time without it")
     args = p.parse_args()
     import ray  # noqa: I001  (first: psutil below is Ray's own copy, ray/thirdparty_files)
     import psutil
@@ -512,24 +544,17 @@ def main() -> int:
     ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
     ray_pids -= loader_pids
     kw = {"lut": lut, "crop_size": crop, "batch_size": bs}
-    after = split_one(ingest.train_dataset(summary, ids, **kw))
-    unfused = split_one(before_dataset(summary, ids, fn=ingest.train_batch, **kw))
+    feed_options = {**kw, "in_flight": cores}  # the tasks get every core, as Ray Data's did
+    after = feed_epochs(summary, ids, **feed_options)
+    epoch_numbers = itertools.count(1)
+    raydata = split_one(raydata_dataset(summary, ids, **kw))
     before = split_one(before_dataset(summary, ids, fn=before_train_batch, **kw))
-    one_batch = bs * crop**2 * 4 + 1024  # bytes of a batch's images and masks
-    small = split_one(varied_dataset(summary, ids, {"target_max_block_size": one_batch}, **kw))
-    reserved = split_one(
-        varied_dataset(summary, ids, {"op_resource_reservation_enabled": True}, **kw)
-    )
     runs = {
         "dataloader": lambda: loader,
-        "rayseg": lambda: torch_batches(after, bs),
-        "rayseg_unfused": lambda: torch_batches(unfused, bs),
+        "rayseg": lambda: after(next(epoch_numbers)),
+        "rayseg_raydata": lambda: torch_batches(raydata, bs),
         "rayseg_before": lambda: torch_batches(before, bs),
-        "rayseg_small_blocks": lambda: torch_batches(small, bs),
-        "rayseg_reserved": lambda: torch_batches(reserved, bs),
     }
-    if args.no_local_shuffle:  # train.py's local shuffle buffer: its cost to the consumer
-        runs["rayseg_no_local_shuffle"] = lambda: torch_batches(after, bs, shuffle_buffer=False)
     not_dataloader = lambda: set(ray_pids) | ray_descendants(ray_pids)  # noqa: E731
     exclude = {k: (lambda: loader_pids) for k in runs}
     exclude["dataloader"] = not_dataloader
@@ -539,8 +564,8 @@ def main() -> int:
     step = PACE * rate["rayseg"]
     few = ids[: args.wait_images]
     classes = class_map_from_meta(summary.meta).num_classes
-    waits, built = ray_waits(
-        ingest.train_dataset(summary, few, **kw),
+    waits, built = waits_here(
+        feed_epochs(summary, few, **feed_options),
         bs,
         args.rounds + 1,
         step,
@@ -548,7 +573,9 @@ def main() -> int:
     )
     print(f"waits behind a {step:.1f} images/s step: {[round(w, 3) for w in waits]}", flush=True)
     under_train = train_waits(
-        ingest.train_dataset(summary, few, **kw),
+        summary,
+        few,
+        feed_options,
         batch=bs,
         epochs=args.rounds + 1,
         step_rate=step,
@@ -599,34 +626,16 @@ def main() -> int:
             "consumer_cpu_s_per_image": round(consumer, 5),
             "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
         },
-        "rayseg_unfused": {
-            **figures("rayseg_unfused"),
-            "is": "this recipe through the wiring before: read -> filter -> map_batches(16 rows)",
+        "rayseg_raydata": {
+            **figures("rayseg_raydata"),
+            "vs_dataloader": round(cpu_rate["rayseg_raydata"] / cpu_rate["dataloader"], 3),
+            "wall_vs_dataloader": round(rate["rayseg_raydata"] / rate["dataloader"], 3),
+            "is": "this recipe through the Ray Data wiring that rayseg.feed replaced",
         },
         "rayseg_before": {
             **figures("rayseg_before"),
-            "is": "the recipe and the wiring before issue 22",
+            "is": "the recipe and the Ray Data wiring before issue 22",
         },
-        "rayseg_small_blocks": {
-            **figures("rayseg_small_blocks"),
-            "is": "rayseg with Ray Data blocks of one batch (default: up to 128 MiB)",
-        },
-        "rayseg_reserved": {
-            **figures("rayseg_reserved"),
-            "is": "rayseg with Ray Data's per-operator resource reservation (its default)",
-        },
-        **(
-            {
-                "rayseg_no_local_shuffle": {
-                    **figures("rayseg_no_local_shuffle"),
-                    "consumer_cpu_s_per_image": round(
-                        got["rayseg_no_local_shuffle"]["consumer_cpu_s_per_image"], 5
-                    ),
-                }
-            }
-            if args.no_local_shuffle
-            else {}
-        ),
         "epochs": {
             k: {"images_per_s": v["all_images_per_s"], "per_cpu_s": v["all_images_per_cpu_s"]}
             for k, v in got.items()
@@ -635,7 +644,7 @@ def main() -> int:
         "wins_cpu_ms_per_image": win,
         "gpu_rate": args.gpu_rate,
         "cores_per_gpu_272": round(args.gpu_rate / per_core, 2),
-        # The worker's own share (consumer); decoding runs in Ray Data tasks on the other CPUs.
+        # The worker's own share (consumer); decoding runs in data tasks on the other CPUs.
         "gpu_cpus_per_worker": max(1, math.ceil(consumer * args.gpu_rate)),
         "wall_cores_per_gpu_272": round(args.gpu_rate / (rate["rayseg"] / cores), 2),
     }

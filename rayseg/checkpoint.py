@@ -270,6 +270,12 @@ def dir_name(path: str) -> str:
     return path.rstrip("/").rpartition("/")[2]
 
 
+def epoch_of_dir(name: str) -> int:
+    """3 for `epoch_0003`; 0 for a name that is not a checkpoint folder's."""
+    digits = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else 0
+
+
 def load_for_resume(folder: storage.Location) -> tuple[dict[str, Any] | None, str]:
     """(the checkpoint record, "") if folder/checkpoint.pt loads and can be resumed, else
     (None, why not)."""

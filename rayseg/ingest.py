@@ -1,10 +1,10 @@
-"""Ingest: masks Parquet (docs/ARCHITECTURE.md) -> Ray Data datasets of decoded, augmented batches.
+"""Ingest: masks Parquet (docs/ARCHITECTURE.md) -> each worker's decoded, augmented batches.
 
 scan_data(data) reads only the small columns (image ids, sizes) on the driver, to split, size and
 check the data before any worker starts. The per-image work is pure numpy/cv2 (decode_pair,
-augment, pad_into); train_batch / val_batch apply it to a batch of rows; train_part / val_part
-turn one Parquet part into such batches; train_dataset / val_dataset wire `read_parquet ->
-map_batches(train_part)`, which Ray Data runs as one task per part (bench/ingest_bench.py).
+augment, pad_into); train_batch / val_batch apply it to a batch of rows. train_tasks / val_tasks
+plan a worker's batches of one epoch as a PartTask per Parquet part, and task_batches is one
+task's work: rayseg.feed runs these as Ray tasks (no Ray here).
 
 Batches carry uint8 pixels: image (B, S, S, 3) RGB, mask (B, S, S) train ids (255 = ignore),
 image_id (B,), problem (B,) (0 = fine, else a PROBLEMS code). Mask values become train ids through
@@ -17,12 +17,14 @@ nothing to loss or metrics, and is counted by the training loop.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayseg import storage
@@ -37,27 +39,14 @@ FLIP_PROBABILITY = 0.5
 
 # CPUs a GPU training worker should reserve (`--cpus-per-worker` on GPU), from
 # bench/ingest_bench.py (issue 22, bench/results/ingest_bench.json): the worker's side of this
-# ingest (Ray Data's batching, local shuffle and torch conversion in iter_torch_batches) took
-# 0.08 of a core at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate"). Decoding runs
-# in Ray Data tasks on the CPUs the worker does not reserve, so reserving more would take them
-# from the decoder: a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
+# ingest (taking batches from the object store as torch tensors) takes a small share of a core
+# at the 272 images/s of one H200 ("consumer_cores_at_gpu_rate"). Decoding runs in data tasks
+# on the CPUs the worker does not reserve, so reserving more would take them from the decoder:
+# a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
-# CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU:
-# 1.35-1.6 measured on 2 x86-64 cores ("cores_per_gpu_272"), rounded up.
+# CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU,
+# from "cores_per_gpu_272" measured on 2 x86-64 cores, rounded up.
 DATA_CPUS_PER_GPU = 2
-
-# Ray Data settings of the training and validation datasets (documented DataContext fields).
-DATA_SETTINGS = {
-    # Ray Data 2.60's default Parquet read (use_datasource_v2) lists files in tasks of 1 CPU
-    # that take no num_cpus: beside training workers of half a CPU on every node (as after a
-    # lost node), no node has a whole CPU free and the listing never starts. The other read
-    # asks for what it is given, in every task (tests/test_ingest.py checks it).
-    "use_datasource_v2": False,
-    # Reserving resources per operator (for pipelines of several) held this one-operator
-    # pipeline to one task for the first second of every epoch: +22-27% images/s on 2 CPUs
-    # (bench/ingest_bench.py).
-    "op_resource_reservation_enabled": False,
-}
 
 # Codes in a batch's "problem" column.
 PROBLEMS = {
@@ -89,10 +78,6 @@ class DataSummary:
     @property
     def num_rows(self) -> int:
         return len(self.image_ids)
-
-    def paths_with(self, ids: np.ndarray) -> list[str]:
-        """The parts that hold any of `ids`, in `paths` order (the others need not be read)."""
-        return [self.paths[k] for k in np.unique(self.parts[np.isin(self.image_ids, ids)])]
 
 
 def scan_data(data: str) -> DataSummary:
@@ -285,7 +270,7 @@ def pad_into(
     out_mask[:h, :w] = mask
 
 
-# ---- per batch of rows, per Parquet part ------------------------------------------------------
+# ---- per batch of rows ----------------------------------------------------------------------
 
 
 def train_batch(
@@ -307,35 +292,6 @@ def val_batch(
     return _map_rows(batch, lut, height, width, pad_into)
 
 
-def train_part(
-    part: dict[str, np.ndarray],
-    *,
-    ids: np.ndarray,
-    lut: np.ndarray,
-    crop_size: int,
-    batch_size: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """One Parquet part's rows -> train_batch batches of its rows whose id is in `ids`, in a new
-    random order (Ray Data reads the parts in a new random order too)."""
-    order = np.random.default_rng().permutation(np.flatnonzero(np.isin(part["image_id"], ids)))
-    for rows in _chunks(order, batch_size):
-        yield train_batch(_take(part, rows), lut=lut, crop_size=crop_size)
-
-
-def val_part(
-    part: dict[str, np.ndarray],
-    *,
-    ids: np.ndarray,
-    lut: np.ndarray,
-    height: int,
-    width: int,
-    batch_size: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """One Parquet part's rows -> val_batch batches of its rows whose id is in `ids`, in order."""
-    for rows in _chunks(np.flatnonzero(np.isin(part["image_id"], ids)), batch_size):
-        yield val_batch(_take(part, rows), lut=lut, height=height, width=width)
-
-
 def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
     return (rows[i : i + size] for i in range(0, len(rows), size))
 
@@ -346,7 +302,7 @@ def _take(part: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray
 
 def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
     """Each row decoded, its mask made train ids, and `transform` writes it into its batch slot."""
-    cv2.setNumThreads(1)  # Ray Data runs one task per CPU already
+    cv2.setNumThreads(1)  # rayseg.feed runs one task per CPU already
     n = len(batch["image_id"])
     images = np.zeros((n, height, width, 3), np.uint8)
     masks = np.full((n, height, width), TRAIN_IGNORE, np.uint8)
@@ -366,92 +322,119 @@ def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
     }
 
 
-# ---- Ray Data -----------------------------------------------------------------------------
+# ---- per epoch: each worker's batches, as a task per Parquet part (pure) -----------------------
 
 
-def read_parts(
-    summary: DataSummary, ids: np.ndarray, *, shuffle: bool = False, num_cpus: float = 1.0
-):
-    """ray.data.Dataset of image_id, image and mask of the Parquet parts that hold any of `ids`
-    (a validation split need not read every part), a block per part.
+@dataclass(frozen=True)
+class PartTask:
+    """One data-loading task: the Parquet parts it reads and its batches' image ids, in order."""
 
-    A block per part lets Ray Data fuse the read with the map_batches after it (whole blocks):
-    each part is read and decoded in one task, with no Ray objects of encoded rows in between
-    (issue 22, bench/ingest_bench.py: 1.5-1.65x the images/s of read -> filter -> map_batches of
-    16 rows, which ran as 10-row blocks of the read and a task per batch).
-    shuffle: the parts in a new random order each epoch.
+    paths: tuple[str, ...]
+    batches: tuple[np.ndarray, ...]  # (B,) int64 image ids each
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def train_tasks(
+    summary: DataSummary,
+    ids: np.ndarray,
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+) -> list[PartTask]:
+    """Worker `rank`'s training batches of one epoch, as a task per Parquet part.
+
+    As torch's DistributedSampler with set_epoch: every worker draws the same random order of
+    `ids` from (seed, epoch), cuts it into `world` runs of floor(N / world) images (the last
+    N % world of the order sit the epoch out) and takes run `rank`, in full batches (a partial
+    last batch is dropped). So every image is in at most one worker's batches, every worker
+    takes the same number of steps, and a resumed run sees the orders an unbroken one would.
+    The order is the parts in a random order, each part's images in a random order: a run spans
+    few parts. A batch is made by the task of the part its first image is in, which also reads
+    the next part where the batch runs over into it.
     """
-    import ray.data
+    rng = np.random.default_rng([seed, epoch])
+    rows = np.flatnonzero(np.isin(summary.image_ids, ids))
+    part_rank = rng.permutation(len(summary.paths))
+    order = rows[np.lexsort((rng.random(len(rows)), part_rank[summary.parts[rows]]))]
+    n = len(order) // world
+    steps = n // batch_size
+    mine = order[rank * n : rank * n + steps * batch_size].reshape(steps, batch_size)
+    return part_tasks(summary, list(mine))
 
-    context = ray.data.DataContext.get_current()
-    before = {k: getattr(context, k) for k in DATA_SETTINGS}
-    try:
-        for k, v in DATA_SETTINGS.items():
-            setattr(context, k, v)
-        # The Dataset keeps a copy of the context, these settings included.
-        # A worker's share of a few validation images may be none: one part, no rows kept.
-        paths = summary.paths_with(ids) or list(summary.paths[:1])
-        return ray.data.read_parquet(
-            paths,
-            filesystem=summary.location.fs,
-            columns=["image_id", "image", "mask"],
-            shuffle="files" if shuffle else None,
-            override_num_blocks=len(paths),
-            num_cpus=num_cpus,
+
+def val_tasks(summary: DataSummary, ids: np.ndarray, *, batch_size: int) -> list[PartTask]:
+    """Validation batches of `ids` (every one, once), in Parquet order: a task per part holding
+    any, its last batch possibly short."""
+    rows = np.flatnonzero(np.isin(summary.image_ids, ids))
+    batches = [
+        chunk
+        for part in np.unique(summary.parts[rows])
+        for chunk in _chunks(rows[summary.parts[rows] == part], batch_size)
+    ]
+    return part_tasks(summary, batches)
+
+
+def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask]:
+    """Batches of rows (indices into summary) -> a PartTask per run of batches whose first row
+    is in the same part; each reads the parts any of its rows are in."""
+    tasks = []
+    for _, group in itertools.groupby(batches, key=lambda rows: summary.parts[rows[0]]):
+        group = list(group)
+        parts = dict.fromkeys(int(p) for rows in group for p in summary.parts[rows])
+        tasks.append(
+            PartTask(
+                paths=tuple(summary.paths[p] for p in parts),
+                batches=tuple(summary.image_ids[rows] for rows in group),
+            )
         )
-    finally:
-        for k, v in before.items():
-            setattr(context, k, v)
+    return tasks
 
 
-def train_dataset(
-    summary: DataSummary,
-    ids: np.ndarray,
-    *,
-    lut: np.ndarray,
-    crop_size: int,
-    batch_size: int,
-    num_cpus: float = 1.0,
-):
-    """Shuffled, augmented training batches: each part read, decoded and augmented in one task.
-
-    num_cpus: what each task asks of Ray (train.data_task_cpus: less than 1 where training
-    workers hold fractions of CPUs, so the tasks fit beside them).
-    """
-    return read_parts(summary, ids, shuffle=True, num_cpus=num_cpus).map_batches(
-        train_part,
-        fn_kwargs={
-            "ids": np.unique(ids),
-            "lut": lut,
-            "crop_size": crop_size,
-            "batch_size": batch_size,
-        },
-        batch_size=None,  # the whole part: see read_parts
-        batch_format="numpy",
-        num_cpus=num_cpus,
+def read_rows(paths: tuple[str, ...], fs) -> dict[str, np.ndarray]:
+    """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts."""
+    table = pa.concat_tables(
+        pq.read_table(path, columns=["image_id", "image", "mask"], filesystem=fs, use_threads=False)
+        for path in paths
     )
+    return {
+        "image_id": table["image_id"].to_numpy().astype(np.int64),
+        "image": table["image"].to_numpy(zero_copy_only=False),
+        "mask": table["mask"].to_numpy(zero_copy_only=False),
+    }
 
 
-def val_dataset(
-    summary: DataSummary,
-    ids: np.ndarray,
+def task_batches(
+    task: PartTask, fs, make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """A task's work: read its parts, then make_batch (train_batch or val_batch, its options
+    bound) of each batch's rows, in order."""
+    rows = read_rows(task.paths, fs)
+    where = {int(image_id): k for k, image_id in enumerate(rows["image_id"])}
+    for ids in task.batches:
+        yield make_batch(_take(rows, np.array([where[int(i)] for i in ids], np.intp)))
+
+
+def task_batch_groups(
+    task: PartTask,
+    fs,
+    make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     *,
-    lut: np.ndarray,
-    canvas: tuple[int, int],
-    batch_size: int,
-    num_cpus: float = 1.0,
-):
-    """Validation rows at full resolution, padded to `canvas`."""
-    return read_parts(summary, ids, num_cpus=num_cpus).map_batches(
-        val_part,
-        fn_kwargs={
-            "ids": np.unique(ids),
-            "lut": lut,
-            "height": canvas[0],
-            "width": canvas[1],
-            "batch_size": batch_size,
-        },
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )
+    group: int,
+) -> Iterator[list[dict[str, np.ndarray]]]:
+    """task_batches, the first alone (to arrive soon), then `group` at a time (what rayseg.feed
+    hands over per Ray object)."""
+    batches: list[dict[str, np.ndarray]] = []
+    size = 1
+    for batch in task_batches(task, fs, make_batch):
+        batches.append(batch)
+        if len(batches) == size:
+            yield batches
+            batches, size = [], group
+    if batches:
+        yield batches

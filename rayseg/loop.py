@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,27 +156,6 @@ def timed(batches: Batches, stats: EpochStats) -> Iterator[dict[str, torch.Tenso
         if batch is None:
             return
         yield batch
-
-
-class Prefetched:
-    """Iterates `batches`, with the first batch already being fetched in a background thread.
-
-    Ray Data starts a new execution for every epoch (seconds of task start-up); starting the
-    next epoch's first batch before validation hides that start-up behind validation.
-    """
-
-    def __init__(self, batches: Batches) -> None:
-        self._it = iter(batches)
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._first = self._pool.submit(next, self._it, None)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        first = self._first.result()
-        self._pool.shutdown()
-        if first is None:
-            return
-        yield first
-        yield from self._it
 
 
 def note_problems(batch: dict[str, torch.Tensor], problems: dict[int, int]) -> None:
@@ -344,7 +322,7 @@ def fit_epochs(
     train_model: nn.Module,
     *,
     epochs: range,
-    train_batches: Callable[[], Batches],
+    train_batches: Callable[[int], Batches],
     val_batches: Callable[[], Batches],
     class_map: ClassMap,
     device: torch.device,
@@ -357,13 +335,13 @@ def fit_epochs(
     """Each epoch: train, validate, sum across workers, hand the epoch_record to on_epoch.
 
     `train_model` is `state`'s model, possibly wrapped (DDP, torch.compile); validation runs the
-    plain one. `on_step(epoch)`, if given, returns that epoch's train_one_epoch hook. The next
-    epoch's train_batches() is called before validation, so a pipeline that starts fetching at
-    once (Prefetched) starts up while this epoch validates. `first_batches`: the first epoch's,
-    if the caller started them earlier (train.py: before building the model).
+    plain one. `on_step(epoch)`, if given, returns that epoch's train_one_epoch hook.
+    train_batches(epoch) of the next epoch is called before validation, so a pipeline that
+    starts loading at once (rayseg.feed) loads while this epoch validates. `first_batches`: the
+    first epoch's, if the caller started them earlier (train.py: before building the model).
     """
     model, optimizer, scheduler = state
-    batches = first_batches or (train_batches() if len(epochs) else None)
+    batches = first_batches or (train_batches(epochs[0]) if len(epochs) else None)
     for epoch in epochs:
         stats = train_one_epoch(
             train_model,
@@ -375,7 +353,7 @@ def fit_epochs(
             on_step=on_step(epoch) if on_step else None,
         )
         if epoch < epochs[-1]:
-            batches = train_batches()
+            batches = train_batches(epoch + 1)
         val_start = time.perf_counter()
         conf, val_problems = evaluate(
             model, val_batches(), num_classes=class_map.num_classes, device=device, amp=amp

@@ -14,7 +14,7 @@ rayseg.loop around a few Ray Train calls, each marked `# Ray Train:`.
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import tempfile
 import time
@@ -29,6 +29,7 @@ import torch
 from rayseg import (
     checkpoint,
     cluster,
+    feed,
     ingest,
     loop,
     netif,
@@ -51,7 +52,13 @@ from rayseg.models import (
 from rayseg.split import split_ids
 from rayseg.text import plural
 
-PREFETCH_BATCHES = 2
+
+@dataclass(frozen=True)
+class Split:
+    train: ingest.DataSummary
+    val: ingest.DataSummary
+    train_ids: np.ndarray
+    val_ids: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -61,20 +68,13 @@ class Plan:
     cfg: TrainConfig
     class_map: ClassMap
     run_uri: str
+    split: Split
+    val_canvas: tuple[int, int]  # (H, W) every validation image is padded to
     steps_per_epoch: int
     threads: int
     data_cpus: float  # what each data-loading task asks of Ray (data_task_cpus)
-    num_train: int
-    num_val: int
+    data_tasks: int  # data-loading tasks each worker runs at once (data_tasks_per_worker)
     resume_uri: str | None = None  # the newest checkpoint that loads (checkpoint.resume_point)
-
-
-@dataclass(frozen=True)
-class Split:
-    train: ingest.DataSummary
-    val: ingest.DataSummary
-    train_ids: np.ndarray
-    val_ids: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,6 @@ class Checked:
 
 
 def quiet_logs() -> None:
-    # Ray Data logs a few INFO lines per dataset execution, i.e. per epoch and worker.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not rayoutput.verbose():
         rayoutput.quiet_ray()
     # MobileNet's depthwise weight grads come out in another stride order on CPU; DDP copes.
@@ -175,17 +173,54 @@ def step_progress(plan: Plan, *, rank: int, world: int):
     return for_epoch
 
 
-def train_batches(shard, cfg: TrainConfig, device: torch.device) -> loop.Prefetched:
-    """One epoch of shuffled training batches from this worker's Ray Data shard."""
-    return loop.Prefetched(
-        shard.iter_torch_batches(  # Ray Data: decoded on other CPUs, moved to `device`
+def train_batches(plan: Plan, epoch: int, *, rank: int, world: int, device) -> feed.Feed:
+    """Worker `rank`'s shuffled, augmented training batches of `epoch`; their tasks start now."""
+    cfg, split = plan.cfg, plan.split
+    return feed.Feed(
+        ingest.train_tasks(
+            split.train,
+            split.train_ids,
+            rank=rank,
+            world=world,
             batch_size=cfg.batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-            prefetch_batches=PREFETCH_BATCHES,
-            device=device,
-        )
+            seed=cfg.seed,
+            epoch=epoch,
+        ),  # fmt: skip
+        fs=split.train.location.fs,
+        make_batch=functools.partial(
+            ingest.train_batch, lut=plan.class_map.train_lut(), crop_size=cfg.crop_size
+        ),
+        in_flight=plan.data_tasks,
+        num_cpus=plan.data_cpus,
+        device=device,
     )
+
+
+def val_batches(plan: Plan, *, rank: int, world: int, device) -> feed.Feed:
+    """Worker `rank`'s share of the validation images, unscaled, padded to plan.val_canvas."""
+    split = plan.split
+    ids = ingest.shard_ids(split.val_ids, world)[rank]
+    height, width = plan.val_canvas
+    return feed.Feed(
+        ingest.val_tasks(split.val, ids, batch_size=plan.cfg.batch_size),
+        fs=split.val.location.fs,
+        make_batch=functools.partial(
+            ingest.val_batch, lut=plan.class_map.train_lut(), height=height, width=width
+        ),
+        in_flight=plan.data_tasks,
+        num_cpus=plan.data_cpus,
+        device=device,
+    )
+
+
+def epochs_done_hint(plan: Plan) -> int:
+    """The epochs resume() will restore, from the checkpoints' folder names alone (epoch_NNNN),
+    so that the first epoch's data can start loading before the model is built."""
+    import ray.train
+
+    saved = ray.train.get_checkpoint()  # Ray Train
+    names = [checkpoint.dir_name(u) for u in (saved and saved.path, plan.resume_uri) if u]
+    return max((checkpoint.epoch_of_dir(n) for n in names), default=0)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -201,29 +236,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # Ray Train
     torch.set_num_threads(plan.threads)
     torch.manual_seed(cfg.seed)
-    train_shard = ray.train.get_dataset_shard("train")  # Ray Train
-    # The first epoch's data starts loading now, while the model is built and restored (Ray
-    # Data's start-up: bench/ingest_bench.py, "first_epoch_wait").
-    first_batches = train_batches(train_shard, cfg, device)
+    # The first epoch's data starts loading now, while the model is built and restored
+    # (bench/ingest_bench.py, "first_epoch_wait").
+    first = epochs_done_hint(plan) + 1
+    first_batches = train_batches(plan, first, rank=rank, world=world, device=device)
     amp = cfg.amp and device.type == "cuda"
     num_classes = plan.class_map.num_classes
     state = loop.build_training(
         cfg, num_classes, plan.steps_per_epoch, device, world_size=world, channels_last=amp
     )
     start_epoch = resume(state, plan=plan, rank=rank)
+    if start_epoch + 1 != first:  # a checkpoint named for an epoch it does not hold
+        first_batches.close()
+        first_batches = None
     run = storage.locate(plan.run_uri)
     history = checkpoint.read_history(run, upto_epoch=start_epoch) if rank == 0 else []
     train_model = torch.compile(state[0]) if cfg.compile else state[0]
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # Ray Train: DDP
-    val_shard = ray.train.get_dataset_shard(f"val_{rank}")  # Ray Train: this worker's val images
     loop.fit_epochs(
         state,
         train_model,
         epochs=range(start_epoch + 1, cfg.epochs + 1),
-        train_batches=lambda: train_batches(train_shard, cfg, device),
-        val_batches=lambda: val_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, prefetch_batches=PREFETCH_BATCHES, device=device
+        train_batches=lambda epoch: train_batches(
+            plan, epoch, rank=rank, world=world, device=device
         ),
+        val_batches=lambda: val_batches(plan, rank=rank, world=world, device=device),
         class_map=plan.class_map,
         device=device,
         amp=amp,
@@ -352,6 +389,12 @@ def data_task_cpus(cpus_per_worker: float) -> float:
     return 1.0 if fraction < 1e-6 else round(1 - fraction, 3)
 
 
+def data_tasks_per_worker(free_cpus: float, data_cpus: float, num_workers: int) -> int:
+    """Data-loading tasks each worker keeps running: the CPUs its workers leave, shared out
+    (at least 1). No more: a task waiting for a CPU would read as a stalled run (rayseg.waits)."""
+    return max(1, int(free_cpus / data_cpus / num_workers + 1e-9))
+
+
 def collective_backend(cfg: TrainConfig) -> str:
     """The process group's backend: NCCL for a GPU per worker; gloo on CPUs, and where workers
     share a GPU (NCCL refuses two ranks on one device)."""
@@ -415,29 +458,7 @@ def data_cpus_note(cfg: TrainConfig, cluster_cpus: float, cpus_per_worker: float
     )
 
 
-def datasets_for(plan: Plan, split: Split) -> dict[str, Any]:
-    """Ray Data datasets: "train" (split across workers) and "val_<rank>", one per worker."""
-    cfg, lut = plan.cfg, plan.class_map.train_lut()
-    datasets = {
-        "train": ingest.train_dataset(
-            split.train,
-            split.train_ids,
-            lut=lut,
-            crop_size=cfg.crop_size,
-            batch_size=cfg.batch_size,
-            num_cpus=plan.data_cpus,
-        )
-    }
-    canvas = ingest.val_canvas(split.val, split.val_ids)
-    for rank, ids in enumerate(ingest.shard_ids(split.val_ids, cfg.num_workers)):
-        datasets[f"val_{rank}"] = ingest.val_dataset(
-            split.val, ids, lut=lut, canvas=canvas, batch_size=cfg.batch_size,
-            num_cpus=plan.data_cpus,
-        )  # fmt: skip
-    return datasets
-
-
-def build_trainer(plan: Plan, split: Split, run: storage.Location, cpus_per_worker: float):
+def build_trainer(plan: Plan, run: storage.Location, cpus_per_worker: float):
     """Ray Train: a TorchTrainer running train_loop_per_worker on cfg.num_workers workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -468,8 +489,6 @@ def build_trainer(plan: Plan, split: Split, run: storage.Location, cpus_per_work
             ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets_for(plan, split),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -508,33 +527,37 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     if note := data_cpus_note(cfg, ray.cluster_resources().get("CPU", 0), cpus_per_worker):
         print(note)
     cluster.check_storage_reachable(checked.run)
-    rayoutput.quiet_ray_data()  # its INFO lines (the Parquet read's sizing) stay in ray-data.log
     split = checked.split
+    data_cpus = data_task_cpus(cpus_per_worker)
+    held = cpus_per_worker * cfg.num_workers
     plan = Plan(
         cfg=cfg,
         class_map=checked.class_map,
         run_uri=checked.run.uri,
+        split=split,
+        val_canvas=ingest.val_canvas(split.val, split.val_ids),
         steps_per_epoch=checked.steps_per_epoch,
         threads=threads,
-        data_cpus=data_task_cpus(cpus_per_worker),
-        num_train=len(split.train_ids),
-        num_val=len(split.val_ids),
+        data_cpus=data_cpus,
+        data_tasks=data_tasks_per_worker(
+            ray.cluster_resources().get("CPU", 0) - held, data_cpus, cfg.num_workers
+        ),
         resume_uri=checked.resume.uri,
     )
     print(
-        f"training {cfg.model} on {plan.num_train} images ({plan.num_val} for validation), "
+        f"training {cfg.model} on {len(split.train_ids)} images ({len(split.val_ids)} for "
+        "validation), "
         f"{plural(plan.class_map.num_classes, 'class')}, {plural(cfg.num_workers, 'worker')} x "
         f"{cfg.batch_size} "
         f"images/step, {plan.steps_per_epoch} steps/epoch"
     )
-    held = cpus_per_worker * cfg.num_workers
 
     def needs() -> list[waits.Need]:
         return waits.starved_data(held, plan.data_cpus) + waits.pending_needs()
 
     # A line whenever work waits for a CPU that is held (or gone with a lost node).
     with waits.ResourceWatch(held={"training workers": held}, needs=needs):
-        fit(build_trainer(plan, split, checked.run, cpus_per_worker))
+        fit(build_trainer(plan, checked.run, cpus_per_worker))
 
 
 # ---- driver: the command ---------------------------------------------------------------------

@@ -32,7 +32,18 @@ class Need:
     resources: tuple[tuple[str, float], ...]
 
 
-DATA_WORK = ("Read", "MapBatches", "MapWorker", "Map(", "Filter", "Project", "ListFiles", "Footer")
+# rayseg.feed's task (feed.TASK_NAME), then Ray Data's operators (evaluate, masks).
+DATA_WORK = (
+    "load_data",
+    "Read",
+    "MapBatches",
+    "MapWorker",
+    "Map(",
+    "Filter",
+    "Project",
+    "ListFiles",
+    "Footer",
+)
 
 
 def purpose(name: str) -> str | None:

@@ -206,3 +206,8 @@ def test_run_files_hold_the_resolved_config_and_the_split(tmp_path):
         "train_images": 6,
         "val_image_ids": [3, 5],
     }
+
+
+def test_epoch_of_dir_reads_checkpoint_folder_names():
+    assert checkpoint.epoch_of_dir(checkpoint.checkpoint_dir_name(12)) == 12
+    assert checkpoint.epoch_of_dir("epoch_x") == checkpoint.epoch_of_dir("model.pt") == 0

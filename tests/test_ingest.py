@@ -1,13 +1,18 @@
-"""rayseg.ingest: crop checks, decode + augment (pure), and the Ray Data datasets."""
+"""rayseg.ingest: crop checks, decode + augment, each worker's tasks per epoch (pure); rayseg.feed:
+those tasks run by Ray."""
 
 from __future__ import annotations
+
+import functools
+import time
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from mask_data import META, make_sample, sample_row, write_masks
 
-from rayseg import ingest, storage
+from rayseg import feed, ingest, storage
 from rayseg.errors import RaysegError
 from rayseg.models import class_map_from_meta
 
@@ -172,41 +177,6 @@ def test_val_batch_pads_to_canvas_and_flags_bad_rows():
     assert (out["mask"][0, 48:] == 255).all() and (out["mask"][0, :, 64:] == 255).all()
 
 
-def part_of(count: int) -> dict[str, np.ndarray]:
-    """A Parquet part's rows as Ray Data hands them to map_batches: ids 0..count-1."""
-    rows = [sample_row(i, *make_sample(i)) for i in range(count)]
-    part = {k: np.array([r[k] for r in rows], dtype=object) for k in ("image", "mask")}
-    part["image_id"] = np.arange(count, dtype=np.int64)
-    return part
-
-
-def test_train_part_batches_each_wanted_row_once_in_a_new_order():
-    part, wanted = part_of(40), np.arange(0, 40, 2)  # the other half belongs to another split
-    lut = CLASS_MAP.train_lut()
-    orders = []
-    for _ in range(2):
-        batches = list(ingest.train_part(part, ids=wanted, lut=lut, crop_size=24, batch_size=6))
-        assert [len(b["image_id"]) for b in batches] == [6, 6, 6, 2]
-        assert all(b["image"].shape[1:] == (24, 24, 3) for b in batches)
-        order = np.concatenate([b["image_id"] for b in batches])
-        assert sorted(order.tolist()) == wanted.tolist()
-        orders.append(order.tolist())
-    assert orders[0] != orders[1] and orders[0] != wanted.tolist()  # 1 in 20! to fail
-
-
-def test_val_part_keeps_the_part_order():
-    part = part_of(5)
-    batches = list(
-        ingest.val_part(
-            part, ids=np.array([4, 1, 3]), lut=CLASS_MAP.train_lut(), height=48, width=64,
-            batch_size=2,
-        )
-    )  # fmt: skip
-    assert [b["image_id"].tolist() for b in batches] == [[1, 3], [4]]
-    _, mask = make_sample(3)
-    np.testing.assert_array_equal(batches[0]["mask"][1], CLASS_MAP.to_train_ids(mask))
-
-
 # ---- driver-side scan -----------------------------------------------------------------------
 
 
@@ -254,59 +224,150 @@ def test_crop_larger_than_every_image_is_refused(tmp_path):
         ingest.check_crop(summary, summary.image_ids, 65)
 
 
-# ---- Ray Data -------------------------------------------------------------------------------
+# ---- each worker's batches of an epoch, as tasks (pure) -----------------------------------
 
 
-def test_train_dataset_yields_augmented_batches(ray_local, tmp_path):
-    import ray.data
+def planned(tasks: list[ingest.PartTask]) -> list[list[int]]:
+    return [b.tolist() for t in tasks for b in t.batches]
 
+
+def test_train_tasks_give_every_worker_an_equal_share_in_full_batches(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 23, parts=4)))
+    wanted = summary.image_ids[summary.image_ids != 107]  # 107 is another split's: 22 images
+    shares = [
+        ingest.train_tasks(
+            summary, wanted, rank=r, world=3, batch_size=3, seed=0, epoch=1
+        )
+        for r in range(3)
+    ]  # fmt: skip
+    # 22 // 3 = 7 images each, 2 batches of 3 (the 7th waits, as the 22nd image does)
+    assert [[len(b) for b in planned(t)] for t in shares] == [[3, 3]] * 3
+    taken = [i for t in shares for b in planned(t) for i in b]
+    assert len(set(taken)) == len(taken) == 18 and set(taken) <= set(wanted.tolist())
+    for task in (t for tasks in shares for t in tasks):  # each task reads the parts of its rows
+        parts = {
+            summary.paths[summary.parts[summary.image_ids == i][0]] for b in task.batches for i in b
+        }
+        assert parts == set(task.paths) and task.num_images == 3 * len(task.batches)
+        first_parts = {summary.parts[summary.image_ids == b[0]][0] for b in task.batches}
+        assert len(first_parts) == 1  # a task per part its batches start in
+
+
+def test_train_tasks_shuffle_by_seed_and_epoch(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 40, parts=4)))
+    ids = summary.image_ids
+
+    def order(seed: int, epoch: int) -> list[list[int]]:
+        return planned(
+            ingest.train_tasks(summary, ids, rank=0, world=1, batch_size=4, seed=seed, epoch=epoch)
+        )
+
+    assert order(0, 1) == order(0, 1)  # every worker draws the same order; a resume too
+    assert order(0, 1) != order(0, 2) and order(0, 1) != order(1, 1)
+    flat = sum(order(0, 1), [])
+    assert sorted(flat) == sorted(ids.tolist()) and flat != sorted(flat)
+
+
+def test_val_tasks_take_every_image_once_in_part_order(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 9, parts=2)))  # 100, 102, ...
+    tasks = ingest.val_tasks(summary, np.array([108, 101, 104, 100, 106]), batch_size=2)
+    assert planned(tasks) == [[100, 104], [106, 108], [101]]
+    assert [t.paths for t in tasks] == [(summary.paths[0],), (summary.paths[1],)]
+    assert ingest.val_tasks(summary, np.array([], np.int64), batch_size=2) == []
+
+
+def test_task_batches_make_each_planned_batch(tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6, bad={101: "mask"})))
-    ids = np.array([100, 101, 103, 104])
-    ds = ingest.train_dataset(summary, ids, lut=CLASS_MAP.train_lut(), crop_size=32, batch_size=2)
-    rows = ds.take_all()
-    assert sorted(r["image_id"] for r in rows) == [100, 101, 103, 104]
-    for r in rows:
-        assert r["image"].shape == (32, 32, 3) and r["mask"].shape == (32, 32)
-        assert r["problem"] == (3 if r["image_id"] == 101 else 0)
-    # Read and decode run as one task per Parquet part (issue 22: an operator between them,
-    # such as a filter, splits them into a task per batch, with every encoded row a Ray object).
-    assert "ReadParquet->MapBatches(train_part): 2 tasks executed" in ds.stats()
-    # The settings travel with the dataset (its copy of DataContext), not the driver's.
-    assert not ds.context.op_resource_reservation_enabled and not ds.context.use_datasource_v2
-    assert ray.data.DataContext.get_current().op_resource_reservation_enabled
+    (task,) = ingest.val_tasks(summary, np.array([101, 103]), batch_size=4)
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    (batch,) = ingest.task_batches(task, summary.location.fs, make)
+    assert batch["image_id"].tolist() == [101, 103] and batch["problem"].tolist() == [3, 0]
+    _, mask = make_sample(3)
+    np.testing.assert_array_equal(batch["mask"][1], CLASS_MAP.to_train_ids(mask))
+    spanning = ingest.PartTask(summary.paths, (np.array([105, 100]),))  # two parts, any order
+    make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=24)
+    (batch,) = ingest.task_batches(spanning, summary.location.fs, make)
+    assert batch["image_id"].tolist() == [105, 100] and batch["image"].shape == (2, 24, 24, 3)
 
 
-def test_val_dataset_keeps_full_resolution(ray_local, tmp_path):
-    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 4)))
-    ds = ingest.val_dataset(
-        summary, np.array([102]), lut=CLASS_MAP.train_lut(), canvas=(48, 64), batch_size=4
+def test_task_batch_groups_hand_over_the_first_batch_alone(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 7, parts=1)))
+    (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    groups = list(ingest.task_batch_groups(task, summary.location.fs, make, group=4))
+    assert [[b["image_id"].tolist() for b in g] for g in groups] == [
+        [[100]],
+        [[101], [102], [103], [104]],
+        [[105], [106]],
+    ]
+
+
+# ---- rayseg.feed: the tasks run by Ray ----------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def feed_of(summary, tasks, **kwargs) -> feed.Feed:
+    make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=32)
+    options = {"make_batch": make, "in_flight": 2, "num_cpus": 1.0, **kwargs}
+    return feed.Feed(tasks, fs=summary.location.fs, device=CPU, **options)
+
+
+def test_feed_yields_every_planned_batch_as_tensors(ray_local, tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 12, parts=3, bad={101: "mask"})))
+    tasks = ingest.train_tasks(
+        summary, summary.image_ids, rank=0, world=1, batch_size=2, seed=0, epoch=1
     )
-    (row,) = ds.take_all()
-    _, mask = make_sample(2)
-    assert np.array_equal(row["mask"], CLASS_MAP.to_train_ids(mask))
-    # Only the part that holds image 102 is read; a share of no images reads one, keeps none.
-    assert summary.paths_with(np.array([102])) == [summary.paths[0]]  # rows 0, 2 of 4
-    assert "1 tasks executed" in ds.stats()
-    none = ingest.val_dataset(
-        summary, np.array([], np.int64), lut=CLASS_MAP.train_lut(), canvas=(48, 64), batch_size=4
+    assert len(tasks) >= 3
+    got = list(feed_of(summary, tasks))
+    assert sorted(b["image_id"].tolist() for b in got) == sorted(planned(tasks))
+    for b in got:
+        assert b["image"].shape == (2, 32, 32, 3) and b["image"].dtype == torch.uint8
+        assert b["mask"].shape == (2, 32, 32)
+        assert b["problem"].tolist() == [3 if i == 101 else 0 for i in b["image_id"].tolist()]
+
+
+def test_feed_closed_early_cancels_its_tasks(ray_local, tmp_path):
+    import ray
+
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 8, parts=2)))
+    tasks = ingest.train_tasks(
+        summary, summary.image_ids, rank=0, world=1, batch_size=2, seed=0, epoch=1
     )
-    assert none.take_all() == []
+    make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=32)
+
+    def slow(batch):  # each task's first batch at once, the others after a minute
+        if batch["image_id"][0] not in firsts:
+            time.sleep(60)
+        return make(batch)
+
+    firsts = {int(t.batches[0][0]) for t in tasks}
+    epoch = iter(feed_of(summary, tasks, make_batch=slow))
+    next(epoch)
+    epoch.close()  # as when training stops mid-epoch
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2, "a data task still holds its CPU"
 
 
 def test_data_loading_fits_beside_workers_holding_all_but_half_a_cpu(ray_local, tmp_path):
     # As on 1-CPU nodes after a lost node: training workers of half a CPU leave half a CPU on
     # each node. Every data-loading task must ask for no more (Ray Data's default Parquet
-    # read lists files in 1-CPU tasks: it waited forever here).
+    # read listed files in 1-CPU tasks: it waited forever here).
     import threading
 
     import ray
 
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 6)))
     ids = summary.image_ids
-    lut = CLASS_MAP.train_lut()
-    datasets = [
-        ingest.train_dataset(summary, ids, lut=lut, crop_size=16, batch_size=2, num_cpus=0.5),
-        ingest.val_dataset(summary, ids, lut=lut, canvas=(48, 64), batch_size=2, num_cpus=0.5),
+    tasks = ingest.train_tasks(summary, ids, rank=0, world=1, batch_size=2, seed=0, epoch=1)
+    val = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    feeds = [
+        feed_of(summary, tasks, num_cpus=0.5),
+        feed_of(
+            summary, ingest.val_tasks(summary, ids, batch_size=2), make_batch=val, num_cpus=0.5
+        ),
     ]
 
     @ray.remote(num_cpus=1.5)
@@ -318,10 +379,11 @@ def test_data_loading_fits_beside_workers_holding_all_but_half_a_cpu(ray_local, 
     assert ray.get(held.ready.remote())
     rows = []
     reading = threading.Thread(
-        target=lambda: [rows.extend(ds.take_all()) for ds in datasets], daemon=True
+        target=lambda: [rows.extend(b["image_id"].tolist()) for f in feeds for b in f],
+        daemon=True,
     )
     reading.start()
     reading.join(timeout=120)
     ray.kill(held)
     assert not reading.is_alive(), "a data-loading task waited for a whole CPU"
-    assert sorted(r["image_id"] for r in rows) == sorted([*ids, *ids])
+    assert sorted(rows) == sorted([*ids, *ids])

@@ -73,11 +73,10 @@ def test_aux_head_gets_ten_times_the_lr():
     assert counted == len(list(model.parameters()))
 
 
-def test_timed_counts_waits_and_prefetched_yields_everything():
+def test_timed_counts_waits_and_yields_everything():
     stats = loop.EpochStats()
-    assert list(loop.timed(loop.Prefetched(iter(range(1, 4))), stats)) == [1, 2, 3]
+    assert list(loop.timed(iter(range(1, 4)), stats)) == [1, 2, 3]
     assert stats.wait_seconds >= stats.first_wait_seconds >= 0
-    assert list(loop.Prefetched(iter([]))) == []
 
 
 def test_one_epoch_counts_steps_images_and_problems():
@@ -127,12 +126,12 @@ def test_sum_across_workers_without_a_process_group_is_the_identity():
 
 
 def fit_two_epochs(**kwargs) -> tuple[list[str], list[dict]]:
-    """loop.fit_epochs over epochs 1-2 of BATCHES: (train_batches() calls, epoch records)."""
+    """loop.fit_epochs over epochs 1-2 of BATCHES: (train_batches(epoch) calls, epoch records)."""
     state = training(epochs=2)
     calls, records = [], []
 
-    def train_batches():
-        calls.append("train")
+    def train_batches(epoch: int):
+        calls.append(epoch)
         return BATCHES
 
     loop.fit_epochs(
@@ -153,7 +152,7 @@ def fit_two_epochs(**kwargs) -> tuple[list[str], list[dict]]:
 
 def test_fit_epochs_trains_validates_and_hands_over_each_record():
     calls, records = fit_two_epochs()
-    assert calls == ["train", "train"] and [r["epoch"] for r in records] == [1, 2]
+    assert calls == [1, 2] and [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["steps"] == 2 and records[-1]["lr"] == pytest.approx(0.0)
     assert records[1]["loss"] < records[0]["loss"]
 
@@ -161,7 +160,7 @@ def test_fit_epochs_trains_validates_and_hands_over_each_record():
 def test_fit_epochs_starts_with_batches_started_earlier():
     # train.py starts the first epoch's batches before it builds the model.
     calls, records = fit_two_epochs(first_batches=BATCHES[:1])
-    assert calls == ["train"]  # only the second epoch's
+    assert calls == [2]  # only the second epoch's
     assert [r["steps"] for r in records] == [1, 2]
 
 

@@ -88,6 +88,13 @@ def test_data_tasks_fit_beside_fractional_workers():
     assert train.data_task_cpus(1.75) == 0.25
 
 
+def test_data_tasks_per_worker_share_the_cpus_left():
+    assert train.data_tasks_per_worker(1.0, 1.0, 1) == 1  # 2 CPUs, a worker holding 1
+    assert train.data_tasks_per_worker(12.0, 1.0, 4) == 3
+    assert train.data_tasks_per_worker(3.0, 0.5, 2) == 3
+    assert train.data_tasks_per_worker(1.0, 1.0, 4) == 1  # fewer than workers: 1 each, queued
+
+
 def test_gpu_workers_with_few_cpus_left_for_data_get_a_note():
     gpu = TrainConfig(data="d", out="o", use_gpu=True, num_workers=2)
     assert train.data_cpus_note(gpu, 6, 1.0) is None  # 4 left: 2 per GPU
