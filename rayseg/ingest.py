@@ -44,8 +44,8 @@ FLIP_PROBABILITY = 0.5
 # on the CPUs the worker does not reserve, so reserving more would take them from the decoder:
 # a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
-# CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU,
-# from "cores_per_gpu_272" measured on 2 x86-64 cores, rounded up.
+# CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU:
+# 1.16-1.22 ("cores_per_gpu_272", measured on 2 x86-64 cores), rounded up.
 DATA_CPUS_PER_GPU = 2
 
 # Codes in a batch's "problem" column.
