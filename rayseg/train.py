@@ -7,9 +7,10 @@ checkpoints. Running the same command again with more epochs resumes from the ne
 that loads (a newer, unreadable one is skipped and said so).
 
 run_train(cfg) runs on the driver: it checks data, classes, crop, storage and any earlier run
-before a worker starts, builds the Ray Data datasets (rayseg.ingest), runs TorchTrainer, and
+before a worker starts, plans how many data tasks each worker runs, runs TorchTrainer, and
 exports RUN/model.pt. train_loop_per_worker runs on each worker: the plain PyTorch loop of
-rayseg.loop around a few Ray Train calls, each marked `# Ray Train:`.
+rayseg.loop around a few Ray Train calls, each marked `# Ray Train:`, fed by rayseg.feed (each
+epoch's batches, planned by rayseg.ingest, made by Ray tasks).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def train_batches(plan: Plan, epoch: int, *, rank: int, world: int, device) -> f
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             epoch=epoch,
-        ),  # fmt: skip
+        ),
         fs=split.train.location.fs,
         make_batch=functools.partial(
             ingest.train_batch, lut=plan.class_map.train_lut(), crop_size=cfg.crop_size
@@ -239,14 +240,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The first epoch's data starts loading now, while the model is built and restored
     # (bench/ingest_bench.py, "first_epoch_wait").
     first = epochs_done_hint(plan) + 1
-    first_batches = train_batches(plan, first, rank=rank, world=world, device=device)
+    first_batches = None
+    if first <= cfg.epochs:  # else a restart after the last epoch's checkpoint: nothing to train
+        first_batches = train_batches(plan, first, rank=rank, world=world, device=device)
     amp = cfg.amp and device.type == "cuda"
     num_classes = plan.class_map.num_classes
     state = loop.build_training(
         cfg, num_classes, plan.steps_per_epoch, device, world_size=world, channels_last=amp
     )
     start_epoch = resume(state, plan=plan, rank=rank)
-    if start_epoch + 1 != first:  # a checkpoint named for an epoch it does not hold
+    if first_batches is not None and start_epoch + 1 != first:  # a checkpoint's name was wrong
         first_batches.close()
         first_batches = None
     run = storage.locate(plan.run_uri)
@@ -304,7 +307,7 @@ def plan_split(cfg: TrainConfig, data: ingest.DataSummary, class_map: ClassMap) 
 
 
 def steps_per_epoch(num_train: int, cfg: TrainConfig) -> int:
-    # Ray Data's equal split gives each worker floor(N / W) rows; the last partial batch is dropped.
+    # ingest.train_tasks gives each worker floor(N / W) images; the last partial batch is dropped.
     steps = (num_train // cfg.num_workers) // cfg.batch_size
     if steps < 1:
         raise RaysegError(
@@ -362,7 +365,7 @@ def worker_resources(cfg: TrainConfig, node_cpus: list[float]) -> tuple[float, i
 
     With GPUs a worker reserves ingest.GPU_CPUS_PER_WORKER (measured: the rest of a node's CPUs
     decode its data). CPU training gets all CPUs but one, shared out (no more
-    than a node has): Ray Data decodes on the CPUs that Train did not reserve. On a cluster of
+    than a node has): the data tasks decode on the CPUs that Train did not reserve. On a cluster of
     several nodes, where Ray Train restarts the workers after a failure (max_failures != 0), the
     share is planned as if the largest node were gone: restarted on the nodes left, the workers
     would otherwise hold every CPU, and the data loading they wait for could never be placed.

@@ -124,7 +124,8 @@ def pending_needs() -> list[Need]:
 
 def starved_data(held_cpus: float, data_cpus: float) -> list[Need]:
     """Data loading, when the workers hold so much of the cluster's CPUs that none of its tasks
-    fits (as after a lost node). Ray Data then submits nothing, so no task shows as pending."""
+    fits (as after a lost node), known from the resources alone: a Feed submits only a few
+    tasks per epoch, and between epochs none may be pending for the state API to show."""
     import ray
 
     if ray.cluster_resources().get("CPU", 0) - held_cpus < data_cpus - 1e-9:
