@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayseg import ingest
+from rayseg import ingest, waits
 
 # The task name, as Ray's state API and `ray list tasks` show it (rayseg.waits says its waits).
-TASK_NAME = "load_data"
-# Batches a task hands over per Ray object: fewer objects, less of Ray's CPU per image (issue 22:
-# 4 batches of 16 took a third of the raylet's and the consumer's CPU per image of 1,
-# bench/ingest_bench.py), at the cost of 4 batches' time before a task's first arrives.
+TASK_NAME = waits.DATA_TASK
+# Batches a task hands over per Ray object: fewer objects, less of Ray's CPU per image (issue 22,
+# exploratory: 4 batches of 16 per object took the raylet's and the consumer's CPU from ~0.23 to
+# ~0.10 ms per image), at the cost of 4 batches' time before an object arrives (so a task's
+# first batch goes alone: ingest.task_batch_groups).
 BATCHES_PER_OBJECT = 4
 
 Batch = dict[str, np.ndarray]

@@ -332,10 +332,6 @@ class PartTask:
     paths: tuple[str, ...]
     batches: tuple[np.ndarray, ...]  # (B,) int64 image ids each
 
-    @property
-    def num_images(self) -> int:
-        return sum(len(b) for b in self.batches)
-
 
 def train_tasks(
     summary: DataSummary,

@@ -177,37 +177,34 @@ def step_progress(plan: Plan, *, rank: int, world: int):
 def train_batches(plan: Plan, epoch: int, *, rank: int, world: int, device) -> feed.Feed:
     """Worker `rank`'s shuffled, augmented training batches of `epoch`; their tasks start now."""
     cfg, split = plan.cfg, plan.split
-    return feed.Feed(
-        ingest.train_tasks(
-            split.train,
-            split.train_ids,
-            rank=rank,
-            world=world,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            epoch=epoch,
-        ),
-        fs=split.train.location.fs,
-        make_batch=functools.partial(
-            ingest.train_batch, lut=plan.class_map.train_lut(), crop_size=cfg.crop_size
-        ),
-        in_flight=plan.data_tasks,
-        num_cpus=plan.data_cpus,
-        device=device,
+    tasks = ingest.train_tasks(
+        split.train, split.train_ids, rank=rank, world=world, batch_size=cfg.batch_size,
+        seed=cfg.seed, epoch=epoch,
+    )  # fmt: skip
+    make = functools.partial(
+        ingest.train_batch, lut=plan.class_map.train_lut(), crop_size=cfg.crop_size
     )
+    return data_feed(plan, tasks, split.train, make, device)
 
 
 def val_batches(plan: Plan, *, rank: int, world: int, device) -> feed.Feed:
     """Worker `rank`'s share of the validation images, unscaled, padded to plan.val_canvas."""
     split = plan.split
     ids = ingest.shard_ids(split.val_ids, world)[rank]
+    tasks = ingest.val_tasks(split.val, ids, batch_size=plan.cfg.batch_size)
     height, width = plan.val_canvas
+    make = functools.partial(
+        ingest.val_batch, lut=plan.class_map.train_lut(), height=height, width=width
+    )
+    return data_feed(plan, tasks, split.val, make, device)
+
+
+def data_feed(plan: Plan, tasks, data: ingest.DataSummary, make_batch, device) -> feed.Feed:
+    """`tasks` of `data` run with the plan's CPUs per task and tasks at once."""
     return feed.Feed(
-        ingest.val_tasks(split.val, ids, batch_size=plan.cfg.batch_size),
-        fs=split.val.location.fs,
-        make_batch=functools.partial(
-            ingest.val_batch, lut=plan.class_map.train_lut(), height=height, width=width
-        ),
+        tasks,
+        fs=data.location.fs,
+        make_batch=make_batch,
         in_flight=plan.data_tasks,
         num_cpus=plan.data_cpus,
         device=device,

@@ -32,23 +32,13 @@ class Need:
     resources: tuple[tuple[str, float], ...]
 
 
-# rayseg.feed's task (feed.TASK_NAME), then Ray Data's operators (evaluate, masks).
-DATA_WORK = (
-    "load_data",
-    "Read",
-    "MapBatches",
-    "MapWorker",
-    "Map(",
-    "Filter",
-    "Project",
-    "ListFiles",
-    "Footer",
-)
+# The name of training's data-loading tasks (rayseg.feed's).
+DATA_TASK = "load_data"
 
 
 def purpose(name: str) -> str | None:
     """A user's word for a Ray task or actor name (None: Ray's own, not the user's work)."""
-    if name.startswith(DATA_WORK) or "->" in name:
+    if name == DATA_TASK:
         return "data loading"
     if "RayTrainWorker" in name:
         return "a training worker"

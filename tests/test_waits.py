@@ -12,11 +12,8 @@ DATA = Need("data loading", (("CPU", 1.0),))
 
 def test_purpose_names_rays_work_in_user_words():
     assert waits.purpose(feed.TASK_NAME) == "data loading"  # training's data tasks
-    assert waits.purpose("ReadParquet->MapBatches(infer)") == "data loading"  # Ray Data's
-    assert waits.purpose("MapBatches(infer)") == "data loading"
     assert waits.purpose("RayTrainWorker") == "a training worker"
     assert waits.purpose("render_shard") == "mask rendering"
-    assert waits.purpose("FooterReader") == waits.purpose("ListFiles") == "data loading"
     assert waits.purpose("PlacementGroupCleaner") is None  # Ray's own: not said
 
 
