@@ -28,7 +28,8 @@ The waits: (c) again on --wait-images images, paced by a simulated step at half 
 As train.py does, the first epoch's tasks start before the model is built (deeplabv3_resnet50
 here, on CPU), and the next epoch's start before a validation pause between epochs: the share
 of each epoch's time spent blocked on data, the first epoch and the later ones; then the same
-under Ray Train (a TorchTrainer of one worker making its Feeds as `rayseg train` does).
+under Ray Train (a TorchTrainer of one worker making its Feeds as `rayseg train` does), first
+without rayseg.prestart, then with it, as `rayseg train` runs.
 Cheap wins are timed per image in this thread (CPU ms): decode at half size (JPEG DCT scaling),
 crop before resize, the look-up table, OpenCV threads (CPU of all threads).
 Cores per GPU = the GPU step rate (272 images/s: deeplabv3_resnet50, 480 px, batch 16, bf16 +
@@ -477,12 +478,25 @@ def paced_loop(config: dict) -> None:
 
 
 def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, step_rate: float,
-                classes: int) -> list[float]:  # fmt: skip
+                classes: int, prestarted: bool) -> list[float]:  # fmt: skip
     """paced_loop under Ray Train: one worker holding no CPU (the data tasks get them all),
-    making its Feeds inside Ray Train as rayseg train does."""
+    making its Feeds inside Ray Train as rayseg train does; `prestarted`: after rayseg.prestart,
+    as rayseg train does. Each call's workers get a runtime_env of their own, so that neither
+    finds the processes the other left."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from rayseg import prestart, raycompat
+
+    stage = "prestarted" if prestarted else "cold"
+    worker_env = {"env_vars": {"RAYSEG_BENCH_STAGE": stage}}
+    if prestarted:  # prestart.start, with this call's variable added to the workers' env
+        env = raycompat.train_worker_env()
+        env["env_vars"].update(worker_env["env_vars"])
+        node = ray.get_runtime_context().get_node_id()
+        starter = ray.remote(prestart.Starter).options(num_cpus=0, runtime_env=env).remote()
+        starter.start.remote({node: feed_options["in_flight"]}, env)
     out = REPO / "bench" / "_data" / "ray_train" / "waits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -497,6 +511,7 @@ def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, st
         run_config=ray.train.RunConfig(
             storage_path=str(REPO / "bench" / "_data" / "ray_train"),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env=worker_env,
         ),
     )  # fmt: skip
     trainer.fit()
@@ -571,16 +586,17 @@ def main() -> int:
         lambda: build_model(MODEL, classes, aux_loss=False),  # on CPU: what train.py builds
     )
     print(f"waits behind a {step:.1f} images/s step: {[round(w, 3) for w in waits]}", flush=True)
-    under_train = train_waits(
-        summary,
-        few,
-        feed_options,
-        batch=bs,
-        epochs=args.rounds + 1,
-        step_rate=step,
-        classes=classes,
-    )
-    print(f"the same under Ray Train: {[round(w, 3) for w in under_train]}", flush=True)
+    under_train = {}
+    for prestarted in (False, True):
+        under_train[prestarted] = train_waits(
+            summary, few, feed_options, batch=bs, epochs=args.rounds + 1, step_rate=step,
+            classes=classes, prestarted=prestarted,
+        )  # fmt: skip
+        print(
+            f"the same under Ray Train{', prestarted' if prestarted else ''}: "
+            f"{[round(w, 3) for w in under_train[prestarted]]}",
+            flush=True,
+        )
     # Last: Ray's worker processes that ran the 20-row tasks of (d) ran (c)'s tasks ~7% slower
     # afterwards (4.1 -> 4.45 ms of CPU per image, exploratory), a cost only this bench has.
     got.update(interleaved(history, args.rounds, exclude))
@@ -625,8 +641,12 @@ def main() -> int:
             "paced_step_images_per_s": round(step, 1),
             "wait_epoch_images": int(len(few)),
             "model_build_s_before_first_epoch": round(built, 2),
-            "under_ray_train_first_epoch_wait": round(under_train[0], 3),
-            "under_ray_train_later_epoch_wait": round(float(np.median(under_train[1:])), 3),
+            "under_ray_train_first_epoch_wait": round(under_train[True][0], 3),
+            "under_ray_train_later_epoch_wait": round(float(np.median(under_train[True][1:])), 3),
+            "under_ray_train_without_prestart_first_epoch_wait": round(under_train[False][0], 3),
+            "under_ray_train_without_prestart_later_epoch_wait": round(
+                float(np.median(under_train[False][1:])), 3
+            ),
             "consumer_cpu_s_per_image": round(consumer, 5),
             "consumer_cores_at_gpu_rate": round(consumer * args.gpu_rate, 2),
         },

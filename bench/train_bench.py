@@ -19,6 +19,7 @@ Targets: (b) within 10% of (a); data wait under 5% of step time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -196,6 +197,13 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=1, help="(a)'s DataLoader processes")
     p.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--first-epoch-pairs",
+        type=int,
+        metavar="N",
+        help="instead: N pairs of 1-worker runs, each in a fresh Ray, without and with "
+        "rayseg.prestart: the epochs' data waits",
+    )
     args = p.parse_args()
 
     base = TrainConfig(
@@ -224,13 +232,20 @@ def main() -> None:
 
     import ray
 
-    from rayseg.rayconnect import connect_ray
+    from rayseg.rayconnect import connect_ray, stop_ray
     from rayseg.train import worker_resources
 
     connect_ray(None, args.num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = args.data or make_data(REPO / "bench" / "_data" / "train_bench", args.images)
     base = dataclasses.replace(base, data=data)
+    if args.first_epoch_pairs:
+        stop_ray()  # each run starts a Ray of its own
+        results["first_epoch_pairs"] = first_epoch_pairs(
+            base, args.first_epoch_pairs, args.num_cpus
+        )
+        write_json(args.json, results)
+        return
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     threads = worker_resources(base, node_cpus)[1]
     results |= {"cpus": sum(node_cpus), "torch_threads_per_worker": threads}
@@ -248,6 +263,43 @@ def main() -> None:
     ray.shutdown()
     report(results, args.workers)
     write_json(args.json, results)
+
+
+def first_epoch_pairs(cfg: TrainConfig, pairs: int, num_cpus: int | None) -> dict[str, Any]:
+    """`rayseg train` with 1 worker, each run in a Ray of its own (so none finds the data
+    processes of another): without rayseg.prestart (patched out), then with it, `pairs` times.
+    Each run's per-epoch data wait; the first epoch's against the median of the later ones."""
+    from unittest import mock
+
+    from rayseg import train
+    from rayseg.rayconnect import connect_ray, stop_ray
+
+    runs: dict[str, list[list[float]]] = {"without_prestart": [], "with_prestart": []}
+    for _ in range(pairs):
+        for key in runs:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / key
+                connect_ray(None, num_cpus, dashboard=True)  # as run_train would
+                try:
+                    with (
+                        mock.patch.object(train.prestart, "start", new=lambda counts: None)
+                        if key == "without_prestart"
+                        else contextlib.nullcontext()
+                    ):
+                        history = ray_run(
+                            dataclasses.replace(cfg, out=str(out), num_workers=1), out
+                        )
+                finally:
+                    stop_ray()
+            runs[key].append([round(r["data_wait_fraction"], 4) for r in history])
+            print(f"{key}: data wait per epoch {runs[key][-1]}", flush=True)
+    return {
+        key: {
+            "waits_per_epoch": waits,
+            "first_over_later": [round(w[0] / float(np.median(w[1:])), 2) for w in waits],
+        }
+        for key, waits in runs.items()
+    }
 
 
 def run_plain(cfg: TrainConfig, threads: int, loader_workers: int) -> dict[str, float]:

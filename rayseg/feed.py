@@ -34,7 +34,7 @@ TASK_NAME = waits.DATA_TASK
 # Batches a task hands over per Ray object: fewer objects, less of Ray's CPU per image (issue 22,
 # exploratory: 4 batches of 16 per object took the raylet's and the consumer's CPU from ~0.23 to
 # ~0.10 ms per image), at the cost of 4 batches' time before an object arrives (so a task's
-# first batch goes alone: ingest.task_batch_groups).
+# first batch goes alone, then 2, then 4: ingest.task_batch_groups).
 BATCHES_PER_OBJECT = 4
 
 Batch = dict[str, np.ndarray]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -395,14 +396,27 @@ def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask
 def read_rows(paths: tuple[str, ...], fs) -> dict[str, np.ndarray]:
     """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts."""
     table = pa.concat_tables(
-        pq.read_table(path, columns=["image_id", "image", "mask"], filesystem=fs, use_threads=False)
+        pq.ParquetFile(path, filesystem=fs).read(["image_id", "image", "mask"], use_threads=False)
         for path in paths
     )
     return {
-        "image_id": table["image_id"].to_numpy().astype(np.int64),
-        "image": table["image"].to_numpy(zero_copy_only=False),
-        "mask": table["mask"].to_numpy(zero_copy_only=False),
+        "image_id": np.array(table["image_id"].to_pylist(), np.int64),
+        "image": _objects(table["image"].to_pylist()),
+        "mask": _objects(table["mask"].to_pylist()),
     }
+
+
+def _objects(values: list) -> np.ndarray:
+    """A list as a 1-D object array (np.array would make equal-length bytes a 2-D array)."""
+    out = np.empty(len(values), object)
+    out[:] = values
+    return out
+
+
+def process_id() -> int:
+    """The process's id, once this module (OpenCV, pyarrow, numpy) is imported: rayseg.prestart's
+    task, which leaves a process ready for task_batch_groups."""
+    return os.getpid()
 
 
 def task_batches(
@@ -423,14 +437,14 @@ def task_batch_groups(
     *,
     group: int,
 ) -> Iterator[list[dict[str, np.ndarray]]]:
-    """task_batches, the first alone (to arrive soon), then `group` at a time (what rayseg.feed
-    hands over per Ray object)."""
+    """task_batches, the first alone (to arrive soon), then twice as many at a time up to
+    `group` (what rayseg.feed hands over per Ray object)."""
     batches: list[dict[str, np.ndarray]] = []
     size = 1
     for batch in task_batches(task, fs, make_batch):
         batches.append(batch)
         if len(batches) == size:
             yield batches
-            batches, size = [], group
+            batches, size = [], min(2 * size, group)
     if batches:
         yield batches

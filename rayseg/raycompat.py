@@ -14,6 +14,7 @@ in place and `fell_back` says so once per process, on stderr (never a silent no-
 - sync_train_snapshot      Ray Train V2's checkpoint_manager_snapshot.json, rewritten
 - embedded_init_options    ray.init's `_system_config` (Ray's testing-only argument)
 - submitted_runtime_env    RAY_JOB_CONFIG_JSON_ENV_VAR, set by Ray's job supervisor
+- train_worker_env         the env_vars Ray Train V2 gives its workers (ray.train.v2._internal)
 Ray is imported inside the functions that use it.
 """
 
@@ -250,6 +251,40 @@ def keep_sigint_handler(trainer: Any) -> None:
         )
         return
     trainer._register_sigint_handler = lambda controller: None
+
+
+def train_worker_env() -> dict[str, Any]:
+    """The runtime_env of Ray Train's workers, as the driver can know it before fit().
+
+    Works around: Ray lends an idle worker process only to a task of the same runtime_env, and
+    the tasks a training worker starts inherit the one Ray Train gives it, which no public API
+    names (rayseg.prestart starts data-loading processes ahead of them). Checked on Ray 2.60.0:
+    DataParallelTrainer gives its controller get_env_vars_to_propagate() plus
+    RAY_WARN_BLOCKING_GET_INSIDE_ASYNC (default "0"), and the controller passes them on to each
+    worker. Fallback: {} (the processes start with the job's runtime_env; the first epoch's
+    tasks then start their own, as without rayseg.prestart).
+    """
+    try:
+        from ray.train.v2._internal import constants
+    except ImportError:
+        constants = None
+    needs = (
+        "get_env_vars_to_propagate",
+        "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR",
+        "DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE",
+    )
+    if constants is None or not all(hasattr(constants, name) for name in needs):
+        fell_back(
+            "ray.train.v2._internal.constants (Ray Train's worker env_vars)",
+            "the first epoch's data tasks start their own processes",
+        )
+        return {}
+    env = dict(constants.get_env_vars_to_propagate())
+    env.setdefault(
+        constants.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+        constants.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+    )
+    return {"env_vars": env}
 
 
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's CheckpointManager state

@@ -35,6 +35,7 @@ from rayseg import (
     loop,
     netif,
     outputs,
+    prestart,
     raycompat,
     rayconnect,
     rayoutput,
@@ -395,6 +396,20 @@ def data_tasks_per_worker(free_cpus: float, data_cpus: float, num_workers: int) 
     return max(1, int(free_cpus / data_cpus / num_workers + 1e-9))
 
 
+def prestart_counts(
+    node_cpus: dict[str, float], data_cpus: float, data_tasks: int
+) -> dict[str, int]:
+    """Data-loading processes to start on each node before training (rayseg.prestart): as many
+    as the node's CPUs run data tasks at once, and no more than the run's data tasks (before
+    fit() rayseg cannot know where Ray Train puts its workers; Ray ends the idle ones that
+    the CPUs left to data loading cannot use)."""
+    return {
+        node: min(data_tasks, int(cpus / data_cpus + 1e-9))
+        for node, cpus in node_cpus.items()
+        if cpus >= data_cpus
+    }
+
+
 def collective_backend(cfg: TrainConfig) -> str:
     """The process group's backend: NCCL for a GPU per worker; gloo on CPUs, and where workers
     share a GPU (NCCL refuses two ranks on one device)."""
@@ -521,8 +536,8 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     import ray
 
     rayconnect.connect_ray(cfg.address, cfg.num_cpus, dashboard=True)
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    cpus_per_worker, threads = worker_resources(cfg, node_cpus)
+    node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")}
+    cpus_per_worker, threads = worker_resources(cfg, list(node_cpus.values()))
     check_cluster(cfg, cpus_per_worker)
     if note := data_cpus_note(cfg, ray.cluster_resources().get("CPU", 0), cpus_per_worker):
         print(note)
@@ -555,6 +570,8 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     def needs() -> list[waits.Need]:
         return waits.starved_data(held, plan.data_cpus) + waits.pending_needs()
 
+    # The first epoch's data tasks find their processes started (while Ray Train starts).
+    prestart.start(prestart_counts(node_cpus, data_cpus, plan.data_tasks * cfg.num_workers))
     # A line whenever work waits for a CPU that is held (or gone with a lost node).
     with waits.ResourceWatch(held={"training workers": held}, needs=needs):
         fit(build_trainer(plan, checked.run, cpus_per_worker))

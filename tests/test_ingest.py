@@ -29,8 +29,25 @@ def test_ingest_stays_torch_free_and_agrees_on_ignore():
     from rayseg.records import TRAIN_IGNORE
 
     assert ingest.TRAIN_IGNORE == TRAIN_IGNORE
-    code = "import sys, rayseg.ingest; sys.exit('torch' in sys.modules)"
+    # The data tasks' processes (and rayseg.prestart's, which start them) import no torch.
+    code = "import sys, rayseg.ingest, rayseg.prestart; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_reading_a_part_imports_neither_pandas_nor_pyarrow_dataset(tmp_path):
+    # Each fresh data-task process would pay their import, ~0.45 s (issue 22, the first epoch).
+    import subprocess
+    import sys
+
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 4, parts=1)))
+    code = (
+        "import sys, pyarrow.fs, rayseg.ingest as i\n"
+        f"rows = i.read_rows({summary.paths!r}, pyarrow.fs.LocalFileSystem())\n"
+        "assert rows['image'].shape == (4,) and isinstance(rows['image'][0], bytes), rows\n"
+        "sys.exit(sorted({'pandas', 'pyarrow.dataset'} & set(sys.modules)) or None)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_shard_ids_round_robin():
@@ -290,15 +307,16 @@ def test_task_batches_make_each_planned_batch(tmp_path):
     assert batch["image_id"].tolist() == [105, 100] and batch["image"].shape == (2, 24, 24, 3)
 
 
-def test_task_batch_groups_hand_over_the_first_batch_alone(tmp_path):
-    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 7, parts=1)))
+def test_task_batch_groups_hand_over_the_first_batch_alone_then_doubling(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 10, parts=1)))
     (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
     make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
     groups = list(ingest.task_batch_groups(task, summary.location.fs, make, group=4))
     assert [[b["image_id"].tolist() for b in g] for g in groups] == [
         [[100]],
-        [[101], [102], [103], [104]],
-        [[105], [106]],
+        [[101], [102]],
+        [[103], [104], [105], [106]],
+        [[107], [108], [109]],
     ]
 
 

@@ -95,6 +95,13 @@ def test_data_tasks_per_worker_share_the_cpus_left():
     assert train.data_tasks_per_worker(1.0, 1.0, 4) == 1  # fewer than workers: 1 each, queued
 
 
+def test_prestart_counts_are_what_each_node_can_run_up_to_the_run_s_tasks():
+    assert train.prestart_counts({"a": 2.0}, 1.0, 1) == {"a": 1}  # 2 CPUs, 1 worker of 1
+    assert train.prestart_counts({"a": 16.0, "b": 16.0}, 1.0, 30) == {"a": 16, "b": 16}
+    assert train.prestart_counts({"a": 2.0, "b": 1.0}, 0.5, 3) == {"a": 3, "b": 2}
+    assert train.prestart_counts({"a": 4.0, "gpu-less-cpu-less": 0.0}, 1.0, 2) == {"a": 2}
+
+
 def test_gpu_workers_with_few_cpus_left_for_data_get_a_note():
     gpu = TrainConfig(data="d", out="o", use_gpu=True, num_workers=2)
     assert train.data_cpus_note(gpu, 6, 1.0) is None  # 4 left: 2 per GPU
