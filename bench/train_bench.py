@@ -3,6 +3,7 @@
     python bench/train_bench.py                              # LR-ASPP, 96 px crops, synthetic data
     python bench/train_bench.py --data OUT/masks --model deeplabv3_resnet50 --crop-size 480 \
         --batch-size 8 --workers 4 --use-gpu                  # on a GPU cluster
+    python bench/train_bench.py --first-epoch-pairs 3 --json PATH     # the first epoch's wait
 
 (a) plain: one process, the same decode + augment (rayseg.ingest) in a torch DataLoader with
     one loader process, the same model, optimizer, schedule and step (rayseg.loop.train_one_epoch).
@@ -14,6 +15,8 @@ time blocked in the batch iterator as a share of it, in total and without each e
 batch (each epoch's data tasks start anew: a fixed cost per epoch, the rest is the steady
 state); for `rayseg train` also the first (warm-up) epoch's share of time waiting for data.
 Targets: (b) within 10% of (a); data wait under 5% of step time.
+--first-epoch-pairs N: only (b), N times without rayseg.prestart and N times with it, each run in
+a Ray of its own: the first epoch's data wait against the later epochs' (issue 22).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from rayseg import ingest, waits
+from rayseg.errors import RaysegError
 
 # The task name, as Ray's state API and `ray list tasks` show it (rayseg.waits says its waits).
 TASK_NAME = waits.DATA_TASK
@@ -101,7 +102,13 @@ class Feed:
                     self._running.remove(task)
                     self._start_tasks()
                     continue
-                for batch in ray.get(batches_ref):
+                try:
+                    batches = ray.get(batches_ref)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, RaysegError):  # a part changed: rayseg's own line
+                        raise RaysegError(str(e.cause)) from None
+                    raise
+                for batch in batches:
                     yield to_torch(batch, self._device)
         finally:
             self.close()

@@ -393,12 +393,23 @@ def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask
     return tasks
 
 
+# Said where a Parquet part no longer matches the driver's scan of the data.
+CHANGED = "the data changed while training read it (rerun `rayseg train` to read it anew)"
+
+
 def read_rows(paths: tuple[str, ...], fs) -> dict[str, np.ndarray]:
-    """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts."""
-    table = pa.concat_tables(
-        pq.ParquetFile(path, filesystem=fs).read(["image_id", "image", "mask"], use_threads=False)
-        for path in paths
-    )
+    """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts.
+
+    A part gone or unreadable since the driver scanned the data is a RaysegError naming it.
+    """
+    tables = []
+    for path in paths:
+        try:
+            part = pq.ParquetFile(path, filesystem=fs)
+            tables.append(part.read(["image_id", "image", "mask"], use_threads=False))
+        except (OSError, pa.ArrowException) as e:
+            raise RaysegError(f"{path}: {CHANGED} ({e})") from None
+    table = pa.concat_tables(tables)
     return {
         "image_id": np.array(table["image_id"].to_pylist(), np.int64),
         "image": _objects(table["image"].to_pylist()),
@@ -427,6 +438,11 @@ def task_batches(
     rows = read_rows(task.paths, fs)
     where = {int(image_id): k for k, image_id in enumerate(rows["image_id"])}
     for ids in task.batches:
+        if missing := [int(i) for i in ids if int(i) not in where]:
+            raise RaysegError(
+                f"{', '.join(task.paths)}: image {missing[0]} is no longer in these Parquet "
+                f"parts: {CHANGED}"
+            )
         yield make_batch(_take(rows, np.array([where[int(i)] for i in ids], np.intp)))
 
 

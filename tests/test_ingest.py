@@ -4,6 +4,7 @@ those tasks run by Ray."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import cv2
@@ -307,6 +308,18 @@ def test_task_batches_make_each_planned_batch(tmp_path):
     assert batch["image_id"].tolist() == [105, 100] and batch["image"].shape == (2, 24, 24, 3)
 
 
+def test_a_part_changed_since_the_scan_is_said_by_name(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 4, parts=1)))
+    make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=24)
+    rewritten = ingest.PartTask(summary.paths, (np.array([100, 999]),))  # 999: not in the part
+    with pytest.raises(RaysegError, match=r"part-.*: image 999 is no longer in these Parquet"):
+        list(ingest.task_batches(rewritten, summary.location.fs, make))
+    (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=4)
+    os.remove(summary.paths[0])  # removed (or rewritten) after the driver's scan
+    with pytest.raises(RaysegError, match=r"part-.*: the data changed while training read it"):
+        list(ingest.task_batches(task, summary.location.fs, make))
+
+
 def test_task_batch_groups_hand_over_the_first_batch_alone_then_doubling(tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 10, parts=1)))
     (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
@@ -343,6 +356,17 @@ def test_feed_yields_every_planned_batch_as_tensors(ray_local, tmp_path):
         assert b["image"].shape == (2, 32, 32, 3) and b["image"].dtype == torch.uint8
         assert b["mask"].shape == (2, 32, 32)
         assert b["problem"].tolist() == [3 if i == 101 else 0 for i in b["image_id"].tolist()]
+
+
+def test_feed_says_a_part_gone_since_the_scan_in_rayseg_s_line(ray_local, tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 8, parts=2)))
+    tasks = ingest.train_tasks(
+        summary, summary.image_ids, rank=0, world=1, batch_size=2, seed=0, epoch=1
+    )
+    os.remove(summary.paths[1])
+    with pytest.raises(RaysegError, match=r"part-.*: the data changed while training") as e:
+        list(feed_of(summary, tasks))
+    assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_feed_closed_early_cancels_its_tasks(ray_local, tmp_path):

@@ -256,6 +256,27 @@ def test_rerun_with_more_epochs_resumes(trained, masks, capsys):
     assert "nothing to train" in capsys.readouterr().out and again["epochs"] == 3
 
 
+def test_a_part_removed_after_the_scan_ends_training_with_one_line(
+    ray_local, tmp_path, monkeypatch
+):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(write_masks(tmp_path / "masks", 12), data)
+    launch = train.launch
+
+    def removing_a_part(cfg, checked):  # as if another job rewrote the data meanwhile
+        (data / "parquet" / "part-00001.parquet").unlink()
+        launch(cfg, checked)
+
+    monkeypatch.setattr(train, "launch", removing_a_part)
+    with pytest.raises(RaysegError) as e:
+        train.run_train(config(data, tmp_path / "run", num_workers=1, epochs=1))
+    line = str(e.value)
+    assert line.startswith(f"{data / 'parquet' / 'part-00001.parquet'}: the data changed while")
+    assert "\n" not in line and "Traceback" not in line
+
+
 @pytest.mark.skipif(not COCO_SAMPLE.exists(), reason="../shared/data/coco_sample not present")
 def test_real_coco_images_end_to_end(ray_local, tmp_path):
     from rayseg.config import MasksConfig, SubsetConfig
