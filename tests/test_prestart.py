@@ -9,7 +9,7 @@ import pytest
 import torch
 from mask_data import write_masks
 
-from rayseg import feed, ingest, prestart, raycompat
+from rayseg import feed, ingest, prestart
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,6 @@ def ray_keeping_idle(ray_tmpdir):
     )
     yield
     ray.shutdown()
-
-
-def test_the_runtime_env_is_ray_train_s_for_its_workers():
-    env = raycompat.train_worker_env()
-    assert env["env_vars"]["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] == "0"
 
 
 def test_feed_tasks_under_ray_train_run_in_the_started_processes(ray_keeping_idle, tmp_path):

@@ -289,6 +289,29 @@ def test_without_the_sigint_hook_ray_train_s_handler_stays_and_it_is_said(caplog
     assert "_register_sigint_handler" in line and "exits 1" in line
 
 
+# ---- train_worker_env ------------------------------------------------------------------------
+
+
+def test_ray_train_s_worker_env_vars_are_the_ones_its_controller_gets():
+    from ray.train.v2._internal import constants
+
+    env = raycompat.train_worker_env()["env_vars"]
+    assert env[constants.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR] == "0"
+    assert constants.get_env_vars_to_propagate().items() <= env.items()
+
+
+def test_without_ray_train_s_env_constants_the_job_s_env_is_used_and_it_is_said(
+    monkeypatch, caplog
+):
+    from ray.train.v2._internal import constants
+
+    monkeypatch.delattr(constants, "get_env_vars_to_propagate")
+    with caplog.at_level(logging.WARNING):
+        assert raycompat.train_worker_env() == {}
+    (line,) = notices(caplog)
+    assert "Ray Train's worker env_vars" in line and "start their own processes" in line
+
+
 # ---- Ray Train's snapshot --------------------------------------------------------------------
 
 
