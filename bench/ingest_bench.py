@@ -491,12 +491,11 @@ def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, st
 
     stage = "prestarted" if prestarted else "cold"
     worker_env = {"env_vars": {"RAYSEG_BENCH_STAGE": stage}}
-    if prestarted:  # prestart.start, with this call's variable added to the workers' env
+    if prestarted:  # as rayseg train, with this call's variable added to the workers' env
         env = raycompat.train_worker_env()
         env["env_vars"].update(worker_env["env_vars"])
         node = ray.get_runtime_context().get_node_id()
-        starter = ray.remote(prestart.Starter).options(num_cpus=0, runtime_env=env).remote()
-        starter.start.remote({node: feed_options["in_flight"]}, env)
+        prestart.start({node: feed_options["in_flight"]}, env)
     out = REPO / "bench" / "_data" / "ray_train" / "waits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(

@@ -405,8 +405,8 @@ def read_rows(paths: tuple[str, ...], fs) -> dict[str, np.ndarray]:
     tables = []
     for path in paths:
         try:
-            part = pq.ParquetFile(path, filesystem=fs)
-            tables.append(part.read(["image_id", "image", "mask"], use_threads=False))
+            with pq.ParquetFile(path, filesystem=fs) as part:
+                tables.append(part.read(["image_id", "image", "mask"], use_threads=False))
         except (OSError, pa.ArrowException) as e:
             raise RaysegError(f"{path}: {CHANGED} ({e})") from None
     table = pa.concat_tables(tables)
@@ -438,12 +438,14 @@ def task_batches(
     rows = read_rows(task.paths, fs)
     where = {int(image_id): k for k, image_id in enumerate(rows["image_id"])}
     for ids in task.batches:
-        if missing := [int(i) for i in ids if int(i) not in where]:
+        try:
+            at = np.array([where[int(i)] for i in ids], np.intp)
+        except KeyError as e:
             raise RaysegError(
-                f"{', '.join(task.paths)}: image {missing[0]} is no longer in these Parquet "
+                f"{', '.join(task.paths)}: image {e.args[0]} is no longer in these Parquet "
                 f"parts: {CHANGED}"
-            )
-        yield make_batch(_take(rows, np.array([where[int(i)] for i in ids], np.intp)))
+            ) from None
+        yield make_batch(_take(rows, at))
 
 
 def task_batch_groups(

@@ -54,16 +54,19 @@ class Starter:
         return pids
 
 
-def start(counts: dict[str, int]) -> Any:
+def start(counts: dict[str, int], runtime_env: dict[str, Any] | None = None) -> Any:
     """Start `counts[node_id]` data-loading processes on each node; returns at once.
 
-    Returns the ObjectRef of the started processes' ids (tests wait for it; training does not).
+    runtime_env: that of the training workers (default: raycompat.train_worker_env(), as
+    `rayseg train` runs them). Returns the ObjectRef of the started processes' ids (tests wait
+    for it; training does not).
     """
     import ray
 
     if not any(counts.values()):
         return None
-    runtime_env = raycompat.train_worker_env()
+    if runtime_env is None:
+        runtime_env = raycompat.train_worker_env()
     starter = ray.remote(Starter).options(num_cpus=0, runtime_env=runtime_env).remote()
     # Ray ends the actor once this call is done: no handle is kept.
     return starter.start.remote(counts, runtime_env)
