@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rayseg import feed, ingest, storage  # noqa: E402
+from rayseg import feed, ingest, prestart, storage  # noqa: E402
 from rayseg.models import build_model, class_map_from_meta  # noqa: E402
 
 GPU_RATE = 272.0
@@ -218,19 +218,29 @@ def raydata_dataset(summary, ids, *, lut, crop_size, batch_size):
     )
 
 
-def feed_epochs(summary, ids, *, lut, crop_size: int, batch_size: int, in_flight: int):
-    """(c): epoch -> rayseg.feed.Feed of that epoch's ingest.train_tasks (one worker), on CPU."""
+def epoch_tasks(summary, ids, *, batch_size: int, epoch: int) -> list[ingest.PartTask]:
+    return ingest.train_tasks(
+        summary, ids, rank=0, world=1, batch_size=batch_size, seed=0, epoch=epoch
+    )
+
+
+def feed_epochs(summary, ids, *, lut, crop_size: int, batch_size: int, in_flight: int,
+                made=None):  # fmt: skip
+    """(c): epoch -> rayseg.feed.Feed of that epoch's ingest.train_tasks (one worker), on CPU.
+    made: the first epoch's first batch, made before (prestart.take_first), as train.py."""
     import torch
 
     make = functools.partial(ingest.train_batch, lut=lut, crop_size=crop_size)
 
     def epoch_of(epoch: int) -> feed.Feed:
-        tasks = ingest.train_tasks(
-            summary, ids, rank=0, world=1, batch_size=batch_size, seed=0, epoch=epoch
-        )
+        tasks = epoch_tasks(summary, ids, batch_size=batch_size, epoch=epoch)
+        first = made if epoch == 1 else None
+        if first is not None:
+            rest = ingest.split_first(tasks[0])[1]
+            tasks = [rest, *tasks[1:]] if rest else tasks[1:]
         return feed.Feed(
             tasks, fs=summary.location.fs, make_batch=make, in_flight=in_flight, num_cpus=1.0,
-            device=torch.device("cpu"),
+            device=torch.device("cpu"), made=first,
         )  # fmt: skip
 
     return epoch_of
@@ -467,8 +477,9 @@ def waits_here(make, batch: int, epochs: int, step_rate: float, build) -> tuple[
 
 def paced_loop(config: dict) -> None:
     """Ray Train worker: paced_epochs of its Feeds, written to config["out"]."""
+    made = config["first"] and prestart.take_first(config["first"], rank=0, epoch=1)
     shares = paced_epochs(
-        feed_epochs(config["summary"], config["ids"], **config["feed"]),
+        feed_epochs(config["summary"], config["ids"], **config["feed"], made=made or None),
         config["batch"],
         config["epochs"],
         config["step_rate"],
@@ -487,15 +498,24 @@ def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, st
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from rayseg import prestart, raycompat
+    from rayseg import raycompat
 
     stage = "prestarted" if prestarted else "cold"
     worker_env = {"env_vars": {"RAYSEG_BENCH_STAGE": stage}}
+    started, first = None, None
     if prestarted:  # as rayseg train, with this call's variable added to the workers' env
         env = raycompat.train_worker_env()
         env["env_vars"].update(worker_env["env_vars"])
         node = ray.get_runtime_context().get_node_id()
-        prestart.start({node: feed_options["in_flight"]}, env)
+        tasks = epoch_tasks(summary, ids, batch_size=batch, epoch=1)
+        first = prestart.FirstBatches(
+            name="ingest-bench-first-batch", epoch=1, tasks={0: ingest.split_first(tasks[0])[0]},
+            fs=summary.location.fs, num_cpus=1.0,
+            make_batch=functools.partial(
+                ingest.train_batch, lut=feed_options["lut"], crop_size=feed_options["crop_size"]
+            ),
+        )  # fmt: skip
+        started = prestart.start({node: feed_options["in_flight"]}, env, first=first)
     out = REPO / "bench" / "_data" / "ray_train" / "waits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -503,6 +523,7 @@ def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, st
         train_loop_config={
             "summary": summary, "ids": ids, "feed": feed_options, "batch": batch,
             "epochs": epochs, "step_rate": step_rate, "classes": classes, "out": str(out),
+            "first": first and first.name,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, resources_per_worker={"memory": 2**28}  # no CPU: Ray wants one key
@@ -514,6 +535,8 @@ def train_waits(summary, ids, feed_options: dict, *, batch: int, epochs: int, st
         ),
     )  # fmt: skip
     trainer.fit()
+    if started:
+        prestart.stop(started)
     return json.loads(out.read_text())
 
 

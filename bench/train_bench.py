@@ -285,7 +285,9 @@ def first_epoch_pairs(cfg: TrainConfig, pairs: int, num_cpus: int | None) -> dic
                 connect_ray(None, num_cpus, dashboard=True)  # as run_train would
                 try:
                     with (
-                        mock.patch.object(train.prestart, "start", new=lambda counts: None)
+                        mock.patch.multiple(
+                            train.prestart, start=lambda *_, **__: None, stop=lambda _: None
+                        )
                         if key == "without_prestart"
                         else contextlib.nullcontext()
                     ):

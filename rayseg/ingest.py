@@ -20,7 +20,7 @@ import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -446,6 +446,32 @@ def task_batches(
                 f"parts: {CHANGED}"
             ) from None
         yield make_batch(_take(rows, at))
+
+
+def made_batches(
+    task: PartTask, fs, make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """task_batches, all at once (one Ray object): rayseg.prestart's first batches."""
+    return list(task_batches(task, fs, make_batch))
+
+
+def split_first(task: PartTask) -> tuple[PartTask, PartTask | None]:
+    """(the task's first batch as a task of its own, the rest or None): the first is made
+    before the training workers start (rayseg.prestart), the rest by the worker's Feed. Both
+    read the same parts; every batch is in exactly one."""
+    head = replace(task, batches=task.batches[:1])
+    rest = replace(task, batches=task.batches[1:]) if len(task.batches) > 1 else None
+    return head, rest
+
+
+def without_first(tasks: list[PartTask], head: PartTask) -> list[PartTask] | None:
+    """`tasks` less their first batch, where `head` is that batch (split_first of the first
+    task, made elsewhere); None where it is not: then no batch may be left out."""
+    first, rest = split_first(tasks[0])
+    same = first.paths == head.paths and len(head.batches) == 1
+    if not (same and np.array_equal(first.batches[0], head.batches[0])):
+        return None
+    return [rest, *tasks[1:]] if rest else tasks[1:]
 
 
 def task_batch_groups(

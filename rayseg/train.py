@@ -20,6 +20,7 @@ import math
 import tempfile
 import time
 import traceback
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,7 @@ class Plan:
     data_cpus: float  # what each data-loading task asks of Ray (data_task_cpus)
     data_tasks: int  # data-loading tasks each worker runs at once (data_tasks_per_worker)
     resume_uri: str | None = None  # the newest checkpoint that loads (checkpoint.resume_point)
+    first_batches_actor: str | None = None  # the Ray actor holding each rank's first batch
 
 
 @dataclass(frozen=True)
@@ -175,17 +177,47 @@ def step_progress(plan: Plan, *, rank: int, world: int):
     return for_epoch
 
 
-def train_batches(plan: Plan, epoch: int, *, rank: int, world: int, device) -> feed.Feed:
-    """Worker `rank`'s shuffled, augmented training batches of `epoch`; their tasks start now."""
+def train_part_tasks(plan: Plan, epoch: int, *, rank: int, world: int) -> list[ingest.PartTask]:
     cfg, split = plan.cfg, plan.split
-    tasks = ingest.train_tasks(
+    return ingest.train_tasks(
         split.train, split.train_ids, rank=rank, world=world, batch_size=cfg.batch_size,
         seed=cfg.seed, epoch=epoch,
     )  # fmt: skip
-    make = functools.partial(
-        ingest.train_batch, lut=plan.class_map.train_lut(), crop_size=cfg.crop_size
+
+
+def train_make_batch(plan: Plan):
+    return functools.partial(
+        ingest.train_batch, lut=plan.class_map.train_lut(), crop_size=plan.cfg.crop_size
     )
-    return data_feed(plan, tasks, split.train, make, device)
+
+
+def train_batches(plan: Plan, epoch: int, *, rank: int, world: int, device, made=None) -> feed.Feed:
+    """Worker `rank`'s shuffled, augmented training batches of `epoch`; their tasks start now.
+    made: prestart.take_first's (ObjectRef of the first batch, its task), or None."""
+    tasks = train_part_tasks(plan, epoch, rank=rank, world=world)
+    if made is not None:
+        rest = ingest.without_first(tasks, made[1])
+        if rest is None:  # planned otherwise than on the driver: the Feed makes every batch
+            made = None
+        else:
+            tasks = rest
+    return data_feed(plan, tasks, plan.split.train, train_make_batch(plan), device, made=made)
+
+
+def plan_first_batches(plan: Plan, epoch: int, name: str) -> prestart.FirstBatches:
+    """Every rank's first training batch of `epoch`, for rayseg.prestart to make."""
+    world = plan.cfg.num_workers
+    return prestart.FirstBatches(
+        name=name,
+        epoch=epoch,
+        tasks={
+            rank: ingest.split_first(train_part_tasks(plan, epoch, rank=rank, world=world)[0])[0]
+            for rank in range(world)
+        },
+        fs=plan.split.train.location.fs,
+        make_batch=train_make_batch(plan),
+        num_cpus=plan.data_cpus,
+    )
 
 
 def val_batches(plan: Plan, *, rank: int, world: int, device) -> feed.Feed:
@@ -200,7 +232,9 @@ def val_batches(plan: Plan, *, rank: int, world: int, device) -> feed.Feed:
     return data_feed(plan, tasks, split.val, make, device)
 
 
-def data_feed(plan: Plan, tasks, data: ingest.DataSummary, make_batch, device) -> feed.Feed:
+def data_feed(
+    plan: Plan, tasks, data: ingest.DataSummary, make_batch, device, made=None
+) -> feed.Feed:
     """`tasks` of `data` run with the plan's CPUs per task and tasks at once."""
     return feed.Feed(
         tasks,
@@ -209,6 +243,7 @@ def data_feed(plan: Plan, tasks, data: ingest.DataSummary, make_batch, device) -
         in_flight=plan.data_tasks,
         num_cpus=plan.data_cpus,
         device=device,
+        made=made,
     )
 
 
@@ -240,7 +275,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     first = epochs_done_hint(plan) + 1
     first_batches = None
     if first <= cfg.epochs:  # else a restart after the last epoch's checkpoint: nothing to train
-        first_batches = train_batches(plan, first, rank=rank, world=world, device=device)
+        made = None
+        if plan.first_batches_actor:  # made while Ray Train started this worker (prestart)
+            made = prestart.take_first(plan.first_batches_actor, rank=rank, epoch=first)
+        first_batches = train_batches(plan, first, rank=rank, world=world, device=device, made=made)
     amp = cfg.amp and device.type == "cuda"
     num_classes = plan.class_map.num_classes
     state = loop.build_training(
@@ -558,6 +596,7 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
             ray.cluster_resources().get("CPU", 0) - held, data_cpus, cfg.num_workers
         ),
         resume_uri=checked.resume.uri,
+        first_batches_actor=f"rayseg-first-batches-{uuid.uuid4().hex[:12]}",
     )
     print(
         f"training {cfg.model} on {len(split.train_ids)} images ({len(split.val_ids)} for "
@@ -570,11 +609,18 @@ def launch(cfg: TrainConfig, checked: Checked) -> None:
     def needs() -> list[waits.Need]:
         return waits.starved_data(held, plan.data_cpus) + waits.pending_needs()
 
-    # The first epoch's data tasks find their processes started (while Ray Train starts).
-    prestart.start(prestart_counts(node_cpus, data_cpus, plan.data_tasks * cfg.num_workers))
-    # A line whenever work waits for a CPU that is held (or gone with a lost node).
-    with waits.ResourceWatch(held={"training workers": held}, needs=needs):
-        fit(build_trainer(plan, checked.run, cpus_per_worker))
+    # While Ray Train starts its workers: the first epoch's data tasks find their processes
+    # started, and each worker its first batch made.
+    started = prestart.start(
+        prestart_counts(node_cpus, data_cpus, plan.data_tasks * cfg.num_workers),
+        first=plan_first_batches(plan, checked.resume.epochs + 1, plan.first_batches_actor),
+    )
+    try:
+        # A line whenever work waits for a CPU that is held (or gone with a lost node).
+        with waits.ResourceWatch(held={"training workers": held}, needs=needs):
+            fit(build_trainer(plan, checked.run, cpus_per_worker))
+    finally:
+        prestart.stop(started)
 
 
 # ---- driver: the command ---------------------------------------------------------------------

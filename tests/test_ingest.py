@@ -333,6 +333,32 @@ def test_task_batch_groups_hand_over_the_first_batch_alone_then_doubling(tmp_pat
     ]
 
 
+def test_split_first_puts_every_batch_in_exactly_one_half():
+    ids = (np.array([5, 6]), np.array([7, 8]), np.array([9, 1]))
+    task = ingest.PartTask(("a.parquet", "b.parquet"), ids)
+    head, rest = ingest.split_first(task)
+    assert head.paths == rest.paths == task.paths  # a batch may run over into the next part
+    assert [b.tolist() for b in head.batches] == [[5, 6]]
+    assert [b.tolist() for b in rest.batches] == [[7, 8], [9, 1]]
+    head, rest = ingest.split_first(ingest.PartTask(("a.parquet",), ids[:1]))
+    assert [b.tolist() for b in head.batches] == [[5, 6]] and rest is None
+
+
+def test_a_first_batch_made_elsewhere_is_left_out_only_when_it_is_the_first():
+    ids = (np.array([5, 6]), np.array([7, 8]))
+    tasks = [ingest.PartTask(("a",), ids), ingest.PartTask(("b",), (np.array([3, 4]),))]
+    head = ingest.split_first(tasks[0])[0]
+    left = ingest.without_first(tasks, head)
+    assert [(t.paths, [b.tolist() for b in t.batches]) for t in left] == [
+        (("a",), [[7, 8]]),
+        (("b",), [[3, 4]]),
+    ]
+    assert [t.paths for t in ingest.without_first(left[1:], ingest.split_first(left[1])[0])] == []
+    other = ingest.PartTask(("a",), (np.array([5, 7]),))  # planned otherwise
+    assert ingest.without_first(tasks, other) is None
+    assert ingest.without_first(tasks, ingest.PartTask(("b",), ids[:1])) is None
+
+
 # ---- rayseg.feed: the tasks run by Ray ----------------------------------------------------
 
 CPU = torch.device("cpu")
@@ -356,6 +382,45 @@ def test_feed_yields_every_planned_batch_as_tensors(ray_local, tmp_path):
         assert b["image"].shape == (2, 32, 32, 3) and b["image"].dtype == torch.uint8
         assert b["mask"].shape == (2, 32, 32)
         assert b["problem"].tolist() == [3 if i == 101 else 0 for i in b["image_id"].tolist()]
+
+
+def test_feed_starts_the_next_task_once_one_has_made_its_last_batch(ray_local, tmp_path):
+    # in_flight=1: the second part is read while the first one's batches are still being taken
+    # (before, it started only once they all were: a wait at every part's start).
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 16, parts=2)))
+    tasks = ingest.train_tasks(
+        summary, summary.image_ids, rank=0, world=1, batch_size=2, seed=0, epoch=1
+    )
+    assert [len(t.batches) for t in tasks] == [4, 4]
+    made = tmp_path / "made"
+    make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=32)
+
+    def noted(batch):
+        with made.open("a") as f:
+            f.write(f"{int(batch['image_id'][0])}\n")
+        return make(batch)
+
+    def made_firsts(count: int) -> set[int]:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lines = made.read_text().split() if made.exists() else []
+            if len(lines) >= count:
+                return {int(x) for x in lines}
+            time.sleep(0.05)
+        return {int(x) for x in made.read_text().split()}
+
+    first_task = {int(b[0]) for b in tasks[0].batches}
+    epoch = iter(feed_of(summary, tasks, make_batch=noted, in_flight=1))
+    taken = [next(epoch)]
+    assert made_firsts(4) == first_task  # the first task alone has run, to its end
+    time.sleep(1)  # its end reaches the driver
+    taken += [next(epoch) for _ in range(3)]  # the first task's batches, the last one held
+    assert {int(b["image_id"][0]) for b in taken} == first_task
+    assert len(made_firsts(5)) >= 5, "the second task waited for the first one's last batch"
+    rest = list(epoch)
+    assert len(rest) == 4 and {int(b["image_id"][0]) for b in rest} == {
+        int(b[0]) for b in tasks[1].batches
+    }
 
 
 def test_feed_says_a_part_gone_since_the_scan_in_rayseg_s_line(ray_local, tmp_path):

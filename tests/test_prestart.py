@@ -3,13 +3,16 @@ inside Ray Train (whose workers' runtime_env the tasks inherit)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 
 import pytest
 import torch
-from mask_data import write_masks
+from mask_data import META, write_masks
 
 from rayseg import feed, ingest, prestart
+from rayseg.models import class_map_from_meta
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +32,21 @@ def ray_keeping_idle(ray_tmpdir):
 
 
 def test_feed_tasks_under_ray_train_run_in_the_started_processes(ray_keeping_idle, tmp_path):
+    # ... and the worker takes its first batch, made before it started, from the Starter.
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 8, parts=4)))
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 16, parts=4)))
     tasks = ingest.train_tasks(
         summary, summary.image_ids, rank=0, world=1, batch_size=2, seed=0, epoch=1
     )
-    assert len(tasks) == 4
+    assert [len(t.batches) for t in tasks] == [2, 2, 2, 2]
     node = ray.get_runtime_context().get_node_id()
-    started = ray.get(prestart.start({node: 2}), timeout=120)
+    started = ray.get(prestart.start({node: 2}).pids, timeout=120)
     assert len(set(started)) == 2
+    first = first_batches(summary, "test-first-batch-in-ray-train", world=1)
+    holder = prestart.start({}, first=first)
     out = tmp_path / "pids.json"
 
     def pid_of(batch):  # in the data task's process
@@ -48,14 +54,26 @@ def test_feed_tasks_under_ray_train_run_in_the_started_processes(ray_keeping_idl
 
         import numpy as np
 
-        return {"pid": np.full(len(batch["image_id"]), os.getpid())}
+        return {"image_id": batch["image_id"], "pid": np.full(len(batch["image_id"]), os.getpid())}
 
     def loop(config):  # a training worker holding no CPU: the tasks may take both
-        batches = feed.Feed(
-            tasks, fs=summary.location.fs, make_batch=pid_of, in_flight=2, num_cpus=1.0,
-            device=torch.device("cpu"),
+        made = prestart.take_first(first.name, rank=0, epoch=1)
+        _, rest = ingest.split_first(tasks[0])
+        batches = list(
+            feed.Feed(
+                [rest, *tasks[1:]], fs=summary.location.fs, make_batch=pid_of, in_flight=2,
+                num_cpus=1.0, device=torch.device("cpu"), made=made,
+            )
         )  # fmt: skip
-        out.write_text(json.dumps(sorted({int(p) for b in batches for p in b["pid"]})))
+        out.write_text(
+            json.dumps(
+                {
+                    "made": made is not None,
+                    "ids": [b["image_id"].tolist() for b in batches],
+                    "pids": sorted({int(p) for b in batches if "pid" in b for p in b["pid"]}),
+                }
+            )
+        )
 
     TorchTrainer(
         loop,
@@ -64,5 +82,96 @@ def test_feed_tasks_under_ray_train_run_in_the_started_processes(ray_keeping_idl
         ),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "train")),
     ).fit()
-    ran_in = json.loads(out.read_text())
-    assert ran_in and set(ran_in) <= set(started), (ran_in, started)
+    prestart.stop(holder)
+    got = json.loads(out.read_text())
+    assert got["made"], "the worker found no first batch"
+    assert got["ids"][0] == first.tasks[0].batches[0].tolist()
+    assert sorted(got["ids"]) == sorted(b.tolist() for t in tasks for b in t.batches)
+    assert got["pids"] and set(got["pids"]) <= set(started), (got["pids"], started)
+
+
+def first_batches(summary, name: str, *, world: int, epoch: int = 1) -> prestart.FirstBatches:
+    heads = {
+        rank: ingest.split_first(
+            ingest.train_tasks(
+                summary, summary.image_ids, rank=rank, world=world, batch_size=2, seed=0,
+                epoch=epoch,
+            )[0]
+        )[0]
+        for rank in range(world)
+    }  # fmt: skip
+    return prestart.FirstBatches(
+        name=name, epoch=epoch, tasks=heads, fs=summary.location.fs, make_batch=MAKE, num_cpus=1.0
+    )
+
+
+MAKE = functools.partial(
+    ingest.train_batch, lut=class_map_from_meta(META).train_lut(), crop_size=32
+)
+
+
+def test_each_rank_takes_its_first_batch_once_and_for_its_epoch_only(ray_keeping_idle, tmp_path):
+    import ray
+
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 12, parts=2)))
+    first = first_batches(summary, "test-first-batches", world=2)
+    started = prestart.start({}, first=first)
+    assert ray.get(started.pids, timeout=60) == []
+    assert prestart.take_first(first.name, rank=0, epoch=2) is None  # resumed elsewhere
+    assert prestart.take_first(first.name, rank=7, epoch=1) is None  # no such rank
+    for rank in (1, 0):
+        ref, task = prestart.take_first(first.name, rank=rank, epoch=1)
+        assert task.paths == first.tasks[rank].paths
+        assert [b.tolist() for b in task.batches] == [first.tasks[rank].batches[0].tolist()]
+        (batch,) = ray.get(ref, timeout=60)
+        assert batch["image_id"].tolist() == first.tasks[rank].batches[0].tolist()
+        assert batch["image"].shape == (2, 32, 32, 3)
+        assert prestart.take_first(first.name, rank=rank, epoch=1) is None  # taken
+    prestart.stop(started)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(first.name)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    assert prestart.take_first(first.name, rank=0, epoch=1) is None  # the Starter is gone
+
+
+def test_feed_yields_the_made_batch_first_and_makes_it_itself_when_lost(ray_keeping_idle, tmp_path):
+    import ray
+
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 12, parts=2)))
+    tasks = ingest.train_tasks(
+        summary, summary.image_ids, rank=0, world=1, batch_size=2, seed=0, epoch=1
+    )
+    head, rest = ingest.split_first(tasks[0])
+    assert len(head.batches) == 1 and len(rest.batches) == len(tasks[0].batches) - 1
+    planned = [b.tolist() for t in tasks for b in t.batches]
+
+    @ray.remote(num_cpus=0)
+    class Owner:  # owns the made batch, as the Starter does
+        def make(self) -> list:
+            return [ray.remote(ingest.made_batches).remote(head, summary.location.fs, MAKE)]
+
+    def epoch_of(made) -> list[list[int]]:
+        return [
+            b["image_id"].tolist()
+            for b in feed.Feed(
+                [rest, *tasks[1:]], fs=summary.location.fs, make_batch=MAKE, in_flight=1,
+                num_cpus=1.0, device=torch.device("cpu"), made=made,
+            )
+        ]  # fmt: skip
+
+    owner = Owner.remote()
+    (ref,) = ray.get(owner.make.remote())
+    got = epoch_of((ref, head))
+    assert got[0] == head.batches[0].tolist() and sorted(got) == sorted(planned)
+
+    owner = Owner.remote()
+    (ref,) = ray.get(owner.make.remote())
+    ray.kill(owner)  # the made batch is lost with its owner
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(ref, timeout=30)
+    got = epoch_of((ref, head))
+    assert got[0] == head.batches[0].tolist() and sorted(got) == sorted(planned)

@@ -202,6 +202,9 @@ def test_two_workers_train_and_loss_goes_down(trained):
     assert rows[1]["loss"] < rows[0]["loss"]
     assert all(r["world_size"] == 2 and 0 <= r["val_miou"] <= 1 for r in rows)
     assert all(0 <= r["data_wait_fraction"] <= 1 for r in rows)
+    # Every planned batch trained, the first ones made before the workers started included.
+    assert rows[0]["steps"] == rows[1]["steps"] > 0
+    assert all(r["images"] == r["steps"] * 4 * 2 for r in rows)
     assert set(rows[0]["val_iou"]) == {"background", "square", "disc"}
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["epochs"] == 2
