@@ -95,11 +95,8 @@ class Feed:
             name=TASK_NAME, num_cpus=num_cpus, num_returns="streaming"
         )
         self._fs, self._make_batch = ray.put(fs), ray.put(make_batch)
-        self._made, self._make_here = (
-            made,
-            functools.partial(ingest.made_batches, fs=fs, make_batch=make_batch),
-        )
-
+        self._made = made
+        self._make_here = functools.partial(ingest.made_batches, fs=fs, make_batch=make_batch)
         self._todo = list(reversed(tasks))
         self._tasks: list[Any] = []  # ray.ObjectRefGenerator of each task not yet taken in full
         self._making: dict[Any, Any] = {}  # of those still running: completed() ref -> task
