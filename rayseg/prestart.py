@@ -38,7 +38,7 @@ TASK_NAME = "start_data_process"
 class FirstBatches:
     """Each rank's first batch of `epoch`, to make before the training workers start."""
 
-    name: str  # the Ray actor's name, which the workers look up (Plan.first_batches)
+    name: str  # the Ray actor's name, which the workers look up (Plan.first_batches_actor)
     epoch: int
     tasks: dict[int, ingest.PartTask]  # rank -> its first batch, a task of its own
     fs: Any
