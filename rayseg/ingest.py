@@ -63,6 +63,16 @@ def problem_record(image_id: int, code: int) -> Problem:
     return Problem(PROBLEMS[code], image_id=int(image_id))
 
 
+# A file's (size, mtime_ns): a part rewritten since the scan (other pixels under the same ids
+# too) differs in one, as make and rsync tell.
+Stamp = tuple[int, int]
+
+
+def stamp_of(info) -> Stamp:
+    """A pyarrow FileInfo -> its Stamp."""
+    return info.size, info.mtime_ns
+
+
 @dataclass(frozen=True)
 class DataSummary:
     """What the driver knows about a masks Parquet folder without decoding pixels."""
@@ -75,6 +85,7 @@ class DataSummary:
     widths: np.ndarray  # (N,) int32
     rows_without_image: int
     parts: np.ndarray  # (N,) int32: the index in `paths` of the part each row is in
+    stamps: tuple[Stamp, ...]  # each part's (size, mtime_ns) when scanned: read_rows checks them
 
     @property
     def num_rows(self) -> int:
@@ -85,6 +96,7 @@ def scan_data(data: str) -> DataSummary:
     """A masks output dir or its parquet/ folder -> DataSummary; RaysegError if unusable."""
     loc = storage.parquet_location(data)
     parts = storage.parquet_files(loc)
+    stamps = tuple(map(stamp_of, loc.fs.get_file_info([p.path for p in parts])))
     meta = storage.read_mask_meta(data)
     tables = [
         pq.read_table(p.path, columns=["image_id", "height", "width"], filesystem=p.fs)
@@ -105,7 +117,7 @@ def scan_data(data: str) -> DataSummary:
         )
     part_of = np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_rows for t in tables])
     paths = tuple(p.path for p in parts)
-    return DataSummary(loc, paths, meta, ids, heights, widths, missing, part_of)
+    return DataSummary(loc, paths, meta, ids, heights, widths, missing, part_of, stamps)
 
 
 def image_counts(part: storage.Location) -> tuple[int, int]:
@@ -332,6 +344,7 @@ class PartTask:
 
     paths: tuple[str, ...]
     batches: tuple[np.ndarray, ...]  # (B,) int64 image ids each
+    stamps: tuple[Stamp, ...] = ()  # each path's at the scan (part_tasks); () checks none
 
 
 def train_tasks(
@@ -388,6 +401,7 @@ def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask
             PartTask(
                 paths=tuple(summary.paths[p] for p in parts),
                 batches=tuple(summary.image_ids[rows] for rows in group),
+                stamps=tuple(summary.stamps[p] for p in parts),
             )
         )
     return tasks
@@ -397,18 +411,25 @@ def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask
 CHANGED = "the data changed while training read it (rerun `rayseg train` to read it anew)"
 
 
-def read_rows(paths: tuple[str, ...], fs) -> dict[str, np.ndarray]:
+def read_rows(paths: tuple[str, ...], fs, stamps: tuple[Stamp, ...] = ()) -> dict[str, np.ndarray]:
     """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts.
 
-    A part gone or unreadable since the driver scanned the data is a RaysegError naming it.
+    A part gone, unreadable or rewritten since the driver scanned the data (its Stamp differs
+    from `stamps`) is a RaysegError naming it. The stamp is taken after the read: a part
+    replaced before it is caught, and one replaced during it too.
     """
     tables = []
-    for path in paths:
+    for k, path in enumerate(paths):
         try:
             with pq.ParquetFile(path, filesystem=fs) as part:
                 tables.append(part.read(["image_id", "image", "mask"], use_threads=False))
+            rewritten = stamps and stamp_of(fs.get_file_info(path)) != stamps[k]
         except (OSError, pa.ArrowException) as e:
             raise RaysegError(f"{path}: {CHANGED} ({e})") from None
+        if rewritten:
+            raise RaysegError(
+                f"{path}: {CHANGED} (its size or modification time is not the scan's)"
+            )
     table = pa.concat_tables(tables)
     return {
         "image_id": np.array(table["image_id"].to_pylist(), np.int64),
@@ -435,7 +456,7 @@ def task_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """A task's work: read its parts, then make_batch (train_batch or val_batch, its options
     bound) of each batch's rows, in order."""
-    rows = read_rows(task.paths, fs)
+    rows = read_rows(task.paths, fs, task.stamps)
     where = {int(image_id): k for k, image_id in enumerate(rows["image_id"])}
     for ids in task.batches:
         try:

@@ -315,7 +315,16 @@ def test_a_part_changed_since_the_scan_is_said_by_name(tmp_path):
     with pytest.raises(RaysegError, match=r"part-.*: image 999 is no longer in these Parquet"):
         list(ingest.task_batches(rewritten, summary.location.fs, make))
     (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=4)
-    os.remove(summary.paths[0])  # removed (or rewritten) after the driver's scan
+    assert len(list(ingest.task_batches(task, summary.location.fs, make))) == 1  # as scanned
+    part = summary.paths[0]
+    scanned = os.stat(part)
+    os.utime(part, ns=(scanned.st_atime_ns, scanned.st_mtime_ns + 10**9))  # the same bytes
+    with pytest.raises(RaysegError, match=r"part-.*: the data changed .* size or modification"):
+        list(ingest.task_batches(task, summary.location.fs, make))
+    write_masks(tmp_path / "m", 4, parts=1, bad={101: "image"})  # the same ids, other pixels
+    with pytest.raises(RaysegError, match=r"part-.*: the data changed .* size or modification"):
+        list(ingest.task_batches(task, summary.location.fs, make))
+    os.remove(part)
     with pytest.raises(RaysegError, match=r"part-.*: the data changed while training read it"):
         list(ingest.task_batches(task, summary.location.fs, make))
 

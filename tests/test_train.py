@@ -259,20 +259,22 @@ def test_rerun_with_more_epochs_resumes(trained, masks, capsys):
     assert "nothing to train" in capsys.readouterr().out and again["epochs"] == 3
 
 
-def test_a_part_removed_after_the_scan_ends_training_with_one_line(
+def test_a_part_rewritten_after_the_scan_ends_training_with_one_line(
     ray_local, tmp_path, monkeypatch
 ):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(write_masks(tmp_path / "masks", 12), data)
+    other = write_masks(tmp_path / "other", 12, bad={101: "image"})  # same ids, other pixels
     launch = train.launch
 
-    def removing_a_part(cfg, checked):  # as if another job rewrote the data meanwhile
-        (data / "parquet" / "part-00001.parquet").unlink()
+    def rewriting_a_part(cfg, checked):  # as if another job rewrote the data meanwhile
+        part = "parquet/part-00001.parquet"
+        shutil.copyfile(other / part, data / part)
         launch(cfg, checked)
 
-    monkeypatch.setattr(train, "launch", removing_a_part)
+    monkeypatch.setattr(train, "launch", rewriting_a_part)
     with pytest.raises(RaysegError) as e:
         train.run_train(config(data, tmp_path / "run", num_workers=1, epochs=1))
     line = str(e.value)
