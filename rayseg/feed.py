@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from rayseg import ingest, waits
@@ -40,7 +39,7 @@ TASK_NAME = waits.DATA_TASK
 # first batch goes alone, then 2, then 4: ingest.task_batch_groups).
 BATCHES_PER_OBJECT = 4
 
-Batch = dict[str, np.ndarray]
+Batch = ingest.Batch
 
 
 def to_torch(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -112,7 +111,11 @@ class Feed:
             and len(self._tasks) <= self._in_flight
         ):
             task = self._remote.remote(
-                self._todo.pop(), self._fs, self._make_batch, group=BATCHES_PER_OBJECT
+                self._todo.pop(),
+                self._fs,
+                self._make_batch,
+                group=BATCHES_PER_OBJECT,
+                reuse=True,  # the yield copies each group into the object store
             )
             self._tasks.append(task)
             self._making[task.completed()] = task

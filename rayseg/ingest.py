@@ -49,6 +49,9 @@ GPU_CPUS_PER_WORKER = 1
 # 1.16-1.22 ("cores_per_gpu_272", measured on 2 x86-64 cores), rounded up.
 DATA_CPUS_PER_GPU = 2
 
+# A batch: the columns above, each an array of the batch's length.
+Batch = dict[str, np.ndarray]
+
 # Codes in a batch's "problem" column.
 PROBLEMS = {
     1: "row has no image bytes (masks ran without --images-dir)",
@@ -287,22 +290,31 @@ def pad_into(
 
 
 def train_batch(
-    batch: dict[str, np.ndarray], *, lut: np.ndarray, crop_size: int
+    batch: dict[str, np.ndarray], *, lut: np.ndarray, crop_size: int, out: Batch | None = None
 ) -> dict[str, np.ndarray]:
-    """Rows (image_id, image, mask bytes) -> augmented (B, S, S, 3) images and (B, S, S) masks."""
+    """Rows (image_id, image, mask bytes) -> augmented (B, S, S, 3) images and (B, S, S) masks.
+
+    out: a batch made before and handed over, whose arrays this one may be written into."""
     rng = np.random.default_rng()
 
     def one(image, mask, out_image, out_mask) -> None:
         augment_into(image, mask, out_image, out_mask, rng=rng)
 
-    return _map_rows(batch, lut, crop_size, crop_size, one)
+    return _map_rows(batch, lut, crop_size, crop_size, one, out)
 
 
 def val_batch(
-    batch: dict[str, np.ndarray], *, lut: np.ndarray, height: int, width: int
+    batch: dict[str, np.ndarray],
+    *,
+    lut: np.ndarray,
+    height: int,
+    width: int,
+    out: Batch | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rows -> unscaled images padded to the (height, width) canvas, masks padded with ignore."""
-    return _map_rows(batch, lut, height, width, pad_into)
+    """Rows -> unscaled images padded to the (height, width) canvas, masks padded with ignore.
+
+    out: as train_batch's."""
+    return _map_rows(batch, lut, height, width, pad_into, out)
 
 
 def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -313,12 +325,18 @@ def _take(part: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray
     return {k: v[rows] for k, v in part.items()}
 
 
-def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform):
-    """Each row decoded, its mask made train ids, and `transform` writes it into its batch slot."""
+def _map_rows(batch, lut: np.ndarray, height: int, width: int, transform, out: Batch | None):
+    """Each row decoded, its mask made train ids, and `transform` writes it into its batch slot
+    (`out`'s arrays where they are of its shape)."""
     cv2.setNumThreads(1)  # rayseg.feed runs one task per CPU already
     n = len(batch["image_id"])
-    images = np.zeros((n, height, width, 3), np.uint8)
-    masks = np.full((n, height, width), TRAIN_IGNORE, np.uint8)
+    if out is not None and out["image"].shape == (n, height, width, 3):
+        images, masks = out["image"], out["mask"]
+        images.fill(0)
+        masks.fill(TRAIN_IGNORE)
+    else:
+        images = np.zeros((n, height, width, 3), np.uint8)
+        masks = np.full((n, height, width), TRAIN_IGNORE, np.uint8)
     problem = np.zeros(n, np.uint8)
     for i in range(n):
         try:
@@ -452,10 +470,11 @@ def process_id() -> int:
 
 
 def task_batches(
-    task: PartTask, fs, make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-) -> Iterator[dict[str, np.ndarray]]:
+    task: PartTask, fs, make_batch: Callable[..., Batch], *, spare: list[Batch] | None = None
+) -> Iterator[Batch]:
     """A task's work: read its parts, then make_batch (train_batch or val_batch, its options
-    bound) of each batch's rows, in order."""
+    bound) of each batch's rows, in order. spare: batches already handed over (copied), taken
+    from as they come: make_batch(rows, out=one of them)."""
     rows = read_rows(task.paths, fs, task.stamps)
     where = {int(image_id): k for k, image_id in enumerate(rows["image_id"])}
     for ids in task.batches:
@@ -466,12 +485,11 @@ def task_batches(
                 f"{', '.join(task.paths)}: image {e.args[0]} is no longer in these Parquet "
                 f"parts: {CHANGED}"
             ) from None
-        yield make_batch(_take(rows, at))
+        into = {"out": spare.pop()} if spare else {}
+        yield make_batch(_take(rows, at), **into)
 
 
-def made_batches(
-    task: PartTask, fs, make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-) -> list[dict[str, np.ndarray]]:
+def made_batches(task: PartTask, fs, make_batch: Callable[..., Batch]) -> list[Batch]:
     """task_batches, all at once (one Ray object): rayseg.prestart's first batches."""
     return list(task_batches(task, fs, make_batch))
 
@@ -496,20 +514,24 @@ def without_first(tasks: list[PartTask], head: PartTask) -> list[PartTask] | Non
 
 
 def task_batch_groups(
-    task: PartTask,
-    fs,
-    make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    *,
-    group: int,
-) -> Iterator[list[dict[str, np.ndarray]]]:
+    task: PartTask, fs, make_batch: Callable[..., Batch], *, group: int, reuse: bool = False
+) -> Iterator[list[Batch]]:
     """task_batches, the first alone (to arrive soon), then twice as many at a time up to
-    `group` (what rayseg.feed hands over per Ray object)."""
-    batches: list[dict[str, np.ndarray]] = []
+    `group` (what rayseg.feed hands over per Ray object).
+
+    reuse: each group's arrays are written over once the next group is begun, for a consumer
+    that copies a group when it is yielded (a Ray task's yield puts it into the object store).
+    The task then allocates `group` batches, not one per batch: returning and faulting in their
+    memory took ~3% of the data tasks' CPU (issue 22, docs/performance.md)."""
+    spare: list[Batch] | None = [] if reuse else None
+    batches: list[Batch] = []
     size = 1
-    for batch in task_batches(task, fs, make_batch):
+    for batch in task_batches(task, fs, make_batch, spare=spare):
         batches.append(batch)
         if len(batches) == size:
             yield batches
+            if spare is not None:
+                spare += batches
             batches, size = [], min(2 * size, group)
     if batches:
         yield batches

@@ -368,6 +368,22 @@ def test_a_first_batch_made_elsewhere_is_left_out_only_when_it_is_the_first():
     assert ingest.without_first(tasks, ingest.PartTask(("b",), ids[:1])) is None
 
 
+def test_task_batch_groups_reuse_the_arrays_of_groups_already_handed_over(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 7, parts=1)))
+    (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    fresh = list(ingest.task_batches(task, summary.location.fs, make))
+    handed, arrays = [], set()
+    for group in ingest.task_batch_groups(task, summary.location.fs, make, group=4, reuse=True):
+        arrays |= {id(b["image"]) for b in group}
+        handed += [{k: v.copy() for k, v in b.items()} for b in group]  # as a Ray yield copies
+    assert len(arrays) == 4, "7 batches in groups of 1, 2, 4 are made in 4 batches' arrays"
+    assert [b["image_id"].tolist() for b in handed] == [b["image_id"].tolist() for b in fresh]
+    for got, want in zip(handed, fresh, strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["mask"], want["mask"])
+
+
 # ---- rayseg.feed: the tasks run by Ray ----------------------------------------------------
 
 CPU = torch.device("cpu")
@@ -404,10 +420,10 @@ def test_feed_starts_the_next_task_once_one_has_made_its_last_batch(ray_local, t
     made = tmp_path / "made"
     make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=32)
 
-    def noted(batch):
+    def noted(batch, out=None):
         with made.open("a") as f:
             f.write(f"{int(batch['image_id'][0])}\n")
-        return make(batch)
+        return make(batch, out=out)
 
     def made_firsts(count: int) -> set[int]:
         deadline = time.monotonic() + 30
@@ -443,6 +459,22 @@ def test_feed_says_a_part_gone_since_the_scan_in_rayseg_s_line(ray_local, tmp_pa
     assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_feed_batches_equal_those_made_in_process_though_tasks_reuse_arrays(ray_local, tmp_path):
+    # A data task writes a group's arrays over once Ray has copied it at its yield (reuse):
+    # every batch through Ray equals the same batch made here, each in arrays of its own.
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 9, parts=1, bad={102: "mask"})))
+    (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    want = {int(b["image_id"][0]): b for b in ingest.task_batches(task, summary.location.fs, make)}
+    got = list(feed_of(summary, [task], make_batch=make))
+    assert sorted(int(b["image_id"][0]) for b in got) == sorted(want) and len(got) == 9
+    for b in got:
+        one = want[int(b["image_id"][0])]
+        np.testing.assert_array_equal(b["image"].numpy(), one["image"])
+        np.testing.assert_array_equal(b["mask"].numpy(), one["mask"])
+        assert b["problem"].tolist() == one["problem"].tolist()
+
+
 def test_feed_closed_early_cancels_its_tasks(ray_local, tmp_path):
     import ray
 
@@ -452,10 +484,10 @@ def test_feed_closed_early_cancels_its_tasks(ray_local, tmp_path):
     )
     make = functools.partial(ingest.train_batch, lut=CLASS_MAP.train_lut(), crop_size=32)
 
-    def slow(batch):  # each task's first batch at once, the others after a minute
+    def slow(batch, out=None):  # each task's first batch at once, the others after a minute
         if batch["image_id"][0] not in firsts:
             time.sleep(60)
-        return make(batch)
+        return make(batch, out=out)
 
     firsts = {int(t.batches[0][0]) for t in tasks}
     epoch = iter(feed_of(summary, tasks, make_batch=slow))

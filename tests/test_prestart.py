@@ -49,7 +49,7 @@ def test_feed_tasks_under_ray_train_run_in_the_started_processes(ray_keeping_idl
     holder = prestart.start({}, first=first)
     out = tmp_path / "pids.json"
 
-    def pid_of(batch):  # in the data task's process
+    def pid_of(batch, out=None):  # in the data task's process
         import os
 
         import numpy as np
@@ -154,6 +154,9 @@ def test_feed_yields_the_made_batch_first_and_makes_it_itself_when_lost(ray_keep
         def make(self) -> list:
             return [ray.remote(ingest.made_batches).remote(head, summary.location.fs, MAKE)]
 
+        def ready(self) -> bool:
+            return True
+
     def epoch_of(made) -> list[list[int]]:
         return [
             b["image_id"].tolist()
@@ -170,7 +173,11 @@ def test_feed_yields_the_made_batch_first_and_makes_it_itself_when_lost(ray_keep
 
     owner = Owner.remote()
     (ref,) = ray.get(owner.make.remote())
-    ray.kill(owner)  # the made batch is lost with its owner
+    ray.kill(owner)  # the made batch is lost with its owner, once its process has ended:
+    with pytest.raises(ray.exceptions.RayActorError):  # ray.kill does not wait for that
+        for _ in range(300):
+            ray.get(owner.ready.remote(), timeout=30)
+            time.sleep(0.1)
     with pytest.raises(ray.exceptions.RayError):
         ray.get(ref, timeout=30)
     got = epoch_of((ref, head))
