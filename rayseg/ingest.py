@@ -522,7 +522,7 @@ def task_batch_groups(
     reuse: each group's arrays are written over once the next group is begun, for a consumer
     that copies a group when it is yielded (a Ray task's yield puts it into the object store).
     The task then allocates `group` batches, not one per batch: returning and faulting in their
-    memory cost ~4% of the images per CPU second (issue 22, docs/performance.md)."""
+    memory cost 3-4% of the images per CPU second (issue 22, bench/reuse_bench.py)."""
     spare: list[Batch] | None = [] if reuse else None
     batches: list[Batch] = []
     size = 1
