@@ -9,7 +9,10 @@ padded with ignore, flip, batch of 16 (rayseg.ingest.train_batch). Synthetic dat
 All in one process tree, on the same rows, epochs after the first ("steady state"); (b) and (c)
 taken in turn, then the waits, then (c') and (d) in turn (after (d)'s many small tasks, Ray's
 worker processes ran (c)'s tasks ~7% slower: a cost of sharing one Ray with (d), not of (c)):
-(a) work alone: train_batch in this process, one thread, no Ray, no torch.
+(a) work alone: train_batch in this process, one thread, no Ray, no torch: timed before Ray
+    starts (400 rows, 5 rounds), and again on every row in the rounds of (b) and (c)
+    ("same_rounds": the machine's drift during the run hits all three alike; Ray then idles
+    beside it).
 (b) torch DataLoader, num_workers = cores, persistent workers, rows in memory (fork-shared),
     the same per-image work in __getitem__, default collate. The peer users would pick instead.
 (c) rayseg: what `rayseg train` feeds a worker (rayseg.feed.Feed of ingest.train_tasks): a Ray
@@ -256,6 +259,15 @@ def work_alone(rows, fn, lut, crop: int, batch: int, limit: int) -> tuple[float,
     for i in range(0, n, batch):
         fn({k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop)
     return n / (time.perf_counter() - start), n / (time.thread_time() - cpu)
+
+
+def alone_epoch(rows, lut, crop: int, batch: int):
+    """(a) as an epoch of `interleaved`: train_batch over every row, in this thread."""
+    cv2.setNumThreads(1)
+    for i in range(0, len(rows["image_id"]) - batch + 1, batch):
+        yield ingest.train_batch(
+            {k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop
+        )
 
 
 def time_per_image(fn, count: int, clock=time.thread_time) -> float:
@@ -587,7 +599,11 @@ def main() -> int:
     epoch_numbers = itertools.count(1)
     raydata = split_one(raydata_dataset(summary, ids, **kw))
     before = split_one(before_dataset(summary, ids, fn=before_train_batch, **kw))
-    runs = {"dataloader": lambda: loader, "rayseg": lambda: after(next(epoch_numbers))}
+    runs = {
+        "work_alone": lambda: alone_epoch(rows, lut, crop, bs),
+        "dataloader": lambda: loader,
+        "rayseg": lambda: after(next(epoch_numbers)),
+    }
     history = {
         "rayseg_raydata": lambda: torch_batches(raydata, bs),
         "rayseg_before": lambda: torch_batches(before, bs),
@@ -595,6 +611,7 @@ def main() -> int:
     not_dataloader = lambda: set(ray_pids) | ray_descendants(ray_pids)  # noqa: E731
     exclude = {k: (lambda: loader_pids) for k in [*runs, *history]}
     exclude["dataloader"] = not_dataloader
+    exclude["work_alone"] = lambda: loader_pids | not_dataloader()  # this process alone
     got = interleaved(runs, args.rounds, exclude)
     step = PACE * got["rayseg"]["images_per_s"]
     few = ids[: args.wait_images]
@@ -649,6 +666,8 @@ def main() -> int:
             "wall_images_per_s_per_core": round(one["after"][0], 1),
             "before_images_per_s_per_core": round(one["before"][1], 1),
             "before_wall_images_per_s_per_core": round(one["before"][0], 1),
+            "same_rounds_images_per_s_per_core": round(cpu_rate["work_alone"], 1),
+            "same_rounds_wall_images_per_s_per_core": round(rate["work_alone"], 1),
         },
         "dataloader": {**figures("dataloader"), "num_workers": cores},
         "rayseg": {
@@ -657,6 +676,10 @@ def main() -> int:
             "vs_dataloader": round(per_core / cpu_rate["dataloader"], 3),
             "wall_vs_cores_x_work_alone": round(rate["rayseg"] / (cores * one["after"][0]), 3),
             "wall_vs_dataloader": round(rate["rayseg"] / rate["dataloader"], 3),
+            "vs_cores_x_work_alone_same_rounds": round(per_core / cpu_rate["work_alone"], 3),
+            "wall_vs_cores_x_work_alone_same_rounds": round(
+                rate["rayseg"] / (cores * rate["work_alone"]), 3
+            ),
             "first_epoch_wait": round(waits[0], 3),
             "later_epoch_wait": round(float(np.median(waits[1:])), 3),
             "paced_step_images_per_s": round(step, 1),
