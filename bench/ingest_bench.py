@@ -237,12 +237,9 @@ def feed_epochs(summary, ids, *, lut, crop_size: int, batch_size: int, in_flight
 
     def epoch_of(epoch: int) -> feed.Feed:
         tasks = epoch_tasks(summary, ids, batch_size=batch_size, epoch=epoch)
-        first = made if epoch == 1 else None
-        rest = first and ingest.without_first(tasks, first[1])
-        tasks, first = (rest, first) if rest is not None else (tasks, None)
         return feed.Feed(
             tasks, fs=summary.location.fs, make_batch=make, in_flight=in_flight, num_cpus=1.0,
-            device=torch.device("cpu"), made=first,
+            device=torch.device("cpu"), made=made if epoch == 1 else None,
         )  # fmt: skip
 
     return epoch_of

@@ -71,9 +71,11 @@ class Feed:
     once, started at once; iterate it once. close() (also when iteration stops early) cancels
     the tasks still running.
 
-    made: (ObjectRef of a list of batches made elsewhere, the PartTask that made them), yielded
-    first: the worker's first batch, made before it started (rayseg.prestart). Should that
-    object be lost (its owner or node gone), the batches are made here instead."""
+    made: (ObjectRef of a list of batches made elsewhere, the PartTask that made them): the
+    worker's first batch, made before it started (rayseg.prestart). Where it is the first batch
+    of `tasks` (ingest.without_first), it is yielded first and left out of them; else it is
+    not used and the tasks make every batch. Should that object be lost (its owner or node
+    gone), the batch is made here instead."""
 
     def __init__(
         self,
@@ -94,7 +96,8 @@ class Feed:
             name=TASK_NAME, num_cpus=num_cpus, num_returns="streaming"
         )
         self._fs, self._make_batch = ray.put(fs), ray.put(make_batch)
-        self._made = made
+        rest = ingest.without_first(tasks, made[1]) if made and tasks else None
+        tasks, self._made = (tasks, None) if rest is None else (rest, made)
         self._make_here = functools.partial(ingest.made_batches, fs=fs, make_batch=make_batch)
         self._todo = list(reversed(tasks))
         self._tasks: list[Any] = []  # ray.ObjectRefGenerator of each task not yet taken in full

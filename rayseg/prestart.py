@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from rayseg import ingest, raycompat, waits
 
 TASK_NAME = "start_data_process"
@@ -42,7 +40,7 @@ class FirstBatches:
     epoch: int
     tasks: dict[int, ingest.PartTask]  # rank -> its first batch, a task of its own
     fs: Any
-    make_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    make_batch: Callable[..., ingest.Batch]
     num_cpus: float
 
 

@@ -195,12 +195,6 @@ def train_batches(plan: Plan, epoch: int, *, rank: int, world: int, device, made
     """Worker `rank`'s shuffled, augmented training batches of `epoch`; their tasks start now.
     made: prestart.take_first's (ObjectRef of the first batch, its task), or None."""
     tasks = train_part_tasks(plan, epoch, rank=rank, world=world)
-    if made is not None:
-        rest = ingest.without_first(tasks, made[1])
-        if rest is None:  # planned otherwise than on the driver: the Feed makes every batch
-            made = None
-        else:
-            tasks = rest
     return data_feed(plan, tasks, plan.split.train, train_make_batch(plan), device, made=made)
 
 

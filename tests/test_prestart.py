@@ -58,10 +58,9 @@ def test_feed_tasks_under_ray_train_run_in_the_started_processes(ray_keeping_idl
 
     def loop(config):  # a training worker holding no CPU: the tasks may take both
         made = prestart.take_first(first.name, rank=0, epoch=1)
-        _, rest = ingest.split_first(tasks[0])
         batches = list(
             feed.Feed(
-                [rest, *tasks[1:]], fs=summary.location.fs, make_batch=pid_of, in_flight=2,
+                tasks, fs=summary.location.fs, make_batch=pid_of, in_flight=2,
                 num_cpus=1.0, device=torch.device("cpu"), made=made,
             )
         )  # fmt: skip
@@ -158,7 +157,7 @@ def test_feed_yields_the_made_batch_first_and_makes_it_itself_when_lost(ray_keep
         return [
             b["image_id"].tolist()
             for b in feed.Feed(
-                [rest, *tasks[1:]], fs=summary.location.fs, make_batch=MAKE, in_flight=1,
+                tasks, fs=summary.location.fs, make_batch=MAKE, in_flight=1,
                 num_cpus=1.0, device=torch.device("cpu"), made=made,
             )
         ]  # fmt: skip
@@ -167,6 +166,8 @@ def test_feed_yields_the_made_batch_first_and_makes_it_itself_when_lost(ray_keep
     (ref,) = ray.get(owner.make.remote())
     got = epoch_of((ref, head))
     assert got[0] == head.batches[0].tolist() and sorted(got) == sorted(planned)
+    other = ingest.split_first(tasks[1])[0]  # made for other tasks: not used, none left out
+    assert sorted(epoch_of((ref, other))) == sorted(planned)
 
     # Lost: Ray cannot give the object (not an error of the task's own). A killed owner is not
     # a steady way to get there: a borrower on its node may still read the object for a while.
