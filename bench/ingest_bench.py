@@ -248,23 +248,21 @@ def feed_epochs(summary, ids, *, lut, crop_size: int, batch_size: int, in_flight
 # ---- (a) the work alone, and the wins -------------------------------------------------------
 
 
-def work_alone(rows, fn, lut, crop: int, batch: int, limit: int) -> tuple[float, float]:
-    """(images/s, images per CPU second) of fn (a train_batch) over `limit` rows, one thread."""
+def alone_batches(rows, fn, lut, crop: int, batch: int):
+    """fn (a train_batch) over the rows, batch by batch, in this thread: the work alone (as an
+    epoch of `interleaved` too)."""
     cv2.setNumThreads(1)
+    for i in range(0, len(rows["image_id"]), batch):
+        yield fn({k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop)
+
+
+def work_alone(rows, fn, lut, crop: int, batch: int, limit: int) -> tuple[float, float]:
+    """(images/s, images per CPU second) of alone_batches over `limit` rows, one thread."""
     n = min(limit, len(rows["image_id"]))
     start, cpu = time.perf_counter(), time.thread_time()
-    for i in range(0, n, batch):
-        fn({k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop)
+    for _ in alone_batches({k: v[:n] for k, v in rows.items()}, fn, lut, crop, batch):
+        pass
     return n / (time.perf_counter() - start), n / (time.thread_time() - cpu)
-
-
-def alone_epoch(rows, lut, crop: int, batch: int):
-    """(a) as an epoch of `interleaved`: train_batch over every row, in this thread."""
-    cv2.setNumThreads(1)
-    for i in range(0, len(rows["image_id"]) - batch + 1, batch):
-        yield ingest.train_batch(
-            {k: v[i : i + batch] for k, v in rows.items()}, lut=lut, crop_size=crop
-        )
 
 
 def time_per_image(fn, count: int, clock=time.thread_time) -> float:
@@ -597,7 +595,7 @@ def main() -> int:
     raydata = split_one(raydata_dataset(summary, ids, **kw))
     before = split_one(before_dataset(summary, ids, fn=before_train_batch, **kw))
     runs = {
-        "work_alone": lambda: alone_epoch(rows, lut, crop, bs),
+        "work_alone": lambda: alone_batches(rows, ingest.train_batch, lut, crop, bs),
         "dataloader": lambda: loader,
         "rayseg": lambda: after(next(epoch_numbers)),
     }
