@@ -4,7 +4,7 @@ Inputs: the PartTasks of rayseg.ingest (train_tasks / val_tasks), the file syste
 how a batch is made (ingest.train_batch or val_batch, options bound). Output: an iterable of
 batches (rayseg.ingest's columns) as torch tensors on the worker's device.
 
-Each PartTask runs as a Ray task, `load_data` (ingest.task_batch_groups), that yields its
+Each PartTask runs as a Ray task, `load_data` (ingest.task_objects), that yields its
 batches as it makes them, BATCHES_PER_OBJECT to a Ray object (a Ray streaming generator). At
 most `in_flight` run at once (the CPUs left for data loading, per worker), and the first start
 when the Feed is made: train.py makes the next epoch's before it validates. Batches are taken
@@ -92,7 +92,7 @@ class Feed:
 
         # Ray: a task per PartTask. Its function is rayseg.ingest's: the task's process imports
         # no torch (seconds of a fresh worker process's start, on the first epoch's path).
-        self._remote = ray.remote(ingest.task_batch_groups).options(
+        self._remote = ray.remote(ingest.task_objects).options(
             name=TASK_NAME, num_cpus=num_cpus, num_returns="streaming"
         )
         self._fs, self._make_batch = ray.put(fs), ray.put(make_batch)
@@ -114,11 +114,7 @@ class Feed:
             and len(self._tasks) <= self._in_flight
         ):
             task = self._remote.remote(
-                self._todo.pop(),
-                self._fs,
-                self._make_batch,
-                group=BATCHES_PER_OBJECT,
-                reuse=True,  # the yield copies each group into the object store
+                self._todo.pop(), self._fs, self._make_batch, group=BATCHES_PER_OBJECT
             )
             self._tasks.append(task)
             self._making[task.completed()] = task

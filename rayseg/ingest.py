@@ -4,7 +4,7 @@ scan_data(data) reads only the small columns (image ids, sizes) on the driver, t
 check the data before any worker starts. The per-image work is pure numpy/cv2 (decode_pair,
 augment, pad_into); train_batch / val_batch apply it to a batch of rows. train_tasks / val_tasks
 plan a worker's batches of one epoch as a PartTask per Parquet part, and task_batches is one
-task's work: rayseg.feed runs these as Ray tasks (no Ray here).
+task's work: rayseg.feed runs these as Ray tasks (task_objects; no Ray here).
 
 Batches carry uint8 pixels: image (B, S, S, 3) RGB, mask (B, S, S) train ids (255 = ignore),
 image_id (B,), problem (B,) (0 = fine, else a PROBLEMS code). Mask values become train ids through
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayseg import storage
+from rayseg import raycompat, storage
 from rayseg.errors import RaysegError
 from rayseg.records import TRAIN_IGNORE, Problem
 
@@ -466,7 +466,7 @@ def _objects(values: list) -> np.ndarray:
 
 def process_id() -> int:
     """The process's id, once this module (OpenCV, pyarrow, numpy) is imported: rayseg.prestart's
-    task, which leaves a process ready for task_batch_groups."""
+    task, which leaves a process ready for task_objects."""
     return os.getpid()
 
 
@@ -536,3 +536,13 @@ def task_batch_groups(
             batches, size = [], min(2 * size, group)
     if batches:
         yield batches
+
+
+def task_objects(
+    task: PartTask, fs, make_batch: Callable[..., Batch], *, group: int
+) -> Iterator[list[dict[str, Any]]]:
+    """rayseg.feed's Ray task: task_batch_groups, its arrays reused (the yield copies each group
+    into Ray's object store), each array over raycompat.CHUNK bytes in chunks that the task's
+    own thread copies there (raycompat.InChunks). They are arrays again where they are read."""
+    for batches in task_batch_groups(task, fs, make_batch, group=group, reuse=True):
+        yield [{k: raycompat.in_chunks(v) for k, v in b.items()} for b in batches]

@@ -15,6 +15,8 @@ in place and `fell_back` says so once per process, on stderr (never a silent no-
 - embedded_init_options    ray.init's `_system_config` (Ray's testing-only argument)
 - submitted_runtime_env    RAY_JOB_CONFIG_JSON_ENV_VAR, set by Ray's job supervisor
 - train_worker_env         the env_vars Ray Train V2 gives its workers (ray.train.v2._internal)
+- in_chunks / joined       how Ray copies an object's buffers into its object store and lays
+                           them out there (serialization.pxi, not an API: no import of it)
 Ray is imported inside the functions that use it.
 """
 
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from rayseg.storage import Location
@@ -346,3 +351,75 @@ def drop_from_snapshot(snapshot: dict[str, Any], keep: set[str]) -> dict[str, An
     ):
         snapshot[key] = [n for n in snapshot.get(key, []) if n in keep]
     return snapshot
+
+
+# ---- Ray's object store -----------------------------------------------------------------------
+
+# Ray writes each out-of-band buffer of an object (a numpy array's bytes) into its object store
+# with memcpy on the calling thread up to 1 MiB, with 6 helper threads above (MEMCOPY_THREADS and
+# kMemcopyDefaultThreshold in Ray's serialization.pxi, fixed when Ray is built), each buffer
+# from a multiple of 64 bytes, one after the other. A multiple of 64 itself, so chunks of this
+# size lie back to back.
+CHUNK = 1 << 20
+
+
+def in_chunks(array: np.ndarray) -> Any:
+    """`array` as a data task hands it to Ray: InChunks where it is over CHUNK bytes."""
+    if array.dtype.hasobject or array.nbytes <= CHUNK:
+        return array
+    return InChunks(array)
+
+
+class InChunks:
+    """An array that pickles (protocol 5) as out-of-band buffers of at most CHUNK bytes, and
+    unpickles as one array again (`joined`).
+
+    Works around: Ray's copy of a larger buffer with 6 helper threads. Where data tasks keep
+    every core busy, the task waits at its yield for threads queued behind the other tasks;
+    buffers of CHUNK bytes it copies itself (issue 22: +4% of the ingest's images per second,
+    bench/paired_bench.py --change chunks). Checked on Ray 2.60.0. Fallback: where the chunks
+    do not lie back to back, `joined` copies them into one array, said once.
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __reduce_ex__(self, protocol: int):
+        if protocol < 5:  # no out-of-band buffers: pickled as the array itself
+            return self.array.__reduce_ex__(protocol)
+        flat = np.ascontiguousarray(self.array).reshape(-1).view(np.uint8)
+        chunks = [pickle.PickleBuffer(flat[i : i + CHUNK]) for i in range(0, flat.size, CHUNK)]
+        return joined, (self.array.shape, self.array.dtype.str, *chunks)
+
+
+def joined(shape: tuple[int, ...], dtype: str, *chunks: Any) -> np.ndarray:
+    """InChunks unpickled: its chunks as one read-only array, a view of their memory where each
+    starts where the one before ends (as Ray lays them out in its object store), else a copy."""
+    parts = [np.frombuffer(c, np.uint8) for c in chunks]
+    if not parts:
+        return np.empty(shape, dtype)
+    ends = [p.ctypes.data + p.nbytes for p in parts[:-1]]
+    if ends == [p.ctypes.data for p in parts[1:]]:
+        flat = np.asarray(_Span(parts))
+    else:
+        fell_back(
+            "Ray's layout of an object's buffers (back to back in its object store)",
+            "each array handed over in chunks is copied into one where it is read",
+        )
+        flat = np.concatenate(parts)
+        flat.flags.writeable = False
+    return flat.view(dtype).reshape(shape)
+
+
+class _Span:
+    """Parts lying back to back, as one uint8 array interface that keeps them (and so their
+    memory) alive."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.__array_interface__ = {
+            "shape": (sum(p.nbytes for p in parts),),
+            "typestr": "|u1",
+            "data": (parts[0].ctypes.data, True),  # read-only, as Ray's arrays are
+            "version": 3,
+        }

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mask_data import META, make_sample, sample_row, write_masks
 
-from rayseg import feed, ingest, storage
+from rayseg import feed, ingest, raycompat, storage
 from rayseg.errors import RaysegError
 from rayseg.models import class_map_from_meta
 
@@ -459,12 +459,24 @@ def test_feed_says_a_part_gone_since_the_scan_in_rayseg_s_line(ray_local, tmp_pa
     assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_task_objects_hand_arrays_over_1_mib_to_ray_in_chunks(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 3, parts=1)))
+    (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=600, width=700)
+    groups = list(ingest.task_objects(task, summary.location.fs, make, group=4))
+    assert [len(g) for g in groups] == [1, 2]
+    for batch in (b for g in groups for b in g):
+        assert isinstance(batch["image"], raycompat.InChunks)  # (1, 600, 700, 3): 1.26 MB
+        assert isinstance(batch["mask"], np.ndarray) and batch["mask"].nbytes < raycompat.CHUNK
+
+
 def test_feed_batches_equal_those_made_in_process_though_tasks_reuse_arrays(ray_local, tmp_path):
-    # A data task writes a group's arrays over once Ray has copied it at its yield (reuse):
-    # every batch through Ray equals the same batch made here, each in arrays of its own.
+    # A data task writes a group's arrays over once Ray has copied it at its yield (reuse), and
+    # hands its images (1.26 MB each) over in chunks: every batch through Ray equals the same
+    # batch made here, each in arrays of its own.
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 9, parts=1, bad={102: "mask"})))
     (task,) = ingest.val_tasks(summary, summary.image_ids, batch_size=1)
-    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=600, width=700)
     want = {int(b["image_id"][0]): b for b in ingest.task_batches(task, summary.location.fs, make)}
     got = list(feed_of(summary, [task], make_batch=make))
     assert sorted(int(b["image_id"][0]) for b in got) == sorted(want) and len(got) == 9

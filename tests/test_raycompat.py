@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rayseg import raycompat, rayoutput, storage
@@ -362,13 +364,59 @@ def test_a_snapshot_of_another_shape_is_removed_and_said(tmp_path, caplog):
     assert raycompat.TRAIN_SNAPSHOT in line and "starts without its list" in line
 
 
+# ---- in_chunks / joined ---------------------------------------------------------------------
+
+
+def out_of_band(value) -> tuple[bytes, list[memoryview]]:
+    """pickle protocol 5 as Ray uses it: the in-band bytes and each out-of-band buffer."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return data, [b.raw() for b in buffers]
+
+
+def test_a_large_array_goes_in_chunks_ray_copies_on_one_thread_and_joins_as_a_view():
+    array = np.random.default_rng(0).integers(0, 256, (3, 700, 600, 3), dtype=np.uint8)
+    data, buffers = out_of_band(raycompat.in_chunks(array))
+    last = array.nbytes - 3 * raycompat.CHUNK
+    assert [b.nbytes for b in buffers] == [raycompat.CHUNK] * 3 + [last]
+    # Laid back to back, as Ray's object store holds them: one read-only view of that memory.
+    store = np.frombuffer(b"".join(buffers), np.uint8)
+    got = pickle.loads(data, buffers=np.split(store, np.cumsum([b.nbytes for b in buffers[:-1]])))
+    assert got.shape == array.shape and got.dtype == array.dtype
+    np.testing.assert_array_equal(got, array)
+    assert np.shares_memory(got, store) and not got.flags.writeable
+
+
+def test_chunks_apart_are_copied_into_one_array_and_it_is_said(caplog):
+    array = np.arange(600_000, dtype=np.int64).reshape(1000, 600)  # 4.8 MB, not bytes
+    data, buffers = out_of_band(raycompat.in_chunks(array))
+    with caplog.at_level(logging.WARNING):
+        got = pickle.loads(data, buffers=[bytes(b) for b in buffers])  # each its own memory
+    np.testing.assert_array_equal(got, array)
+    assert got.dtype == np.int64 and not got.flags.writeable
+    (line,) = notices(caplog)
+    assert FELL_BACK in line and "copied into one" in line
+
+
+def test_small_arrays_and_old_pickle_protocols_hand_over_the_array_itself():
+    small = np.zeros((16, 480, 480), np.uint8)[:4]  # 0.9 MB
+    assert raycompat.in_chunks(small) is small
+    big = np.ones((16, 480, 480), np.uint8)
+    got = pickle.loads(pickle.dumps(raycompat.InChunks(big), protocol=4))
+    assert type(got) is np.ndarray
+    np.testing.assert_array_equal(got, big)
+
+
 # ---- on the installed Ray: nothing falls back ------------------------------------------------
 
 _CONNECT = """
-import os
-from rayseg import rayconnect, signals
+import numpy as np, ray
+from rayseg import raycompat, rayconnect, signals
 with signals.stop_on_signals():
     rayconnect.connect_ray(None, 1)
+    array = np.arange(5 * raycompat.CHUNK, dtype=np.uint8).reshape(5, -1)
+    (got,) = ray.get(ray.remote(lambda: [raycompat.in_chunks(array)]).remote())
+    assert np.array_equal(got, array) and not got.flags.owndata
     rayconnect.stop_ray()
 print("done")
 """
@@ -377,7 +425,8 @@ print("done")
 def test_no_touch_falls_back_on_the_installed_ray(ray_tmpdir):
     # A real ray.init and shutdown under rayseg's signal handling and quiet output: every touch
     # on that path finds what it needs (the SIGTERM patch holds, Ray's printers and logs dir and
-    # the monitor are where they were checked).
+    # the monitor are where they were checked), and an array a task hands over in chunks comes
+    # back as a view of them, back to back in Ray's object store.
     env = {**os.environ, rayoutput.VERBOSE_ENV: "0"}
     done = subprocess.run(
         [sys.executable, "-c", _CONNECT], capture_output=True, text=True, timeout=180, env=env
