@@ -45,7 +45,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard_size_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/ingest_bench.py --images 2000 --json bench/results/ingest_bench.json
-	$(BIN)/python bench/reuse_bench.py --images 2000 --rounds 14 --json bench/results/reuse_bench.json
+	$(BIN)/python bench/paired_bench.py --change groups --rounds 20 --json bench/results/groups_bench.json
+	$(BIN)/python bench/paired_bench.py --change chunks --rounds 14 --json bench/results/chunks_bench.json
+	$(BIN)/python bench/paired_bench.py --change reuse --rounds 14 --json bench/results/reuse_bench.json
 
 clean:
 	rm -rf rayseg_demo bench/_data bench/_out .pytest_cache

@@ -1,11 +1,14 @@
 """One change to the data tasks, with and without it: epochs in turn, in one Ray (issue 22).
 
+    python bench/paired_bench.py --change groups --rounds 20 --json bench/results/groups_bench.json
     python bench/paired_bench.py --change chunks --rounds 14 --json bench/results/chunks_bench.json
     python bench/paired_bench.py --change reuse --rounds 14 --json bench/results/reuse_bench.json
 
 What `rayseg train` feeds a worker (rayseg.feed.Feed of ingest.train_tasks, 2 tasks at once on
 2 CPUs, bench/ingest_bench.py's (c)), epoch by epoch, its data tasks (ingest.task_objects, as
 committed) either as they are or with one change taken out (patched in):
+- groups: a batch that runs over into the next Parquet part has the task read all of that part,
+  not only the row groups of the images it takes there (ingest.spanning_from_few_groups);
 - chunks: arrays over 1 MiB handed to Ray whole, not in chunks of 1 MiB (raycompat.InChunks);
 - reuse: each batch made in new arrays, not in those of a group already handed over.
 Each round takes one epoch of each, the order alternating; the first round is a warm-up.
@@ -21,6 +24,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -50,16 +54,31 @@ def fresh_arrays(task, fs, make_batch, *, group):
         yield [{k: raycompat.in_chunks(v) for k, v in b.items()} for b in batches]
 
 
-WITHOUT = {"chunks": whole_arrays, "reuse": fresh_arrays}
+def epoch_tasks(summary, epoch: int) -> list[ingest.PartTask]:
+    return ingest_bench.epoch_tasks(summary, summary.image_ids, batch_size=16, epoch=epoch)
 
 
-def epoch_feed(summary, epoch: int, *, make, without=None) -> feed.Feed:
-    """One epoch's Feed; `without`: the tasks' function that replaces ingest.task_objects."""
-    tasks = ingest_bench.epoch_tasks(summary, summary.image_ids, batch_size=16, epoch=epoch)
+def whole_parts(summary, epoch: int) -> list[ingest.PartTask]:
+    """epoch_tasks without the row groups: the order drawn as before, every part read whole."""
+    with mock.patch.object(ingest, "spanning_from_few_groups", lambda _, order, **__: order):
+        return [replace(task, groups=()) for task in epoch_tasks(summary, epoch)]
+
+
+# change -> what replaces the committed version's part: its tasks, or their function
+WITHOUT = {
+    "groups": {"tasks": whole_parts},
+    "chunks": {"task_objects": whole_arrays},
+    "reuse": {"task_objects": fresh_arrays},
+}
+
+
+def epoch_feed(summary, epoch: int, *, make, without: dict | None = None) -> feed.Feed:
+    """One epoch's Feed; `without`: a WITHOUT entry, the change taken out."""
+    without = without or {}
+    tasks = without.get("tasks", epoch_tasks)(summary, epoch)
     options = {"fs": summary.location.fs, "make_batch": make, "in_flight": 2, "num_cpus": 1.0}
-    if without is None:
-        return feed.Feed(tasks, device=torch.device("cpu"), **options)
-    with mock.patch.object(ingest, "task_objects", without):  # what the Feed runs as its tasks
+    function = without.get("task_objects", ingest.task_objects)
+    with mock.patch.object(ingest, "task_objects", function):  # what the Feed runs as its tasks
         return feed.Feed(tasks, device=torch.device("cpu"), **options)
 
 

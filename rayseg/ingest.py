@@ -90,6 +90,7 @@ class DataSummary:
     rows_without_image: int
     parts: np.ndarray  # (N,) int32: the index in `paths` of the part each row is in
     stamps: tuple[Stamp, ...]  # each part's (size, mtime_ns) when scanned: read_rows checks them
+    groups: np.ndarray  # (N,) int32: the row group of its part each row is in
 
     @property
     def num_rows(self) -> int:
@@ -121,7 +122,15 @@ def scan_data(data: str) -> DataSummary:
         )
     part_of = np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_rows for t in tables])
     paths = tuple(p.path for p in parts)
-    return DataSummary(loc, paths, meta, ids, heights, widths, missing, part_of, stamps)
+    groups = np.concatenate([row_groups(p) for p in parts])
+    return DataSummary(loc, paths, meta, ids, heights, widths, missing, part_of, stamps, groups)
+
+
+def row_groups(part: storage.Location) -> np.ndarray:
+    """(rows,) int32: the row group each row of a Parquet part is in, from its footer."""
+    md = pq.ParquetFile(part.path, filesystem=part.fs).metadata
+    sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    return np.repeat(np.arange(md.num_row_groups, dtype=np.int32), sizes)
 
 
 def image_counts(part: storage.Location) -> tuple[int, int]:
@@ -364,6 +373,7 @@ class PartTask:
     paths: tuple[str, ...]
     batches: tuple[np.ndarray, ...]  # (B,) int64 image ids each
     stamps: tuple[Stamp, ...] = ()  # each path's at the scan (part_tasks); () checks none
+    groups: tuple[tuple[int, ...], ...] = ()  # each path's row groups to read; () reads all
 
 
 def train_tasks(
@@ -385,7 +395,8 @@ def train_tasks(
     takes the same number of steps, and a resumed run sees the orders an unbroken one would.
     The order is the parts in a random order, each part's images in a random order: a run spans
     few parts. A batch is made by the task of the part its first image is in, which also reads
-    the next part where the batch runs over into it.
+    the next part where the batch runs over into it: only the row groups of the images it
+    takes there (spanning_from_few_groups).
     """
     rng = np.random.default_rng([seed, epoch])
     rows = np.flatnonzero(np.isin(summary.image_ids, ids))
@@ -393,8 +404,42 @@ def train_tasks(
     order = rows[np.lexsort((rng.random(len(rows)), part_rank[summary.parts[rows]]))]
     n = len(order) // world
     steps = n // batch_size
+    order = spanning_from_few_groups(
+        summary, order, run=n, used=steps * batch_size, batch_size=batch_size, world=world
+    )
     mine = order[rank * n : rank * n + steps * batch_size].reshape(steps, batch_size)
     return part_tasks(summary, list(mine))
+
+
+def spanning_from_few_groups(
+    summary: DataSummary, order: np.ndarray, *, run: int, used: int, batch_size: int, world: int
+) -> np.ndarray:
+    """`order` (rows of summary) where the images that a batch begun in one part takes from the
+    next part are drawn from as few of its row groups as hold them: the groups in the order in
+    which the part's images draw them. The rest of the part follows, in the order's own draw.
+
+    Worker k's batches are order[k * run : k * run + used] in runs of batch_size. The task of
+    the part a batch begins in then reads those groups of the next part, not all of it (issue
+    22: a 200-image part of COCO-sized JPEGs is 44 MB; a row group holds 64 images).
+    """
+    order = order.copy()
+    # where each part's images begin in the order (but the first part's), and where they end
+    bounds = np.append(np.flatnonzero(np.diff(summary.parts[order])) + 1, len(order))
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        worker, at = divmod(int(start), run) if run else (world, 0)
+        into = at % batch_size  # images of the batch before this part's first one
+        if worker >= world or at >= used or into == 0:
+            continue  # no batch runs over into this part
+        taken = min(end - start, batch_size - into)
+        rows = order[start:end]
+        groups = summary.groups[rows]
+        first = groups[np.sort(np.unique(groups, return_index=True)[1])]  # in order of draw
+        counts = np.array([np.count_nonzero(groups == g) for g in first])
+        enough = first[: np.searchsorted(np.cumsum(counts), taken) + 1]
+        ahead = np.flatnonzero(np.isin(groups, enough))[:taken]
+        rest = np.setdiff1d(np.arange(len(rows)), ahead, assume_unique=True)
+        order[start:end] = rows[np.concatenate([ahead, rest])]
+    return order
 
 
 def val_tasks(summary: DataSummary, ids: np.ndarray, *, batch_size: int) -> list[PartTask]:
@@ -411,16 +456,21 @@ def val_tasks(summary: DataSummary, ids: np.ndarray, *, batch_size: int) -> list
 
 def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask]:
     """Batches of rows (indices into summary) -> a PartTask per run of batches whose first row
-    is in the same part; each reads the parts any of its rows are in."""
+    is in the same part; each reads the row groups its rows are in, of the parts they are in."""
     tasks = []
     for _, group in itertools.groupby(batches, key=lambda rows: summary.parts[rows[0]]):
         group = list(group)
-        parts = dict.fromkeys(int(p) for rows in group for p in summary.parts[rows])
+        taken = np.concatenate(group)
+        parts = dict.fromkeys(int(p) for p in summary.parts[taken])
         tasks.append(
             PartTask(
                 paths=tuple(summary.paths[p] for p in parts),
                 batches=tuple(summary.image_ids[rows] for rows in group),
                 stamps=tuple(summary.stamps[p] for p in parts),
+                groups=tuple(  # of each part, the row groups of the rows taken from it
+                    tuple(np.unique(summary.groups[taken[summary.parts[taken] == p]]).tolist())
+                    for p in parts
+                ),
             )
         )
     return tasks
@@ -430,18 +480,28 @@ def part_tasks(summary: DataSummary, batches: list[np.ndarray]) -> list[PartTask
 CHANGED = "the data changed while training read it (rerun `rayseg train` to read it anew)"
 
 
-def read_rows(paths: tuple[str, ...], fs, stamps: tuple[Stamp, ...] = ()) -> dict[str, np.ndarray]:
-    """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts.
+def read_rows(
+    paths: tuple[str, ...],
+    fs,
+    stamps: tuple[Stamp, ...] = (),
+    groups: tuple[tuple[int, ...], ...] = (),
+) -> dict[str, np.ndarray]:
+    """image_id (N,) int64, image and mask (N,) of bytes (None where absent) of Parquet parts:
+    of each part its row groups `groups` name (all where there are none).
 
     A part gone, unreadable or rewritten since the driver scanned the data (its Stamp differs
     from `stamps`) is a RaysegError naming it. The stamp is taken after the read: a part
     replaced before it is caught, and one replaced during it too.
     """
+    columns = ["image_id", "image", "mask"]
     tables = []
     for k, path in enumerate(paths):
         try:
             with pq.ParquetFile(path, filesystem=fs) as part:
-                tables.append(part.read(["image_id", "image", "mask"], use_threads=False))
+                if groups and len(groups[k]) < part.num_row_groups:
+                    tables.append(part.read_row_groups(groups[k], columns, use_threads=False))
+                else:  # the whole part: one read is faster than one per row group
+                    tables.append(part.read(columns, use_threads=False))
             rewritten = stamps and stamp_of(fs.get_file_info(path)) != stamps[k]
         except (OSError, pa.ArrowException) as e:
             raise RaysegError(f"{path}: {CHANGED} ({e})") from None
@@ -476,7 +536,7 @@ def task_batches(
     """A task's work: read its parts, then make_batch (train_batch or val_batch, its options
     bound) of each batch's rows, in order. spare: batches already handed over (copied), taken
     from as they come: make_batch(rows, out=one of them)."""
-    rows = read_rows(task.paths, fs, task.stamps)
+    rows = read_rows(task.paths, fs, task.stamps, task.groups)
     where = {int(image_id): k for k, image_id in enumerate(rows["image_id"])}
     for ids in task.batches:
         try:
@@ -523,7 +583,7 @@ def task_batch_groups(
     reuse: each group's arrays are written over once the next group is begun, for a consumer
     that copies a group when it is yielded (a Ray task's yield puts it into the object store).
     The task then allocates `group` batches, not one per batch: returning and faulting in their
-    memory cost 3-4% of the images per CPU second (issue 22, bench/reuse_bench.py)."""
+    memory cost 3-4% of the images per CPU second (issue 22, bench/paired_bench.py)."""
     spare: list[Batch] | None = [] if reuse else None
     batches: list[Batch] = []
     size = 1

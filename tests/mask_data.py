@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
 from rayseg import storage
 
@@ -100,10 +101,12 @@ def write_masks(
     parts: int = 2,
     bad: dict[int, str] | None = None,
     meta: dict | None = None,
+    row_group_size: int | None = None,
 ) -> Path:
     """A `rayseg masks`-shaped output dir (OUT/parquet/part-*.parquet) with embedded images.
 
     bad: image id -> "image" (undecodable image bytes) or "mask" (undecodable mask bytes).
+    row_group_size: rows per Parquet row group (else `rayseg masks`' own, 64).
     """
     rows = []
     for i in range(num_images):
@@ -122,5 +125,9 @@ def write_masks(
         chunk = rows[k::parts]
         if chunk:
             table = storage.mask_table(chunk, meta or META)
-            storage.write_parquet(storage.locate(str(folder / f"part-{k:05d}.parquet")), table)
+            path = folder / f"part-{k:05d}.parquet"
+            if row_group_size:
+                pq.write_table(table, path, row_group_size=row_group_size)
+            else:
+                storage.write_parquet(storage.locate(str(path)), table)
     return out

@@ -286,6 +286,73 @@ def test_train_tasks_shuffle_by_seed_and_epoch(tmp_path):
     assert sorted(flat) == sorted(ids.tolist()) and flat != sorted(flat)
 
 
+def test_a_batch_running_over_into_the_next_part_reads_only_the_row_groups_it_takes(tmp_path):
+    # Parts of 12 rows in row groups of 4: of batch 3 (places 10-14), 2 images are the first
+    # part's and 3 the second's, all 3 drawn from one row group of it, which is all that the
+    # first part's task reads of the second part.
+    out = write_masks(tmp_path / "m", 24, parts=2, row_group_size=4)
+    summary = ingest.scan_data(str(out))
+    assert summary.groups.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2] * 2
+    for seed in range(20):
+        first, second = ingest.train_tasks(
+            summary, summary.image_ids, rank=0, world=1, batch_size=5, seed=seed, epoch=1
+        )
+        a, b = first.paths
+        assert second.paths == (b,) and [len(t.batches) for t in (first, second)] == [3, 1]
+        over = first.batches[2]
+        in_b = [i for i in over if summary.paths[summary.parts[summary.image_ids == i][0]] == b]
+        assert len(in_b) == 3
+        (group,) = first.groups[1]
+        assert {int(summary.groups[summary.image_ids == i][0]) for i in in_b} == {group}
+        for task in (first, second):  # of each part, the groups of the task's images in it
+            ids = np.concatenate(task.batches)
+            where = [summary.paths[summary.parts[summary.image_ids == i][0]] for i in ids]
+            in_groups = [summary.groups[summary.image_ids == i][0] for i in ids]
+            assert task.groups == tuple(
+                tuple(sorted({int(g) for w, g in zip(where, in_groups, strict=True) if w == path}))
+                for path in task.paths
+            )
+    draws = {
+        tuple(
+            ingest.train_tasks(
+                summary, summary.image_ids, rank=0, world=1, batch_size=5, seed=seed, epoch=1
+            )[0].groups[1]
+        )
+        for seed in range(20)
+    }
+    assert len(draws) > 1, "the row group is drawn at random"
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_tasks_read_their_row_groups_and_make_every_batch_of_every_worker(tmp_path, parts):
+    out = write_masks(tmp_path / "m", 41, parts=parts, row_group_size=3)
+    summary = ingest.scan_data(str(out))
+    make = functools.partial(ingest.val_batch, lut=CLASS_MAP.train_lut(), height=48, width=64)
+    for world, batch_size in [(1, 4), (2, 3), (3, 5), (50, 1)]:
+        made = []
+        for rank in range(world):
+            tasks = ingest.train_tasks(
+                summary, summary.image_ids, rank=rank, world=world, batch_size=batch_size,
+                seed=world, epoch=2,
+            )  # fmt: skip
+            assert sum(len(t.batches) for t in tasks) == 41 // world // batch_size
+            assert len(tasks) <= parts
+            for task in tasks:
+                got = list(ingest.task_batches(task, summary.location.fs, make))
+                assert [b["image_id"].tolist() for b in got] == [b.tolist() for b in task.batches]
+                made += [i for b in got for i in b["image_id"].tolist()]
+        assert len(made) == len(set(made)) == world * (41 // world // batch_size) * batch_size
+
+
+def test_read_rows_reads_the_row_groups_it_is_given(tmp_path):
+    summary = ingest.scan_data(str(write_masks(tmp_path / "m", 10, parts=1, row_group_size=4)))
+    fs = summary.location.fs
+    assert ingest.read_rows(summary.paths, fs, groups=((0, 2),))["image_id"].tolist() == [
+        100, 101, 102, 103, 108, 109,
+    ]  # fmt: skip
+    assert len(ingest.read_rows(summary.paths, fs)["image_id"]) == 10
+
+
 def test_val_tasks_take_every_image_once_in_part_order(tmp_path):
     summary = ingest.scan_data(str(write_masks(tmp_path / "m", 9, parts=2)))  # 100, 102, ...
     tasks = ingest.val_tasks(summary, np.array([108, 101, 104, 100, 106]), batch_size=2)
