@@ -13,6 +13,9 @@ worker processes ran (c)'s tasks ~7% slower: a cost of sharing one Ray with (d),
     starts (400 rows, 5 rounds), and again on every row in the rounds of (b) and (c)
     ("same_rounds": the machine's drift during the run hits all three alike; Ray then idles
     beside it).
+(a2) the work alone in `cores` processes at once (forked before Ray starts), each on its share
+    of the rows, nothing handed over: what the cores give the work in parallel with no
+    pipeline at all, beside cores x (a). Taken in the same rounds.
 (b) torch DataLoader, num_workers = cores, persistent workers, rows in memory (fork-shared),
     the same per-image work in __getitem__, default collate. The peer users would pick instead.
 (c) rayseg: what `rayseg train` feeds a worker (rayseg.feed.Feed of ingest.train_tasks): a Ray
@@ -323,6 +326,43 @@ def wins(rows, lut, crop: int, count: int = 300) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+class AloneProcesses:
+    """(a2): the work alone in `n` processes at once (forked before Ray starts), each on every
+    n-th row, its batches made and dropped: nothing handed over, no pipeline. What the cores
+    give the work in parallel, next to n x (a) in one thread."""
+
+    def __init__(self, rows, lut, crop: int, batch: int, n: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.pipes, self.pids = [], set()
+        for k in range(n):
+            here, there = context.Pipe()
+            share = {key: v[k::n] for key, v in rows.items()}
+            process = context.Process(
+                target=self.serve, args=(there, share, lut, crop, batch), daemon=True
+            )
+            process.start()
+            self.pipes.append(here)
+            self.pids.add(process.pid)
+
+    @staticmethod
+    def serve(pipe, rows, lut, crop: int, batch: int) -> None:
+        while pipe.recv():
+            batches = alone_batches(rows, ingest.train_batch, lut, crop, batch)
+            pipe.send(sum(len(b["image_id"]) for b in batches))
+
+    def epoch(self):
+        """One epoch in all processes at once, as one batch of as many ids (for `epoch`)."""
+        for pipe in self.pipes:
+            pipe.send(True)
+        yield {"image_id": np.zeros(sum(pipe.recv() for pipe in self.pipes), np.int64)}
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(False)
+
+
 # ---- (b) torch DataLoader -------------------------------------------------------------------
 
 
@@ -554,7 +594,7 @@ def main() -> int:
     p.add_argument("--crop-size", type=int, default=480)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
-    p.add_argument("--rounds", type=int, default=2, help="timed epochs of each, after the first")
+    p.add_argument("--rounds", type=int, default=4, help="timed epochs of each, after the first")
     p.add_argument("--gpu-rate", type=float, default=GPU_RATE, help="images/s one GPU trains")
     p.add_argument("--wait-images", type=int, default=1000, help="images per epoch for the waits")
     args = p.parse_args()
@@ -581,13 +621,15 @@ def main() -> int:
     one = {k: [float(np.median([x[j] for x in v])) for j in (0, 1)] for k, v in alone.items()}
     print(f"(a) work alone (images/s, per CPU s): {one}", flush=True)
 
+    in_parallel = AloneProcesses(rows, lut, crop, bs, cores)  # forked before Ray starts
     loader = make_loader(rows, lut, crop, bs, cores)
     iter(loader)  # fork its workers before Ray starts threads in this process
-    loader_pids = {w.pid for w in loader._iterator._workers}
+    loader_pids = {w.pid for w in loader._iterator._workers} | in_parallel.pids
     connect_ray(None, cores)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
     ray_pids -= loader_pids
+    alone_pids = in_parallel.pids
     kw = {"lut": lut, "crop_size": crop, "batch_size": bs}
     feed_options = {**kw, "in_flight": cores}  # the tasks get every core, as Ray Data's did
     after = feed_epochs(summary, ids, **feed_options)
@@ -596,6 +638,7 @@ def main() -> int:
     before = split_one(before_dataset(summary, ids, fn=before_train_batch, **kw))
     runs = {
         "work_alone": lambda: alone_batches(rows, ingest.train_batch, lut, crop, bs),
+        "work_alone_in_parallel": in_parallel.epoch,
         "dataloader": lambda: loader,
         "rayseg": lambda: after(next(epoch_numbers)),
     }
@@ -605,8 +648,9 @@ def main() -> int:
     }
     not_dataloader = lambda: set(ray_pids) | ray_descendants(ray_pids)  # noqa: E731
     exclude = {k: (lambda: loader_pids) for k in [*runs, *history]}
-    exclude["dataloader"] = not_dataloader
+    exclude["dataloader"] = lambda: not_dataloader() | alone_pids
     exclude["work_alone"] = lambda: loader_pids | not_dataloader()  # this process alone
+    exclude["work_alone_in_parallel"] = lambda: (loader_pids - alone_pids) | not_dataloader()
     got = interleaved(runs, args.rounds, exclude)
     step = PACE * got["rayseg"]["images_per_s"]
     few = ids[: args.wait_images]
@@ -635,6 +679,7 @@ def main() -> int:
     got.update(interleaved(history, args.rounds, exclude))
     rate = {k: v["images_per_s"] for k, v in got.items()}
     cpu_rate = {k: v["images_per_cpu_s"] for k, v in got.items()}
+    in_parallel.close()
     ray.shutdown()
 
     def figures(name: str) -> dict[str, float]:
@@ -664,6 +709,13 @@ def main() -> int:
             "same_rounds_images_per_s_per_core": round(cpu_rate["work_alone"], 1),
             "same_rounds_wall_images_per_s_per_core": round(rate["work_alone"], 1),
         },
+        "work_alone_in_parallel": {
+            **figures("work_alone_in_parallel"),
+            "processes": cores,
+            "wall_vs_cores_x_work_alone_same_rounds": round(
+                rate["work_alone_in_parallel"] / (cores * rate["work_alone"]), 3
+            ),
+        },
         "dataloader": {**figures("dataloader"), "num_workers": cores},
         "rayseg": {
             **figures("rayseg"),
@@ -674,6 +726,9 @@ def main() -> int:
             "vs_cores_x_work_alone_same_rounds": round(per_core / cpu_rate["work_alone"], 3),
             "wall_vs_cores_x_work_alone_same_rounds": round(
                 rate["rayseg"] / (cores * rate["work_alone"]), 3
+            ),
+            "wall_vs_work_alone_in_parallel": round(
+                rate["rayseg"] / rate["work_alone_in_parallel"], 3
             ),
             "first_epoch_wait": round(waits[0], 3),
             "later_epoch_wait": round(float(np.median(waits[1:])), 3),

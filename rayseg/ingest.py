@@ -46,7 +46,7 @@ FLIP_PROBABILITY = 0.5
 # a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
 # CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU:
-# 1.16-1.24 ("cores_per_gpu_272", measured on 2 x86-64 cores; 1.37 once, on a slowed machine),
+# 1.16-1.27 ("cores_per_gpu_272", measured on 2 x86-64 cores; 1.37-1.65 on a slowed machine),
 # rounded up.
 DATA_CPUS_PER_GPU = 2
 
