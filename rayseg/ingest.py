@@ -103,10 +103,11 @@ def scan_data(data: str) -> DataSummary:
     parts = storage.parquet_files(loc)
     stamps = tuple(map(stamp_of, loc.fs.get_file_info([p.path for p in parts])))
     meta = storage.read_mask_meta(data)
-    tables = [
-        pq.read_table(p.path, columns=["image_id", "height", "width"], filesystem=p.fs)
-        for p in parts
-    ]
+    tables, groups = [], []
+    for p in parts:
+        with pq.ParquetFile(p.path, filesystem=p.fs) as part:
+            tables.append(part.read(["image_id", "height", "width"]))
+            groups.append(row_groups(part.metadata))
     ids = np.concatenate([t["image_id"].to_numpy() for t in tables]).astype(np.int64)
     heights = np.concatenate([t["height"].to_numpy() for t in tables]).astype(np.int32)
     widths = np.concatenate([t["width"].to_numpy() for t in tables]).astype(np.int32)
@@ -122,13 +123,12 @@ def scan_data(data: str) -> DataSummary:
         )
     part_of = np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_rows for t in tables])
     paths = tuple(p.path for p in parts)
-    groups = np.concatenate([row_groups(p) for p in parts])
+    groups = np.concatenate(groups)
     return DataSummary(loc, paths, meta, ids, heights, widths, missing, part_of, stamps, groups)
 
 
-def row_groups(part: storage.Location) -> np.ndarray:
+def row_groups(md: pq.FileMetaData) -> np.ndarray:
     """(rows,) int32: the row group each row of a Parquet part is in, from its footer."""
-    md = pq.ParquetFile(part.path, filesystem=part.fs).metadata
     sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
     return np.repeat(np.arange(md.num_row_groups, dtype=np.int32), sizes)
 
@@ -433,9 +433,9 @@ def spanning_from_few_groups(
         taken = min(end - start, batch_size - into)
         rows = order[start:end]
         groups = summary.groups[rows]
-        first = groups[np.sort(np.unique(groups, return_index=True)[1])]  # in order of draw
-        counts = np.array([np.count_nonzero(groups == g) for g in first])
-        enough = first[: np.searchsorted(np.cumsum(counts), taken) + 1]
+        values, firsts, counts = np.unique(groups, return_index=True, return_counts=True)
+        drawn = np.argsort(firsts)  # the groups in the order the part's images draw them
+        enough = values[drawn][: np.searchsorted(np.cumsum(counts[drawn]), taken) + 1]
         ahead = np.flatnonzero(np.isin(groups, enough))[:taken]
         rest = np.setdiff1d(np.arange(len(rows)), ahead, assume_unique=True)
         order[start:end] = rows[np.concatenate([ahead, rest])]

@@ -376,7 +376,7 @@ class InChunks:
 
     Works around: Ray's copy of a larger buffer with 6 helper threads. Where data tasks keep
     every core busy, the task waits at its yield for threads queued behind the other tasks;
-    buffers of CHUNK bytes it copies itself (issue 22: +4% of the ingest's images per second,
+    buffers of CHUNK bytes it copies itself (issue 22: +4.5% of the ingest's images per second,
     bench/paired_bench.py --change chunks). Checked on Ray 2.60.0. Fallback: where the chunks
     do not lie back to back, `joined` copies them into one array, said once.
     """
