@@ -351,6 +351,10 @@ def test_read_rows_reads_the_row_groups_it_is_given(tmp_path):
         100, 101, 102, 103, 108, 109,
     ]  # fmt: skip
     assert len(ingest.read_rows(summary.paths, fs)["image_id"]) == 10
+    # Rewritten since the scan in fewer row groups: a group it no longer has is rayseg's line.
+    write_masks(tmp_path / "m", 10, parts=1, row_group_size=8)
+    with pytest.raises(RaysegError, match=r"part-.*: the data changed while training read it"):
+        ingest.read_rows(summary.paths, fs, summary.stamps, groups=((2,),))
 
 
 def test_val_tasks_take_every_image_once_in_part_order(tmp_path):
