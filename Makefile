@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/paired_bench.py --change groups --rounds 20 --json bench/results/groups_bench.json
 	$(BIN)/python bench/paired_bench.py --change chunks --rounds 14 --json bench/results/chunks_bench.json
 	$(BIN)/python bench/paired_bench.py --change reuse --rounds 14 --json bench/results/reuse_bench.json
+	$(BIN)/python bench/paired_bench.py --change memory --rounds 20 --json bench/results/memory_bench.json
 
 clean:
 	rm -rf rayseg_demo bench/_data bench/_out .pytest_cache

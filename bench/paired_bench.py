@@ -3,6 +3,7 @@
     python bench/paired_bench.py --change groups --rounds 20 --json bench/results/groups_bench.json
     python bench/paired_bench.py --change chunks --rounds 14 --json bench/results/chunks_bench.json
     python bench/paired_bench.py --change reuse --rounds 14 --json bench/results/reuse_bench.json
+    python bench/paired_bench.py --change memory --rounds 20 --json bench/results/memory_bench.json
 
 What `rayseg train` feeds a worker (rayseg.feed.Feed of ingest.train_tasks, 2 tasks at once on
 2 CPUs, bench/ingest_bench.py's (c)), epoch by epoch, its data tasks (ingest.task_objects, as
@@ -10,7 +11,10 @@ committed) either as they are or with one change taken out (patched in):
 - groups: a batch that runs over into the next Parquet part has the task read all of that part,
   not only the row groups of the images it takes there (ingest.spanning_from_few_groups);
 - chunks: arrays over 1 MiB handed to Ray whole, not in chunks of 1 MiB (raycompat.InChunks);
-- reuse: each batch made in new arrays, not in those of a group already handed over.
+- reuse: each batch made in new arrays, not in those of a group already handed over;
+- memory: the task's process hands the memory it frees back to the kernel (glibc's and Arrow's
+  defaults, not ingest.keep_freed_memory) and reads local Parquet pre-buffered; these tasks run
+  in worker processes of their own.
 Each round takes one epoch of each, the order alternating; the first round is a warm-up.
 Paired rounds, because this machine drifts by more between separate runs than such a change is
 worth: per round, images/s per core (wall) and images per CPU second of the whole process tree,
@@ -20,6 +24,7 @@ and how many rounds the committed version won.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -54,6 +59,23 @@ def fresh_arrays(task, fs, make_batch, *, group):
         yield [{k: raycompat.in_chunks(v) for k, v in b.items()} for b in batches]
 
 
+def freed_memory_returned(task, fs, make_batch, *, group):
+    """ingest.task_objects without keep_freed_memory and reading local Parquet pre-buffered, as
+    before (run in worker processes of their own: keep_freed_memory lasts a process's life)."""
+    import pyarrow.parquet as pq
+
+    parquet_file = pq.ParquetFile
+
+    def pre_buffered(*args, **options):
+        return parquet_file(*args, **{**options, "pre_buffer": True})
+
+    with (
+        mock.patch.object(ingest, "keep_freed_memory", lambda: None),
+        mock.patch.object(pq, "ParquetFile", pre_buffered),
+    ):
+        yield from ingest.task_objects(task, fs, make_batch, group=group)
+
+
 def epoch_tasks(summary, epoch: int) -> list[ingest.PartTask]:
     return ingest_bench.epoch_tasks(summary, summary.image_ids, batch_size=16, epoch=epoch)
 
@@ -69,6 +91,7 @@ WITHOUT = {
     "groups": {"tasks": whole_parts},
     "chunks": {"task_objects": whole_arrays},
     "reuse": {"task_objects": fresh_arrays},
+    "memory": {"task_objects": freed_memory_returned, "own_processes": True},
 }
 
 
@@ -78,8 +101,30 @@ def epoch_feed(summary, epoch: int, *, make, without: dict | None = None) -> fee
     tasks = without.get("tasks", epoch_tasks)(summary, epoch)
     options = {"fs": summary.location.fs, "make_batch": make, "in_flight": 2, "num_cpus": 1.0}
     function = without.get("task_objects", ingest.task_objects)
-    with mock.patch.object(ingest, "task_objects", function):  # what the Feed runs as its tasks
+    with (
+        mock.patch.object(ingest, "task_objects", function),  # what the Feed runs as its tasks
+        own_processes() if without.get("own_processes") else contextlib.nullcontext(),
+    ):
         return feed.Feed(tasks, device=torch.device("cpu"), **options)
+
+
+@contextlib.contextmanager
+def own_processes():
+    """Ray tasks made meanwhile run in worker processes of their own (a runtime_env of theirs)."""
+    import ray
+
+    remote = ray.remote
+
+    class Remote:
+        def __init__(self, function) -> None:
+            self.function = function
+
+        def options(self, **options):
+            env = {"env_vars": {"RAYSEG_PAIRED_BENCH": "without"}}
+            return remote(self.function).options(runtime_env=env, **options)
+
+    with mock.patch.object(ray, "remote", Remote):
+        yield
 
 
 def main() -> None:
@@ -97,7 +142,13 @@ def main() -> None:
         ingest.train_batch, lut=class_map_from_meta(summary.meta).train_lut(), crop_size=480
     )
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
+    # Processes of their own for one side: keep both sides' idle processes (Ray ends those over
+    # its soft limit, of one per CPU, and each epoch would start with new processes).
+    own = WITHOUT[args.change].get("own_processes")
+    system_config = {"num_workers_soft_limit": 2 * cores} if own else {}
+    ray.init(
+        num_cpus=cores, include_dashboard=False, logging_level="ERROR", _system_config=system_config
+    )
     seen: dict[str, list[tuple[float, float]]] = {"without": [], "with": []}
     epoch = 0
     for r in range(args.rounds + 1):

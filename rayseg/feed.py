@@ -12,7 +12,8 @@ from whichever task has some ready. They come as numpy arrays read in place from
 store, so the worker's only copy is onto its device. A task starts when one before it has made
 its last batch (its CPU is free), not when that batch is taken: the next part is read and
 decoded while the model works through the last. A Feed holds at most `in_flight` + 1 tasks'
-batches in the object store (a 200-image part at crop 480: 184 MB).
+batches in the object store (a 200-image part at crop 480: 184 MB). A data task's process
+keeps the memory it frees, up to ingest.KEEP_FREED_BYTES, for the next task it runs.
 
 This replaced Ray Data (read_parquet -> map_batches -> streaming_split -> iter_torch_batches):
 bench/ingest_bench.py measured its executor, split coordinator, Arrow blocks and re-batching at

@@ -16,6 +16,7 @@ nothing to loss or metrics, and is counted by the training loop.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayseg import raycompat, storage
@@ -46,7 +48,7 @@ FLIP_PROBABILITY = 0.5
 # a node needs DATA_CPUS_PER_GPU further CPUs per GPU.
 GPU_CPUS_PER_WORKER = 1
 # CPUs that decode 272 images/s (deeplabv3_resnet50's bf16 step on one H200) beside each GPU:
-# 1.16-1.27 ("cores_per_gpu_272", measured on 2 x86-64 cores; 1.37-1.65 on a slowed machine),
+# 1.16-1.33 ("cores_per_gpu_272", measured on 2 x86-64 cores; 1.37-1.65 on a slowed machine),
 # rounded up.
 DATA_CPUS_PER_GPU = 2
 
@@ -494,10 +496,13 @@ def read_rows(
     replaced before it is caught, and one replaced during it too.
     """
     columns = ["image_id", "image", "mask"]
+    # Pre-buffering coalesces an object store's reads; on a local disk it only adds a copy made
+    # by Arrow's I/O threads (issue 22, bench/paired_bench.py --change memory).
+    pre_buffer = not isinstance(fs, pafs.LocalFileSystem)
     tables = []
     for k, path in enumerate(paths):
         try:
-            with pq.ParquetFile(path, filesystem=fs) as part:
+            with pq.ParquetFile(path, filesystem=fs, pre_buffer=pre_buffer) as part:
                 if groups and len(groups[k]) < part.num_row_groups:
                     tables.append(part.read_row_groups(groups[k], columns, use_threads=False))
                 else:  # the whole part: one read is faster than one per row group
@@ -604,5 +609,31 @@ def task_objects(
     """rayseg.feed's Ray task: task_batch_groups, its arrays reused (the yield copies each group
     into Ray's object store), each array over raycompat.CHUNK bytes in chunks that the task's
     own thread copies there (raycompat.InChunks). They are arrays again where they are read."""
+    keep_freed_memory()
     for batches in task_batch_groups(task, fs, make_batch, group=group, reuse=True):
         yield [{k: raycompat.in_chunks(v) for k, v in b.items()} for b in batches]
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Freed memory a data task's process keeps for its next tasks: a 200-image part's columns as
+# read, its bytes, decoded images and batches come to about 200 MB.
+KEEP_FREED_BYTES = 256 << 20
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """This process keeps the memory it frees, up to KEEP_FREED_BYTES, for its next tasks.
+
+    Each task reads ~44 MB per part and makes its batches. With glibc's defaults and Arrow's
+    mimalloc, freed memory went back to the kernel and every task faulted in fresh, zeroed pages:
+    about 5% of a data task's CPU, as system time (issue 22, bench/paired_bench.py --change
+    memory). Here Arrow allocates with malloc (its system pool) and glibc's malloc keeps freed
+    blocks of up to KEEP_FREED_BYTES on its heap. A process's memory then stays at its peak,
+    at most KEEP_FREED_BYTES above what it holds. Without glibc (no mallopt), nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    if all(mallopt(option, KEEP_FREED_BYTES) for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)):
+        pa.set_memory_pool(pa.system_memory_pool())

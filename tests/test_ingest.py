@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 
 import cv2
@@ -539,6 +540,41 @@ def test_task_objects_hand_arrays_over_1_mib_to_ray_in_chunks(tmp_path):
     for batch in (b for g in groups for b in g):
         assert isinstance(batch["image"], raycompat.InChunks)  # (1, 600, 700, 3): 1.26 MB
         assert isinstance(batch["mask"], np.ndarray) and batch["mask"].nbytes < raycompat.CHUNK
+
+
+# A process allocates, writes and frees 64 MiB twice; prints the page faults of the second time
+# and Arrow's allocator (args: "keep" to call keep_freed_memory first).
+_SECOND_BLOCK_FAULTS = """
+import resource, sys, numpy as np, pyarrow as pa
+from rayseg import ingest
+if sys.argv[1:] == ["keep"]:
+    ingest.keep_freed_memory()
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = np.ones(64 << 20, np.uint8)
+    del block
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults, pa.default_memory_pool().backend_name)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_data_task_process_keeps_the_memory_it_frees_for_its_next_task():
+    import subprocess
+
+    def second_block(*args: str) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-c", _SECOND_BLOCK_FAULTS, *args], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        faults, pool = done.stdout.split()
+        return int(faults), pool
+
+    # glibc's defaults: a block of 64 MiB is mapped anew, and faulted in (4 KiB or 2 MiB pages).
+    returned, pool = second_block()
+    assert returned >= 32 and pool != "system"
+    kept, pool = second_block("keep")  # the first block's memory, reused
+    assert kept < 8 and pool == "system"
 
 
 def test_feed_batches_equal_those_made_in_process_though_tasks_reuse_arrays(ray_local, tmp_path):
