@@ -30,6 +30,7 @@ from typing import Any
 from rayseg import ingest, raycompat, waits
 
 TASK_NAME = "start_data_process"
+GATE_WAIT_S = 60  # a starting task holds its process at most this long for the others
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,36 @@ class FirstBatches:
 class Started:
     actor: Any  # the Starter: keep it until training ends, then stop()
     pids: Any  # ObjectRef of the started processes' ids (tests wait for it; training does not)
+
+
+class Gate:
+    """A Ray actor of no CPU (async: every starting task waits in it at once). Opens once
+    `total` tasks have arrived, or after `wait_s` for a task that waits longer (its node lost)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._arrived = 0
+        self._open = asyncio.Event()
+
+    async def arrive(self, total: int, wait_s: float) -> None:
+        import asyncio
+
+        self._arrived += 1
+        if self._arrived >= total:
+            self._open.set()
+        try:
+            await asyncio.wait_for(self._open.wait(), wait_s)
+        except TimeoutError:
+            pass
+
+
+def started_process(gate: Any, total: int) -> int:
+    """A starting task: its process's id, once `total` starting tasks each hold a process."""
+    import ray
+
+    ray.get(gate.arrive.remote(total, GATE_WAIT_S))
+    return ingest.process_id()
 
 
 class Starter:
@@ -74,20 +105,25 @@ class Starter:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        task = ray.remote(ingest.process_id)
+        total = sum(counts.values())
+        if not total:
+            return []
+        # A runtime_env of its own: the Gate neither takes nor ends a process the tasks could use.
+        gate_env = {"env_vars": {"RAYSEG_PRESTART_GATE": "1"}}
+        gate = ray.remote(Gate).options(num_cpus=0, runtime_env=gate_env).remote()
+        task = ray.remote(started_process)
         refs = [
             task.options(
                 name=TASK_NAME,
                 num_cpus=0,  # never waits for, nor holds, a CPU training asks for
                 runtime_env=self._env,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote()
+            ).remote(gate, total)
             for node, count in counts.items()
             for _ in range(count)
         ]
-        if not refs:
-            return []
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=120)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2 * GATE_WAIT_S)
+        ray.kill(gate)
         pids = []
         for ref in ready:
             try:

@@ -183,3 +183,37 @@ def test_feed_yields_the_made_batch_first_and_makes_it_itself_when_lost(ray_keep
     assert not isinstance(lost.value, ray.exceptions.RayTaskError)
     got = epoch_of((ref, head))
     assert got[0] == head.batches[0].tolist() and sorted(got) == sorted(planned)
+
+
+def test_start_gives_each_task_a_process_of_its_own(ray_keeping_idle):
+    # Ray may hand an idle process to the next task at once: a starting task that returned
+    # before the others had one left its process to them, and fewer started than asked (1 in 4
+    # fresh clusters gave 2 of 4 before the Gate; the test below checks the Gate itself). A
+    # runtime_env of its own: the processes started here are none the other tests' Feeds take.
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    started = prestart.start({node: 4}, runtime_env={"env_vars": {"RAYSEG_TEST_GATE": "1"}})
+    pids = ray.get(started.pids, timeout=120)
+    assert len(pids) == len(set(pids)) == 4, pids
+    prestart.stop(started)
+
+
+def test_the_gate_holds_each_arrival_until_all_have_come_or_its_wait_ends(ray_keeping_idle):
+    import ray
+
+    gate = ray.remote(prestart.Gate).options(num_cpus=0).remote()
+    ray.get(gate.__ray_ready__.remote(), timeout=60)  # started: the arrivals below reach it
+    early = [gate.arrive.remote(3, 60) for _ in range(2)]
+    ready, _ = ray.wait(early, num_returns=2, timeout=2)
+    assert ready == []  # two of three: both still held
+    last = gate.arrive.remote(3, 60)
+    ready, _ = ray.wait([*early, last], num_returns=3, timeout=30)
+    assert len(ready) == 3
+    ray.kill(gate)
+
+    alone = ray.remote(prestart.Gate).options(num_cpus=0).remote()
+    begun = time.monotonic()
+    ray.get(alone.arrive.remote(2, 1.0), timeout=30)  # 1 of 2: held until the wait ends
+    assert time.monotonic() - begun >= 1.0
+    ray.kill(alone)
