@@ -217,3 +217,6 @@ def test_the_gate_holds_each_arrival_until_all_have_come_or_its_wait_ends(ray_ke
     ray.get(alone.arrive.remote(2, 1.0), timeout=30)  # 1 of 2: held until the wait ends
     assert time.monotonic() - begun >= 1.0
     ray.kill(alone)
+    # A task that comes after start gave up (its Gate ended) still returns its process's id.
+    pid = ray.get(ray.remote(prestart.started_process).remote(alone, 2), timeout=60)
+    assert isinstance(pid, int) and pid > 0
