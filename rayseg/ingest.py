@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -527,12 +526,6 @@ def _objects(values: list) -> np.ndarray:
     out = np.empty(len(values), object)
     out[:] = values
     return out
-
-
-def process_id() -> int:
-    """The process's id, once this module (OpenCV, pyarrow, numpy) is imported: rayseg.prestart's
-    task, which leaves a process ready for task_objects."""
-    return os.getpid()
 
 
 def task_batches(

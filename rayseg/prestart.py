@@ -74,14 +74,17 @@ class Gate:
 
 
 def started_process(gate: Any, total: int) -> int:
-    """A starting task: its process's id, once `total` starting tasks each hold a process."""
+    """A starting task: its process's id, once `total` starting tasks each hold a process. Its
+    process has imported this module, so rayseg.ingest (OpenCV, pyarrow, numpy) too."""
+    import os
+
     import ray
 
     try:
         ray.get(gate.arrive.remote(total, GATE_WAIT_S))
     except ray.exceptions.RayError:  # the Gate ended: start gave up on the slowest tasks
         pass
-    return ingest.process_id()
+    return os.getpid()
 
 
 class Starter:
